@@ -1,0 +1,350 @@
+"""Frozen backbone adapters: a pre-trained ViT -> selected keys/values of chosen blocks.
+
+FPT (Huang et al., MICCAI 2024) and FPT+ (Huang et al., IEEE TNNLS 2025) never train the large pre-trained
+model (LPM). For every "extracted" block l they take the attention keys K_l and values V_l the block computes
+from its pre-attention LayerNorm output, keep the most attended tokens of each head
+(:func:`~fpt_monai.networks.selection.select_important_tokens`), and hand them to the fusion module.
+
+:class:`FrozenViTBackbone` implements that walk through the blocks once, for any ViT; the subclasses only say
+how their blocks compute q/k/v and how they finish the block (:class:`TimmViTBackbone` for timm's
+``VisionTransformer``, :class:`MonaiViTBackbone` for MONAI's 2D/3D ``ViT``). The attention of an extracted
+block is computed exactly once: its softmax gives both the block output and the token importance, so the
+backbone's own output is unchanged by the extraction.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from monai.utils import ensure_tuple_rep
+
+from fpt_monai.networks.selection import mean_received_attention, num_selected_tokens, select_important_tokens
+
+__all__ = ["BackboneShape", "FrozenViTBackbone", "TimmViTBackbone", "MonaiViTBackbone"]
+
+
+@dataclass(frozen=True)
+class BackboneShape:
+    """Everything the trainable FPT parts need to know about a frozen backbone (no weights).
+
+    A network built from a shape alone can train on preloaded keys/values without the backbone resident.
+
+    Attributes:
+        spatial_dims: 2 for images, 3 for volumes.
+        in_channels: image channels the backbone takes.
+        img_size: high-resolution input size, one entry per spatial dim.
+        patch_size: patch size, one entry per spatial dim.
+        embed_dim: backbone width (768 for ViT-B).
+        num_heads: attention heads per block (12 for ViT-B).
+        head_dim: width of one head (64 for ViT-B).
+        num_tokens: sequence length N, prefix (class) tokens included (1025 for ViT-B/16 at 512).
+        blocks: indices of the extracted backbone blocks, in order.
+        token_ratio: fraction of the N tokens kept per block and head.
+    """
+
+    spatial_dims: int
+    in_channels: int
+    img_size: tuple[int, ...]
+    patch_size: tuple[int, ...]
+    embed_dim: int
+    num_heads: int
+    head_dim: int
+    num_tokens: int
+    blocks: tuple[int, ...]
+    token_ratio: float
+
+    @property
+    def num_selected_tokens(self) -> int:
+        """Tokens kept per block and head: ``int(num_tokens * token_ratio)``."""
+        return num_selected_tokens(self.num_tokens, self.token_ratio)
+
+    @property
+    def kv_shape(self) -> tuple[int, int, int, int, int]:
+        """Shape of the selected keys/values of one image: (blocks, 2, heads, selected tokens, head dim)."""
+        return (len(self.blocks), 2, self.num_heads, self.num_selected_tokens, self.head_dim)
+
+
+class FrozenViTBackbone(nn.Module):
+    """Base class: a frozen ViT that returns the selected keys/values of its extracted blocks.
+
+    The wrapped model is put in eval mode, its parameters get ``requires_grad=False``, and every forward runs
+    under ``torch.no_grad()``, so no activation is ever kept for backward. ``train()`` cannot switch it back
+    to training mode.
+
+    Subclasses implement :meth:`embed`, :meth:`attention_inputs`, :meth:`finish_block` and :meth:`final_norm`
+    for their block layout, and fill :attr:`shape`.
+
+    Args:
+        model: the pre-trained ViT (already at the high input resolution).
+        transformer_blocks: the model's blocks, in order.
+        blocks: indices of the blocks whose keys/values are extracted; ``None`` extracts all of them.
+        token_ratio: fraction of tokens kept per block and head (0.2 in the papers).
+    """
+
+    shape: BackboneShape
+
+    def __init__(
+        self, model: nn.Module, transformer_blocks: Sequence[nn.Module], blocks: Sequence[int] | None, token_ratio
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.model.requires_grad_(False)
+        depth = len(transformer_blocks)
+        blocks = tuple(range(depth)) if blocks is None else tuple(int(b) for b in blocks)
+        if not blocks:
+            raise ValueError("blocks must name at least one backbone block to extract.")
+        if any(b < 0 or b >= depth for b in blocks):
+            raise ValueError(f"blocks {blocks} out of range for a backbone with {depth} blocks (0..{depth - 1}).")
+        if list(blocks) != sorted(set(blocks)):
+            raise ValueError(f"blocks must be strictly increasing without repeats, got {blocks}.")
+        if not 0.0 < token_ratio <= 1.0:
+            raise ValueError(f"token_ratio must be in (0, 1], got {token_ratio}.")
+        self._transformer_blocks = list(transformer_blocks)
+        self.extracted_blocks = blocks
+        self.token_ratio = float(token_ratio)
+        self.train(False)
+
+    def train(self, mode: bool = True) -> FrozenViTBackbone:
+        """The backbone stays in eval mode whatever ``mode`` is (it is frozen: no dropout, no drop-path)."""
+        return super().train(False)
+
+    def _set_shape(self, **fields) -> None:
+        self.shape = BackboneShape(blocks=self.extracted_blocks, token_ratio=self.token_ratio, **fields)
+        self.shape.num_selected_tokens  # raises when the ratio keeps no token of this sequence
+
+    @property
+    def depth(self) -> int:
+        """Number of transformer blocks in the backbone."""
+        return len(self._transformer_blocks)
+
+    # -- hooks for a concrete block layout ---------------------------------------------------------------
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, *img_size) -> tokens (B, N, embed_dim), prefix tokens and position embedding added."""
+        raise NotImplementedError
+
+    def attention_inputs(
+        self, block: nn.Module, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+        """Tokens entering ``block`` -> (q, k, v, scale), q/k/v of shape (B, H, N, D) after any q/k norm."""
+        raise NotImplementedError
+
+    def finish_block(self, block: nn.Module, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """Attention context (B, H, N, D) of ``block`` -> the block's output tokens (B, N, embed_dim)."""
+        raise NotImplementedError
+
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbone's final normalisation of the tokens."""
+        raise NotImplementedError
+
+    # -- the walk through the blocks, shared by every layout ------------------------------------------
+    def check_input(self, images: torch.Tensor) -> None:
+        """Raise a clear error when ``images`` is not (B, in_channels, *img_size)."""
+        expected = (self.shape.in_channels, *self.shape.img_size)
+        if images.ndim != self.shape.spatial_dims + 2 or tuple(images.shape[1:]) != expected:
+            raise ValueError(
+                f"the frozen backbone expects images of shape (B, {', '.join(map(str, expected))}), "
+                f"got {tuple(images.shape)}; resize the high-resolution view to {self.shape.img_size}."
+            )
+
+    def _extracting_block(self, block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q, k, v, scale = self.attention_inputs(block, x)
+        attention = ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        x = self.finish_block(block, x, attention @ v)
+        k_sel, v_sel = select_important_tokens(k, v, mean_received_attention(attention), self.token_ratio)
+        return x, torch.stack((k_sel, v_sel), dim=1)
+
+    def _run(self, images: torch.Tensor, all_blocks: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        self.check_input(images)
+        x = self.embed(images)
+        selected = []
+        last = self.depth - 1 if all_blocks else self.extracted_blocks[-1]
+        for index, block in enumerate(self._transformer_blocks[: last + 1]):
+            if index in self.extracted_blocks:
+                x, kv = self._extracting_block(block, x)
+                selected.append(kv)
+            else:
+                x = block(x)
+        return torch.stack(selected, dim=1), x
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Selected keys/values of the extracted blocks.
+
+        Blocks after the last extracted one are not run.
+
+        Args:
+            images: (B, in_channels, *img_size) high-resolution images, normalised like the pre-training data.
+
+        Returns:
+            Tensor of shape (B, L, 2, H, k, D): for each of the L extracted blocks, the keys (index 0) and
+            values (index 1) of the k most attended tokens of each of the H heads.
+        """
+        return self._run(images, all_blocks=False)[0]
+
+    @torch.no_grad()
+    def forward_with_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Selected keys/values as :meth:`forward`, plus the backbone's own final (normed) tokens."""
+        kv, x = self._run(images, all_blocks=True)
+        return kv, self.final_norm(x)
+
+
+class TimmViTBackbone(FrozenViTBackbone):
+    """Frozen timm ``VisionTransformer`` of any size (patch, width, depth and heads are read from the model).
+
+    Build the model at the high input resolution (``timm.create_model(name, img_size=512, ...)`` or
+    :func:`fpt_monai.weights.create_timm_vit`), so its position embeddings are interpolated to that grid.
+
+    Args:
+        model: a timm ``VisionTransformer`` whose blocks are standard pre-norm ``Block``s with ``Attention``.
+        blocks: indices of the extracted blocks; ``None`` extracts all.
+        token_ratio: fraction of tokens kept per block and head.
+    """
+
+    def __init__(self, model: nn.Module, blocks: Sequence[int] | None = None, token_ratio: float = 0.2) -> None:
+        from timm.layers import Attention
+        from timm.models.vision_transformer import Block, VisionTransformer
+
+        if not isinstance(model, VisionTransformer):
+            raise TypeError(f"TimmViTBackbone needs a timm VisionTransformer, got {type(model).__name__}.")
+        for index, block in enumerate(model.blocks):
+            if type(block) is not Block or type(block.attn) is not Attention or block.attn.gate is not None:
+                raise TypeError(
+                    f"block {index} of the timm model is {type(block).__name__} with "
+                    f"{type(getattr(block, 'attn', None)).__name__}; only standard pre-norm Block/Attention "
+                    "(no gating) is supported."
+                )
+        if getattr(model, "dynamic_img_size", False):
+            raise ValueError("build the timm model at a fixed img_size (dynamic_img_size=False).")
+        super().__init__(model, list(model.blocks), blocks, token_ratio)
+        attn = model.blocks[0].attn
+        patch_embed = model.patch_embed
+        self._set_shape(
+            spatial_dims=2,
+            in_channels=patch_embed.proj.in_channels,
+            img_size=tuple(patch_embed.img_size),
+            patch_size=tuple(patch_embed.patch_size),
+            embed_dim=model.embed_dim,
+            num_heads=attn.num_heads,
+            head_dim=attn.head_dim,
+            num_tokens=patch_embed.num_patches + model.num_prefix_tokens,
+        )
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        return m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(images))))
+
+    def attention_inputs(self, block, x):
+        attn = block.attn
+        b, n, _ = x.shape
+        qkv = attn.qkv(block.norm1(x)).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        return attn.q_norm(q), attn.k_norm(k), v, attn.scale
+
+    def finish_block(self, block, x, context):
+        attn = block.attn
+        b, _, n, _ = context.shape
+        context = attn.norm(context.transpose(1, 2).reshape(b, n, attn.attn_dim))
+        x = x + block.drop_path1(block.ls1(attn.proj_drop(attn.proj(context))))
+        return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+
+    def final_norm(self, x):
+        return self.model.norm(x)
+
+
+class MonaiViTBackbone(FrozenViTBackbone):
+    """Frozen MONAI ``monai.networks.nets.ViT``, 2D or 3D (``spatial_dims`` of the model).
+
+    MONAI's ViT does not record its input and patch size, so they are given here and checked against the
+    model. With ``classification=True`` the model has a class token (prefix token, not position-embedded);
+    its classification head is never used.
+
+    Args:
+        model: a MONAI ``ViT`` built at the high input resolution.
+        img_size: input size, an int or one per spatial dim.
+        patch_size: patch size, an int or one per spatial dim.
+        blocks: indices of the extracted blocks; ``None`` extracts all.
+        token_ratio: fraction of tokens kept per block and head.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        img_size: Sequence[int] | int,
+        patch_size: Sequence[int] | int,
+        blocks: Sequence[int] | None = None,
+        token_ratio: float = 0.2,
+    ) -> None:
+        from monai.networks.blocks import TransformerBlock
+        from monai.networks.nets import ViT
+
+        if not isinstance(model, ViT):
+            raise TypeError(f"MonaiViTBackbone needs a monai.networks.nets.ViT, got {type(model).__name__}.")
+        for index, block in enumerate(model.blocks):
+            attn = getattr(block, "attn", None)
+            if (
+                not isinstance(block, TransformerBlock)
+                or block.with_cross_attention
+                or attn.causal
+                or attn.rel_positional_embedding is not None
+            ):
+                raise TypeError(
+                    f"block {index} of the MONAI ViT is not a plain self-attention TransformerBlock "
+                    "(cross-attention, causal masks and relative position embeddings are not supported)."
+                )
+        patch_embedding = model.patch_embedding
+        conv = patch_embedding.patch_embeddings
+        spatial_dims = conv.weight.ndim - 2 if isinstance(conv, nn.modules.conv._ConvNd) else None
+        if spatial_dims is None:
+            raise TypeError("MonaiViTBackbone supports the ViT's conv patch embedding (proj_type='conv') only.")
+        img_size = ensure_tuple_rep(img_size, spatial_dims)
+        patch_size = ensure_tuple_rep(patch_size, spatial_dims)
+        if tuple(conv.kernel_size) != patch_size:
+            raise ValueError(f"patch_size {patch_size} does not match the model's patch kernel {conv.kernel_size}.")
+        num_patches = math.prod(i // p for i, p in zip(img_size, patch_size))
+        if num_patches != patch_embedding.n_patches:
+            raise ValueError(
+                f"img_size {img_size} with patch {patch_size} gives {num_patches} patches, "
+                f"but the model was built for {patch_embedding.n_patches}."
+            )
+        super().__init__(model, list(model.blocks), blocks, token_ratio)
+        attn = model.blocks[0].attn
+        self._set_shape(
+            spatial_dims=spatial_dims,
+            in_channels=conv.in_channels,
+            img_size=img_size,
+            patch_size=patch_size,
+            embed_dim=conv.out_channels,
+            num_heads=attn.num_heads,
+            head_dim=attn.dim_head,
+            num_tokens=num_patches + int(hasattr(model, "cls_token")),
+        )
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.model.patch_embedding(images)
+        if hasattr(self.model, "cls_token"):
+            x = torch.cat((self.model.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        return x
+
+    def attention_inputs(self, block, x):
+        attn = block.attn
+        h = block.norm1(x)
+        if attn.use_combined_linear:
+            q, k, v = attn.input_rearrange(attn.qkv(h)).unbind(0)
+        else:
+            q, k, v = (attn.input_rearrange(proj(h)) for proj in (attn.to_q, attn.to_k, attn.to_v))
+        return q, k, v, attn.scale
+
+    def finish_block(self, block, x, context):
+        attn = block.attn
+        out = attn.out_rearrange(context)
+        if attn.include_fc:
+            out = attn.out_proj(out)
+        x = x + attn.drop_output(out)
+        return x + block.mlp(block.norm2(x))
+
+    def final_norm(self, x):
+        return self.model.norm(x)

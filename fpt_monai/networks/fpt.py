@@ -1,0 +1,241 @@
+"""FPTNet: Fine-grained Prompt Tuning (FPT, MICCAI 2024) and FPT+ (IEEE TNNLS 2025) as one network.
+
+A frozen pre-trained ViT sees the image at high resolution; a small side ViT sees it at low resolution;
+fine-grained prompts carry what the frozen ViT saw into every side block through the fusion module.
+
+Two entry points share one implementation:
+
+- ``forward(images)``: high-resolution images -> logits. The side view is made inside by resizing, so the
+  network drops into any MONAI pipeline (``SupervisedTrainer``, ``SimpleInferer``, ...).
+- ``forward_side(side_images, kv)``: low-resolution (possibly augmented) images plus the frozen backbone's
+  selected keys/values, computed earlier (preloading) -> logits. The backbone is not run.
+
+References:
+    Huang, Cheng, Tam, Tang. Fine-grained Prompt Tuning: A Parameter and Memory Efficient Transfer Learning
+    Method for High-resolution Medical Image Classification. MICCAI 2024. arXiv:2403.07576.
+    Huang, Cheng, Tam, Tang. Boosting Memory Efficiency in Transfer Learning for High-Resolution Medical Image
+    Classification. IEEE TNNLS 2025. arXiv:2408.02426.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from monai.utils import ensure_tuple_rep
+
+from fpt_monai.networks.backbones import BackboneShape, FrozenViTBackbone, TimmViTBackbone
+from fpt_monai.networks.fusion import FUSION_VARIANTS, FineGrainedFusion, FineGrainedPrompts
+from fpt_monai.networks.side import SideViT
+
+__all__ = ["FPTNet", "FPTPreset", "PRESETS", "create_fpt", "make_side_view"]
+
+
+def make_side_view(images: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Resize high-resolution images (B, C, *spatial) to the side network's low resolution.
+
+    2D uses antialiased bilinear interpolation (a plain bilinear 512 -> 224 would alias the fine detail the
+    method is about); 3D uses trilinear interpolation.
+    """
+    size = tuple(int(s) for s in size)
+    if tuple(images.shape[2:]) == size:
+        return images
+    if images.ndim == 4:
+        return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
+    if images.ndim == 5:
+        return F.interpolate(images, size=size, mode="trilinear", align_corners=False)
+    raise ValueError(f"images must be (B, C, H, W) or (B, C, D, H, W), got {tuple(images.shape)}.")
+
+
+class FPTNet(nn.Module):
+    """Fine-grained Prompt Tuning network (FPT or FPT+) around a frozen ViT backbone.
+
+    The side ViT's shape is derived from the backbone: width ``embed_dim // reduction``, the backbone's head
+    count, one block per extracted backbone block, the backbone's patch size and channels. Prompts have the
+    side width (FPT) or the backbone width (FPT+).
+
+    Only the side network, the prompts and the fusion module learn; the backbone's parameters have
+    ``requires_grad=False``, it stays in eval mode, and it runs under no-grad.
+
+    Args:
+        backbone: a :class:`FrozenViTBackbone`, or only its :class:`BackboneShape` to build a network that
+            trains on preloaded keys/values without the backbone's weights resident (``forward`` then raises).
+        num_classes: number of output logits.
+        side_img_size: input size of the side network (224 for FPT, 128 for FPT+), int or one per dim.
+        variant: ``"fpt"`` or ``"fpt_plus"``, the fusion module variant.
+        num_prompts: prompts per side block (16).
+        reduction: backbone width / side width (8).
+        fusion_dropout: dropout on the fused prompts (0.5).
+        side_drop_path_rate: stochastic depth of the side network (0).
+
+    Example::
+
+        backbone = TimmViTBackbone(create_timm_vit("vit_base_patch16_384.orig_in21k_ft_in1k", img_size=512))
+        net = FPTNet(backbone, num_classes=5, side_img_size=224)
+        logits = net(torch.rand(2, 3, 512, 512))
+    """
+
+    def __init__(
+        self,
+        backbone: FrozenViTBackbone | BackboneShape,
+        num_classes: int,
+        side_img_size: Sequence[int] | int,
+        variant: str = "fpt",
+        num_prompts: int = 16,
+        reduction: int = 8,
+        fusion_dropout: float = 0.5,
+        side_drop_path_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if isinstance(backbone, FrozenViTBackbone):
+            self.backbone: FrozenViTBackbone | None = backbone
+            shape = backbone.shape
+        elif isinstance(backbone, BackboneShape):
+            self.backbone = None
+            shape = backbone
+        else:
+            raise TypeError(f"backbone must be a FrozenViTBackbone or a BackboneShape, got {type(backbone).__name__}.")
+        if variant not in FUSION_VARIANTS:
+            raise ValueError(f"variant must be one of {FUSION_VARIANTS}, got {variant!r}.")
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
+        if reduction < 1 or shape.embed_dim % reduction:
+            raise ValueError(f"reduction {reduction} must divide the backbone width {shape.embed_dim}.")
+        side_dim = shape.embed_dim // reduction
+        if side_dim % shape.num_heads:
+            raise ValueError(
+                f"side width {side_dim} (= {shape.embed_dim} / {reduction}) must be divisible by the backbone's "
+                f"{shape.num_heads} heads; choose another reduction."
+            )
+        self.shape = shape
+        self.variant = variant
+        self.side_img_size = ensure_tuple_rep(side_img_size, shape.spatial_dims)
+        self.side = SideViT(
+            img_size=self.side_img_size,
+            patch_size=shape.patch_size,
+            in_channels=shape.in_channels,
+            embed_dim=side_dim,
+            depth=len(shape.blocks),
+            num_heads=shape.num_heads,
+            num_classes=num_classes,
+            spatial_dims=shape.spatial_dims,
+            drop_path_rate=side_drop_path_rate,
+        )
+        self.fusion = FineGrainedFusion(
+            variant, side_dim=side_dim, backbone_dim=shape.num_heads * shape.head_dim, num_heads=shape.num_heads,
+            dropout=fusion_dropout,
+        )
+        self.prompts = FineGrainedPrompts(len(shape.blocks), num_prompts, self.fusion.prompt_dim)
+
+    def side_view(self, images: torch.Tensor) -> torch.Tensor:
+        """The low-resolution view of high-resolution images that ``forward`` feeds the side network."""
+        return make_side_view(images, self.side_img_size)
+
+    def forward_side(self, side_images: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        """Logits from the side view and the backbone's selected keys/values (preloading path).
+
+        Args:
+            side_images: (B, C, *side_img_size) low-resolution images.
+            kv: (B, *shape.kv_shape) selected keys/values, any floating dtype (computed in float32).
+        """
+        expected = tuple(self.shape.kv_shape)
+        if kv.ndim != 6 or tuple(kv.shape[1:]) != expected:
+            raise ValueError(
+                f"kv must have shape (B, {', '.join(map(str, expected))}) for this network "
+                f"(blocks {self.shape.blocks}, token_ratio {self.shape.token_ratio}), got {tuple(kv.shape)}."
+            )
+        if kv.shape[0] != side_images.shape[0]:
+            raise ValueError(f"batch sizes differ: side images {side_images.shape[0]}, kv {kv.shape[0]}.")
+        block_prompts = self.fusion(self.prompts(), kv)
+        return self.side(side_images, block_prompts)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits (B, num_classes) from high-resolution images (B, C, *shape.img_size)."""
+        if self.backbone is None:
+            raise RuntimeError(
+                "this FPTNet was built from a BackboneShape without the backbone's weights; "
+                "use forward_side(side_images, kv) with preloaded keys/values."
+            )
+        return self.forward_side(self.side_view(images), self.backbone(images))
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameter counts: side network, fusion (prompts included), learnable total, frozen backbone."""
+        side = sum(p.numel() for p in self.side.parameters())
+        fusion = sum(p.numel() for p in self.fusion.parameters()) + self.prompts.prompts.numel()
+        frozen = 0 if self.backbone is None else sum(p.numel() for p in self.backbone.parameters())
+        return {"side": side, "fusion": fusion, "learnable": side + fusion, "frozen": frozen}
+
+
+@dataclass(frozen=True)
+class FPTPreset:
+    """A named FPT configuration: the timm backbone (with its weights tag) and the method's settings."""
+
+    model_name: str
+    img_size: int
+    side_img_size: int
+    variant: str
+    blocks: tuple[int, ...] | None = None
+    token_ratio: float = 0.2
+    num_prompts: int = 16
+    reduction: int = 8
+    description: str = ""
+
+
+PRESETS: dict[str, FPTPreset] = {
+    "fpt": FPTPreset(
+        "vit_base_patch16_384.orig_in21k_ft_in1k", 512, 224, "fpt",
+        description="FPT (MICCAI 2024): ViT-B/16 ImageNet-21k at 512, side ViT at 224, all 12 blocks.",
+    ),
+    "fpt_plus": FPTPreset(
+        "vit_base_patch16_384.orig_in21k_ft_in1k", 512, 128, "fpt_plus", blocks=tuple(range(6, 12)),
+        description="FPT+ (TNNLS 2025): ViT-B/16 ImageNet-21k at 512, side ViT at 128 on blocks 6-11.",
+    ),
+    "fpt_tiny": FPTPreset(
+        "vit_tiny_patch16_224.augreg_in21k_ft_in1k", 256, 112, "fpt",
+        description="Small FPT for demos and tests: ViT-Ti/16 at 256, side ViT (width 24) at 112.",
+    ),
+    "fpt_plus_tiny": FPTPreset(
+        "vit_tiny_patch16_224.augreg_in21k_ft_in1k", 256, 64, "fpt_plus", blocks=tuple(range(6, 12)),
+        description="Small FPT+ for demos and tests: ViT-Ti/16 at 256, side ViT at 64 on blocks 6-11.",
+    ),
+}
+
+
+def create_fpt(
+    preset: str,
+    num_classes: int,
+    pretrained: bool | str = True,
+    fusion_dropout: float = 0.5,
+    **overrides,
+) -> FPTNet:
+    """Build an :class:`FPTNet` from a named preset.
+
+    Args:
+        preset: one of :data:`PRESETS` (``fpt``, ``fpt_plus``, ``fpt_tiny``, ``fpt_plus_tiny``).
+        num_classes: number of output logits.
+        pretrained: ``True`` loads the preset's timm hub weights (needs internet), a path loads a local
+            ``.safetensors``/``.pth`` file in timm or Hugging Face ViT layout, ``False`` builds random backbone
+            weights (warned about loudly: FPT then has nothing to transfer).
+        fusion_dropout: dropout on the fused prompts.
+        **overrides: any :class:`FPTPreset` field (``img_size``, ``side_img_size``, ``token_ratio``,
+            ``blocks``, ``num_prompts``, ``reduction``, ``model_name``).
+    """
+    from fpt_monai.weights import create_timm_vit
+
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}.")
+    config = replace(PRESETS[preset], **overrides)
+    model = create_timm_vit(config.model_name, img_size=config.img_size, pretrained=pretrained)
+    backbone = TimmViTBackbone(model, blocks=config.blocks, token_ratio=config.token_ratio)
+    return FPTNet(
+        backbone,
+        num_classes=num_classes,
+        side_img_size=config.side_img_size,
+        variant=config.variant,
+        num_prompts=config.num_prompts,
+        reduction=config.reduction,
+        fusion_dropout=fusion_dropout,
+    )
