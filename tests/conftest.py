@@ -1,0 +1,20 @@
+"""Shared fixtures: tiny backbones so the suite runs in minutes on 2 CPU cores."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+
+def make_tiny_timm_vit(img_size: int = 64, depth: int = 4, seed: int = 0) -> VisionTransformer:
+    """A 4-block, width-64, 4-head timm ViT with patch 8 (65 tokens at 64x64), headless."""
+    torch.manual_seed(seed)
+    return VisionTransformer(
+        img_size=img_size, patch_size=8, embed_dim=64, depth=depth, num_heads=4, qkv_bias=True, num_classes=0
+    )
+
+
+@pytest.fixture
+def tiny_timm_vit() -> VisionTransformer:
+    return make_tiny_timm_vit()
