@@ -1,0 +1,22 @@
+"""Preloading: the frozen backbone's selected keys/values, computed once per image and kept on disk."""
+
+from fpt_monai.preload.dataset import CorruptCacheEntryError, KVCacheDataset, item_digest, read_entry, write_entry
+from fpt_monai.preload.fingerprint import CACHE_FORMAT_VERSION, cache_fingerprint, describe, weights_digest
+from fpt_monai.preload.handler import PreloadHandler
+from fpt_monai.preload.transform import STORAGE_DTYPES, FrozenBackboneKVd, storage_dtype
+
+__all__ = [
+    "CACHE_FORMAT_VERSION",
+    "CorruptCacheEntryError",
+    "FrozenBackboneKVd",
+    "KVCacheDataset",
+    "PreloadHandler",
+    "STORAGE_DTYPES",
+    "cache_fingerprint",
+    "describe",
+    "item_digest",
+    "read_entry",
+    "storage_dtype",
+    "weights_digest",
+    "write_entry",
+]
