@@ -34,3 +34,28 @@ def test_presets_lists_all():
     result = run_cli("presets")
     assert result.returncode == 0, result.stderr
     assert set(json.loads(result.stdout)) == {"fpt", "fpt_plus", "fpt_tiny", "fpt_plus_tiny"}
+
+
+def test_preload_command_fills_and_reuses_the_cache(tmp_path):
+    import numpy as np
+    import timm
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "vit_tiny.safetensors"  # fixed weights, so a second run finds the same cache
+    save_file(timm.create_model("vit_tiny_patch16_224", num_classes=0).state_dict(), weights)
+    for split in ("train", "val"):
+        for name in ("a", "b"):
+            folder = tmp_path / "data" / split / name
+            folder.mkdir(parents=True)
+            Image.fromarray(np.full((48, 40, 3), 99, dtype=np.uint8)).save(folder / "0001.png")
+    args = ["preload", "--dataset_dir", str(tmp_path / "data"), "--cache_dir", str(tmp_path / "cache"),
+            "--preset", "fpt_plus_tiny", "--pretrained", str(weights), "--splits", "train,val", "--batch_size", "2"]
+    first = run_cli(*args)
+    assert first.returncode == 0, first.stderr
+    report = json.loads(first.stdout)
+    assert [report["splits"][s]["computed"] for s in ("train", "val")] == [2, 2]
+    assert report["kv_bytes"] == 6 * 2 * 3 * int(257 * 0.2) * 64 * 2  # FPT+ tiny: 6 blocks, 3 heads, fp16
+    assert report["kv_bytes"] < report["entry_bytes"] < report["kv_bytes"] + 1024
+    second = json.loads(run_cli(*args).stdout)
+    assert [second["splits"][s]["already_cached"] for s in ("train", "val")] == [2, 2]

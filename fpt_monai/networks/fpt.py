@@ -31,7 +31,7 @@ from fpt_monai.networks.backbones import BackboneShape, FrozenViTBackbone, TimmV
 from fpt_monai.networks.fusion import FUSION_VARIANTS, FineGrainedFusion, FineGrainedPrompts
 from fpt_monai.networks.side import SideViT
 
-__all__ = ["FPTNet", "FPTPreset", "PRESETS", "create_fpt", "make_side_view"]
+__all__ = ["FPTNet", "FPTPreset", "PRESETS", "create_backbone", "create_fpt", "make_side_view"]
 
 
 def make_side_view(images: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -204,6 +204,21 @@ PRESETS: dict[str, FPTPreset] = {
 }
 
 
+def _preset(preset: str, overrides: dict) -> FPTPreset:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}.")
+    return replace(PRESETS[preset], **overrides)
+
+
+def create_backbone(preset: str, pretrained: bool | str = True, **overrides) -> TimmViTBackbone:
+    """The frozen backbone of a preset (see :func:`create_fpt` for the arguments)."""
+    from fpt_monai.weights import create_timm_vit
+
+    config = _preset(preset, overrides)
+    model = create_timm_vit(config.model_name, img_size=config.img_size, pretrained=pretrained)
+    return TimmViTBackbone(model, blocks=config.blocks, token_ratio=config.token_ratio)
+
+
 def create_fpt(
     preset: str,
     num_classes: int,
@@ -223,13 +238,8 @@ def create_fpt(
         **overrides: any :class:`FPTPreset` field (``img_size``, ``side_img_size``, ``token_ratio``,
             ``blocks``, ``num_prompts``, ``reduction``, ``model_name``).
     """
-    from fpt_monai.weights import create_timm_vit
-
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}.")
-    config = replace(PRESETS[preset], **overrides)
-    model = create_timm_vit(config.model_name, img_size=config.img_size, pretrained=pretrained)
-    backbone = TimmViTBackbone(model, blocks=config.blocks, token_ratio=config.token_ratio)
+    config = _preset(preset, overrides)
+    backbone = create_backbone(preset, pretrained, **overrides)
     return FPTNet(
         backbone,
         num_classes=num_classes,

@@ -1,0 +1,19 @@
+"""Data: datalists (folder layout or JSON) and the two-view transforms of FPT."""
+
+from fpt_monai.data.datalist import IMAGE_SUFFIXES, folder_classes, folder_datalist, json_datalist, make_datalist
+from fpt_monai.data.pipeline import fpt_transforms, make_fpt_dataset
+from fpt_monai.data.transforms import ScaleToUnitd, SideViewd, ToRGBd, load_and_normalize
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "ScaleToUnitd",
+    "SideViewd",
+    "ToRGBd",
+    "folder_classes",
+    "fpt_transforms",
+    "make_fpt_dataset",
+    "folder_datalist",
+    "json_datalist",
+    "load_and_normalize",
+    "make_datalist",
+]

@@ -1,0 +1,79 @@
+"""The FPT data pipeline: datalist -> (cached) keys/values + side view + label, for training or evaluation.
+
+High-resolution view (never augmented): read, RGB, resize to the backbone's ``img_size``, scale to [0, 1],
+normalise -> :class:`~fpt_monai.preload.FrozenBackboneKVd` (cached by :class:`~fpt_monai.preload.KVCacheDataset`).
+Side view: the same reading and normalisation; for training, the augmentation of the papers (random resized
+crop with scale 0.8-1 and ratio 0.7-1.3, horizontal flip p=0.5, brightness/contrast jitter 0.2) before
+normalising; then resizing to the side network's input size as ``FPTNet`` does.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from monai.data import Dataset
+from monai.transforms import Compose, CopyItemsd, NormalizeIntensityd, RandTorchVisiond
+
+from fpt_monai.data.transforms import SideViewd, load_and_normalize
+from fpt_monai.networks.backbones import FrozenViTBackbone
+from fpt_monai.preload import FrozenBackboneKVd, KVCacheDataset
+
+__all__ = ["fpt_transforms", "make_fpt_dataset"]
+
+
+def fpt_transforms(
+    img_size: Sequence[int] | int,
+    side_img_size: Sequence[int] | int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    train: bool,
+    backbone: FrozenViTBackbone | None = None,
+    kv_dtype: str = "float16",
+    image_key: str = "image",
+    high_res_key: str = "high_res",
+) -> list:
+    """The two-view transform chain of FPT.
+
+    With a ``backbone``, the high-resolution view becomes keys/values under ``"kv"`` (and is dropped); without
+    one it stays under ``high_res_key`` for a network that runs the backbone itself (the online path).
+    The side view ends under ``image_key``.
+    """
+    high_res = [CopyItemsd(image_key, names=high_res_key), *load_and_normalize(high_res_key, img_size, mean, std)]
+    if backbone is not None:
+        high_res.append(FrozenBackboneKVd(high_res_key, backbone, kv_key="kv", dtype=kv_dtype))
+    side = load_and_normalize(image_key, img_size, mean, std)
+    if train:
+        normalize = side.pop()  # augment intensities in [0, 1], then normalise
+        if not isinstance(normalize, NormalizeIntensityd):
+            raise AssertionError("load_and_normalize must end with its normalisation")
+        size = [side_img_size] * 2 if isinstance(side_img_size, int) else list(side_img_size)
+        side += [
+            RandTorchVisiond(image_key, name="RandomResizedCrop", size=size, scale=(0.8, 1.0), ratio=(0.7, 1.3)),
+            RandTorchVisiond(image_key, name="RandomHorizontalFlip", p=0.5),
+            RandTorchVisiond(image_key, name="ColorJitter", brightness=0.2, contrast=0.2),
+            normalize,
+        ]
+    side.append(SideViewd(image_key, side_img_size))
+    return [*high_res, *side]
+
+
+def make_fpt_dataset(
+    datalist: Sequence[dict],
+    img_size: Sequence[int] | int,
+    side_img_size: Sequence[int] | int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    train: bool,
+    backbone: FrozenViTBackbone | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    kv_dtype: str = "float16",
+    progress: bool = True,
+) -> Dataset:
+    """A MONAI dataset of FPT items; with ``backbone`` and ``cache_dir``, a preloading :class:`KVCacheDataset`."""
+    if cache_dir is not None and backbone is None:
+        raise ValueError("a K/V cache needs the backbone that fills it.")
+    transforms = fpt_transforms(img_size, side_img_size, mean, std, train, backbone, kv_dtype)
+    if cache_dir is None:
+        return Dataset(list(datalist), Compose(transforms))
+    return KVCacheDataset(list(datalist), transforms, cache_dir, progress=progress)

@@ -1,0 +1,114 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fpt_monai.data import (
+    ScaleToUnitd,
+    SideViewd,
+    ToRGBd,
+    folder_datalist,
+    json_datalist,
+    make_datalist,
+    make_fpt_dataset,
+)
+from fpt_monai.networks import FPTNet, make_side_view
+from preload_setup import make_backbone
+
+
+def make_folder(root, layout):
+    for split, classes in layout.items():
+        for name, count in classes.items():
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                Image.fromarray(np.full((40, 40, 3), 10 * i, dtype=np.uint8)).save(folder / f"{i:04d}.png")
+    return root
+
+
+def test_folder_datalist_labels_follow_sorted_train_classes(tmp_path):
+    root = make_folder(tmp_path, {"train": {"b_lesion": 2, "a_healthy": 1}, "val": {"b_lesion": 1}})
+    (root / "train" / "a_healthy" / "notes.txt").write_text("not an image")
+    train = folder_datalist(root, "train")
+    assert [(p.split("/")[-2], label) for p, label in ((d["image"], d["label"]) for d in train)] == [
+        ("a_healthy", 0), ("b_lesion", 1), ("b_lesion", 1)]
+    assert [d["label"] for d in folder_datalist(root, "val")] == [1]  # labels of train/, not of val/
+
+
+def test_folder_datalist_errors_name_the_problem(tmp_path):
+    root = make_folder(tmp_path, {"train": {"a": 1}, "val": {"zzz": 1}})
+    with pytest.raises(ValueError, match="zzz"):
+        folder_datalist(root, "val")
+    with pytest.raises(FileNotFoundError, match="test"):
+        folder_datalist(root, "test")
+    with pytest.raises(FileNotFoundError, match="train"):
+        folder_datalist(tmp_path / "nowhere", "train")
+
+
+def test_json_datalist_resolves_relative_paths(tmp_path):
+    path = tmp_path / "datalist.json"
+    path.write_text(json.dumps({"train": [{"image": "imgs/x.png", "label": 1}, {"image": "/abs/y.png", "label": 0}]}))
+    items = make_datalist(path, "train")
+    assert items == [{"image": str(tmp_path / "imgs/x.png"), "label": 1}, {"image": "/abs/y.png", "label": 0}]
+    with pytest.raises(KeyError, match="'val'"):
+        json_datalist(path, "val")
+    path.write_text(json.dumps({"train": [{"label": 1}]}))
+    with pytest.raises(ValueError, match="item 0"):
+        json_datalist(path, "train")
+
+
+def test_to_rgb():
+    assert ToRGBd("x")({"x": torch.rand(1, 4, 4)})["x"].shape == (3, 4, 4)
+    rgba = torch.rand(4, 4, 4)
+    assert torch.equal(ToRGBd("x")({"x": rgba})["x"], rgba[:3])
+    with pytest.raises(ValueError, match="2 channels"):
+        ToRGBd("x")({"x": torch.rand(2, 4, 4)})
+
+
+@pytest.mark.parametrize("dtype,maximum", [(np.uint8, 255), (np.uint16, 65535)])
+def test_scale_to_unit_uses_the_integer_type_range(dtype, maximum):
+    image = np.array([[[0, maximum // 2, maximum]]], dtype=dtype)
+    out = ScaleToUnitd("x")({"x": image})["x"]
+    np.testing.assert_allclose(out, [[[0.0, (maximum // 2) / maximum, 1.0]]], rtol=1e-6)
+    floats = ScaleToUnitd("x")({"x": torch.tensor([[2.0, 4.0, 6.0]])})["x"]
+    torch.testing.assert_close(floats, torch.tensor([[0.0, 0.5, 1.0]]))
+
+
+def test_side_view_transform_matches_the_network():
+    image = torch.rand(3, 64, 64)
+    torch.testing.assert_close(SideViewd("x", 32)({"x": image})["x"], make_side_view(image[None], (32, 32))[0])
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_fpt_dataset_items(tmp_path, train):
+    root = make_folder(tmp_path / "data", {"train": {"a": 2, "b": 2}})
+    backbone = make_backbone()
+    dataset = make_fpt_dataset(folder_datalist(root, "train"), 64, 32, [0.5] * 3, [0.5] * 3, train=train,
+                               backbone=backbone, cache_dir=tmp_path / "cache", progress=False)
+    item = dataset[3]
+    assert item["image"].shape == (3, 32, 32) and item["label"] == 1
+    assert item["kv"].shape == backbone.shape.kv_shape and item["kv"].dtype == torch.float16
+    assert "high_res" not in item
+
+
+def test_evaluation_items_give_the_logits_of_the_single_image_network(tmp_path):
+    root = make_folder(tmp_path / "data", {"train": {"a": 1, "b": 1}})
+    datalist = folder_datalist(root, "train")
+    backbone = make_backbone()
+    net = FPTNet(backbone, num_classes=2, side_img_size=32, num_prompts=4, reduction=4).eval()
+    online = make_fpt_dataset(datalist, 64, 32, [0.5] * 3, [0.5] * 3, train=False)
+    cached = make_fpt_dataset(datalist, 64, 32, [0.5] * 3, [0.5] * 3, train=False, backbone=backbone,
+                              cache_dir=tmp_path / "cache", kv_dtype="float32", progress=False)
+    for index in range(2):
+        high_res = online[index]["high_res"][None]
+        expected = net(high_res)  # what inference on one image gives
+        torch.testing.assert_close(online[index]["image"][None], net.side_view(high_res))
+        got = net.forward_side(cached[index]["image"][None], cached[index]["kv"][None])
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_cache_needs_a_backbone(tmp_path):
+    with pytest.raises(ValueError, match="backbone"):
+        make_fpt_dataset([], 64, 32, [0.5] * 3, [0.5] * 3, train=False, cache_dir=tmp_path)
