@@ -125,6 +125,15 @@ class Commands:
         result["kv_bytes"] = math.prod(backbone.shape.kv_shape) * torch.empty(0, dtype=getattr(torch, dtype)).element_size()
         print(json.dumps(result, indent=2))
 
+    def bench_cache_dtype(self, train_size: int = 256, test_size: int = 256, epochs: int = 8, seeds: int = 5) -> None:
+        """Measure what float16/bfloat16 storage of the K/V cache does to accuracy (JSON; about a minute on CPU).
+
+        See :mod:`fpt_monai.bench.cache_dtype` for the protocol.
+        """
+        from fpt_monai.bench.cache_dtype import run
+
+        print(json.dumps(run(train_size, test_size, epochs, seeds), indent=2))
+
 
 def main() -> None:
     """Console-script entry point."""

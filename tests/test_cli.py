@@ -59,3 +59,12 @@ def test_preload_command_fills_and_reuses_the_cache(tmp_path):
     assert report["kv_bytes"] < report["entry_bytes"] < report["kv_bytes"] + 1024
     second = json.loads(run_cli(*args).stdout)
     assert [second["splits"][s]["already_cached"] for s in ("train", "val")] == [2, 2]
+
+
+def test_bench_cache_dtype_reports_every_dtype():
+    result = run_cli("bench_cache_dtype", "--train_size", "32", "--test_size", "16", "--epochs", "1", "--seeds", "2")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert set(report["inference"]) == set(report["training"]) == {"float32", "float16", "bfloat16"}
+    assert report["inference"]["float32"]["max_abs_logit_diff"] == 0.0
+    assert 0.0 < report["inference"]["float16"]["max_abs_logit_diff"] < 0.05
