@@ -248,3 +248,12 @@ def test_vit_b_entry_bytes_in_float16(tmp_path, preset_blocks, expected):
     write_entry(path, {"kv": kv, "label": 4, "image": "/data/messidor/test/4/20051020_57622_0100_PP.png"}, "f" * 64)
     header = os.path.getsize(path) - expected
     assert 0 < header < 1024
+
+
+def test_entry_round_trip_keeps_dtypes_scalars_and_fields(tmp_path):
+    path = tmp_path / "entry.safetensors"
+    item = {"kv": torch.randn(2, 3).to(torch.bfloat16), "label": torch.tensor(3), "image": "/x/0001.png", "id": 7}
+    write_entry(path, item, "fingerprint")
+    back = read_entry(path, "fingerprint")
+    assert back["kv"].dtype == torch.bfloat16 and torch.equal(back["kv"], item["kv"])
+    assert torch.equal(back["label"], item["label"]) and back["image"] == item["image"] and back["id"] == 7
