@@ -112,3 +112,13 @@ def test_evaluation_items_give_the_logits_of_the_single_image_network(tmp_path):
 def test_cache_needs_a_backbone(tmp_path):
     with pytest.raises(ValueError, match="backbone"):
         make_fpt_dataset([], 64, 32, [0.5] * 3, [0.5] * 3, train=False, cache_dir=tmp_path)
+
+
+def test_training_and_evaluation_chains_share_one_cache(tmp_path):
+    backbone = make_backbone()
+    caches = {
+        train: make_fpt_dataset([], 64, 32, [0.5] * 3, [0.5] * 3, train=train, backbone=backbone,
+                                cache_dir=tmp_path, progress=False).cache_dir
+        for train in (True, False)
+    }
+    assert caches[True] == caches[False]

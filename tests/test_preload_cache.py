@@ -257,3 +257,11 @@ def test_entry_round_trip_keeps_dtypes_scalars_and_fields(tmp_path):
     back = read_entry(path, "fingerprint")
     assert back["kv"].dtype == torch.bfloat16 and torch.equal(back["kv"], item["kv"])
     assert torch.equal(back["label"], item["label"]) and back["image"] == item["image"] and back["id"] == 7
+
+
+def test_backbone_device_is_not_part_of_the_identity(data, tmp_path):
+    backbone = make_backbone()
+    on_cpu = KVCacheDataset(data, make_transforms(backbone), tmp_path / "cache")
+    transforms = make_transforms(backbone)
+    transforms[6].device = torch.device("meta")  # e.g. another GPU of a multi-process run
+    assert KVCacheDataset(data, transforms, tmp_path / "cache").cache_dir == on_cpu.cache_dir

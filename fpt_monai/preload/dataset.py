@@ -202,8 +202,13 @@ class KVCacheDataset(PersistentDataset):
                 "un-augmented image, so move them after it."
             )
         self.kv_transform: FrozenBackboneKVd = transforms[self.kv_index]
+        # The K/V transform enters through its backbone, dtype and output layout, not its device: ranks or
+        # machines that fill one cache on different devices must agree on where it is.
+        layout = {"kv_key": self.kv_transform.kv_key, "image_key": self.kv_transform.image_key,
+                  "delete_input": self.kv_transform.delete_input}
         self.fingerprint, description = cache_fingerprint(
-            self.kv_transform.backbone, transforms[: self.kv_index + 1], self.kv_transform.dtype, fingerprint_extra
+            self.kv_transform.backbone, transforms[: self.kv_index], self.kv_transform.dtype,
+            {**layout, **(fingerprint_extra or {})},
         )
         self.cache_root = Path(cache_dir)
         folder = self.cache_root / self.fingerprint[:24]
