@@ -265,3 +265,26 @@ def test_backbone_device_is_not_part_of_the_identity(data, tmp_path):
     transforms = make_transforms(backbone)
     transforms[6].device = torch.device("meta")  # e.g. another GPU of a multi-process run
     assert KVCacheDataset(data, transforms, tmp_path / "cache").cache_dir == on_cpu.cache_dir
+
+
+def test_supervised_trainer_trains_from_the_cache_through_prepare_batch(data, tmp_path):
+    from monai.engines import PrepareBatchExtraInput, SupervisedTrainer
+
+    dataset = make_dataset(data, tmp_path / "cache")
+    backbone = dataset.kv_transform.backbone
+    calls = []
+    backbone.register_forward_pre_hook(lambda *args: calls.append(1))
+    net = FPTNet(backbone, num_classes=2, side_img_size=32, num_prompts=4, reduction=4)
+    head_before = net.side.head.weight.clone()
+    preload = PreloadHandler(dataset, batch_size=4)
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"), max_epochs=2, network=net,
+        train_data_loader=torch.utils.data.DataLoader(dataset, batch_size=2, shuffle=True),
+        optimizer=torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2),
+        loss_function=torch.nn.CrossEntropyLoss(), prepare_batch=PrepareBatchExtraInput({"kv": "kv"}),
+        train_handlers=[preload],
+    )
+    trainer.run()
+    assert len(calls) == 1  # one batched preload pass over the 4 images, none during the 2 epochs
+    assert preload.reports[0]["computed"] == 4 and trainer.state.iteration == 4
+    assert not torch.equal(net.side.head.weight, head_before)

@@ -7,8 +7,9 @@ Two entry points share one implementation:
 
 - ``forward(images)``: high-resolution images -> logits. The side view is made inside by resizing, so the
   network drops into any MONAI pipeline (``SupervisedTrainer``, ``SimpleInferer``, ...).
-- ``forward_side(side_images, kv)``: low-resolution (possibly augmented) images plus the frozen backbone's
-  selected keys/values, computed earlier (preloading) -> logits. The backbone is not run.
+- ``forward_side(side_images, kv)`` (also ``forward(side_images, kv=kv)``): low-resolution (possibly
+  augmented) images plus the frozen backbone's selected keys/values, computed earlier (preloading) -> logits.
+  The backbone is not run.
 
 References:
     Huang, Cheng, Tam, Tang. Fine-grained Prompt Tuning: A Parameter and Memory Efficient Transfer Learning
@@ -152,8 +153,18 @@ class FPTNet(nn.Module):
         block_prompts = self.fusion(self.prompts(), kv)
         return self.side(side_images, block_prompts)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits (B, num_classes) from high-resolution images (B, C, *shape.img_size)."""
+    def forward(self, images: torch.Tensor, kv: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, num_classes).
+
+        Args:
+            images: high-resolution images (B, C, *shape.img_size); or, when ``kv`` is given, the side view
+                (B, C, *side_img_size).
+            kv: preloaded keys/values (see :meth:`forward_side`). Given, the backbone is not run; this lets a
+                MONAI ``SupervisedTrainer`` feed batches of a preloading cache through
+                ``PrepareBatchExtraInput({"kv": "kv"})``.
+        """
+        if kv is not None:
+            return self.forward_side(images, kv)
         if self.backbone is None:
             raise RuntimeError(
                 "this FPTNet was built from a BackboneShape without the backbone's weights; "
