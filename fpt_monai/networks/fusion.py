@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from timm.layers import use_fused_attn
 
-__all__ = ["FUSION_VARIANTS", "FineGrainedPrompts", "FineGrainedFusion"]
+__all__ = ["FUSION_VARIANTS", "FineGrainedPrompts", "FineGrainedFusion", "PromptCrossAttention"]
 
 FUSION_VARIANTS = ("fpt", "fpt_plus")
 
@@ -52,6 +50,43 @@ class FineGrainedPrompts(nn.Module):
         return self.prompts
 
 
+class PromptCrossAttention(torch.autograd.Function):
+    """softmax(q K^T * scale) V for prompt queries shared by the batch, over frozen keys/values of any dtype.
+
+    The keys/values come from the frozen backbone (often a float16 cache) and never need a gradient. Computing
+    in float32 through ``kv.float()`` would keep a float32 copy of them alive for backward, so a float16 cache
+    would cost more memory than a float32 one. This function saves the keys/values as they came (no copy) and
+    upcasts one block at a time, in forward and again in backward. The prompts' queries are not expanded over
+    the batch either: their gradient is summed over it.
+
+    Shapes: q (L, H, P, D) float32; keys, values (B, L, H, k, D); returns (B, L, H, P, D) in q's dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+        outputs, attentions = [], []
+        for block in range(q.shape[0]):
+            k = keys[:, block].to(q.dtype)
+            attention = (q[block] * scale @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, H, P, k)
+            outputs.append(attention @ values[:, block].to(q.dtype))
+            attentions.append(attention)
+        attention = torch.stack(attentions, dim=1)
+        ctx.save_for_backward(q, keys, values, attention)
+        ctx.scale = scale
+        return torch.stack(outputs, dim=1)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        q, keys, values, attention = ctx.saved_tensors
+        grad_q = torch.empty_like(q)
+        for block in range(q.shape[0]):
+            a = attention[:, block]
+            grad_attention = grad_output[:, block] @ values[:, block].to(q.dtype).transpose(-2, -1)
+            grad_scores = a * (grad_attention - (grad_attention * a).sum(dim=-1, keepdim=True))
+            grad_q[block] = (grad_scores @ keys[:, block].to(q.dtype)).sum(dim=0) * ctx.scale
+        return grad_q, None, None, None
+
+
 class FineGrainedFusion(nn.Module):
     """Cross-attention of fine-grained prompts over the frozen backbone's selected keys/values.
 
@@ -81,7 +116,6 @@ class FineGrainedFusion(nn.Module):
         self.query = nn.Linear(side_dim, backbone_dim) if variant == "fpt" else nn.LayerNorm(backbone_dim)
         self.out_proj = nn.Linear(backbone_dim, side_dim)
         self.dropout = nn.Dropout(dropout)
-        self.fused_attn = use_fused_attn()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -114,17 +148,12 @@ class FineGrainedFusion(nn.Module):
         if kv.shape[-1] != self.head_dim:
             raise ValueError(f"kv head dim must be {self.head_dim}, got {kv.shape[-1]}.")
         batch = kv.shape[0]
-        # Compute in the prompts' precision whatever the storage dtype of the (preloaded) keys/values.
-        kv = kv.to(prompts.dtype)
-        keys, values = kv[:, :, 0], kv[:, :, 1]  # (B, L, H, k, D)
+        if kv.requires_grad:
+            raise ValueError("kv comes from the frozen backbone and must not require a gradient.")
         query = self.query(prompts)
         query = query.reshape(num_blocks, num_prompts, self.num_heads, self.head_dim).transpose(1, 2)
-        query = query.unsqueeze(0).expand(batch, -1, -1, -1, -1)  # (B, L, H, P, D)
-        if self.fused_attn:
-            context = F.scaled_dot_product_attention(query, keys, values)
-        else:
-            attention = ((query * self.head_dim**-0.5) @ keys.transpose(-2, -1)).softmax(dim=-1)
-            context = attention @ values
+        # computed in the prompts' precision whatever the storage dtype of the (preloaded) keys/values
+        context = PromptCrossAttention.apply(query, kv[:, :, 0], kv[:, :, 1], self.head_dim**-0.5)
         context = context.transpose(2, 3).reshape(batch, num_blocks, num_prompts, self.backbone_dim)
         if self.variant == "fpt":
             fused = self.out_proj(context) + prompts
