@@ -150,11 +150,30 @@ class FrozenViTBackbone(nn.Module):
                 f"got {tuple(images.shape)}; resize the high-resolution view to {self.shape.img_size}."
             )
 
+    @staticmethod
+    def _attend_and_rank(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention context (B, H, N, D) and token importance (B, H, N) from one softmax per (image, head)."""
+        q = q * scale
+        if q.device.type != "cpu":
+            attention = (q @ k.transpose(-2, -1)).softmax(dim=-1)
+            return attention @ v, mean_received_attention(attention)
+        # On the CPU one (image, head) at a time: its N x N matrix (4 MB at N=1025) stays in cache, which measured
+        # about twice as fast as materialising all of them at once (213 vs 400 ms, ViT-B at 512, batch 4).
+        context, importance = torch.empty_like(v), q.new_empty(q.shape[:3])
+        for b in range(q.shape[0]):
+            for h in range(q.shape[1]):
+                attention = (q[b, h] @ k[b, h].transpose(-2, -1)).softmax(dim=-1)
+                context[b, h] = attention @ v[b, h]
+                importance[b, h] = attention.mean(dim=0)
+        return context, importance
+
     def _extracting_block(self, block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q, k, v, scale = self.attention_inputs(block, x)
-        attention = ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-        x = self.finish_block(block, x, attention @ v)
-        k_sel, v_sel = select_important_tokens(k, v, mean_received_attention(attention), self.token_ratio)
+        context, importance = self._attend_and_rank(q, k, v, scale)
+        x = self.finish_block(block, x, context)
+        k_sel, v_sel = select_important_tokens(k, v, importance, self.token_ratio)
         return x, torch.stack((k_sel, v_sel), dim=1)
 
     def _run(self, images: torch.Tensor, all_blocks: bool) -> tuple[torch.Tensor, torch.Tensor]:
