@@ -2,10 +2,14 @@
 
 from fpt_monai.data.datalist import IMAGE_SUFFIXES, folder_classes, folder_datalist, json_datalist, make_datalist
 from fpt_monai.data.pipeline import fpt_transforms, make_fpt_dataset
+from fpt_monai.data.sample import SAMPLE_CLASSES, SampleFundusSpec, make_sample_dataset
 from fpt_monai.data.transforms import ScaleToUnitd, SideViewd, ToRGBd, load_and_normalize
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "SAMPLE_CLASSES",
+    "SampleFundusSpec",
+    "make_sample_dataset",
     "ScaleToUnitd",
     "SideViewd",
     "ToRGBd",
