@@ -4,6 +4,7 @@ from monai.engines import SupervisedTrainer
 from monai.networks.nets import ViT
 
 from conftest import make_tiny_timm_vit
+from fpt_monai.networks.fpt import BACKBONE_REFERENCE_KEY
 from fpt_monai.networks import FPTNet, MonaiViTBackbone, TimmViTBackbone, create_fpt, make_side_view
 
 
@@ -131,3 +132,54 @@ def test_trains_in_a_monai_supervised_trainer():
     assert not torch.equal(net.side.head.weight, side_before)
     for key, value in net.backbone.state_dict().items():
         assert torch.equal(value, backbone_before[key]), key
+
+
+def _tiny_fpt(seed: int = 0) -> FPTNet:
+    backbone = TimmViTBackbone(make_tiny_timm_vit(seed=seed), token_ratio=0.25)
+    torch.manual_seed(1)
+    return FPTNet(backbone, num_classes=3, side_img_size=32)
+
+
+def test_state_dict_holds_only_trainable_weights_and_a_backbone_reference():
+    net = _tiny_fpt()
+    state = net.state_dict()
+    assert not [k for k in state if k.startswith("backbone.")]
+    assert state[BACKBONE_REFERENCE_KEY].dtype == torch.uint8 and state[BACKBONE_REFERENCE_KEY].numel() == 32
+    trainable = {name for name, p in net.named_parameters() if p.requires_grad}
+    assert trainable <= set(state)
+    assert sum(state[k].numel() for k in trainable) == net.parameter_counts()["learnable"]
+    net.backbone_in_state_dict = True
+    assert any(k.startswith("backbone.") for k in net.state_dict())
+
+
+def test_checkpoint_round_trip_restores_logits_and_keeps_the_backbone(tmp_path):
+    trained, fresh = _tiny_fpt(), _tiny_fpt()
+    with torch.no_grad():
+        for p in trained.trainable_parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    path = tmp_path / "model.pt"
+    torch.save(trained.state_dict(), path)
+    fresh.load_state_dict(torch.load(path, weights_only=True))  # strict: backbone keys are not missing
+    images = torch.rand(2, 3, 64, 64)
+    trained.eval(), fresh.eval()
+    torch.testing.assert_close(fresh(images), trained(images))
+
+
+def test_checkpoint_of_another_backbone_is_refused():
+    state = _tiny_fpt(seed=0).state_dict()
+    other = _tiny_fpt(seed=5)
+    with pytest.raises(RuntimeError, match="frozen backbone weights with SHA-256"):
+        other.load_state_dict(state)
+
+
+def test_trainable_parameters_are_those_that_learn():
+    net = _tiny_fpt()
+    assert sum(p.numel() for p in net.trainable_parameters()) == net.parameter_counts()["learnable"]
+    assert all(p.requires_grad for p in net.trainable_parameters())
+
+
+def test_traced_network_matches_eager_for_other_batch_sizes():
+    net = _tiny_fpt().eval()
+    traced = torch.jit.trace(net, torch.rand(1, 3, 64, 64))
+    images = torch.rand(3, 3, 64, 64)
+    torch.testing.assert_close(traced(images), net(images), rtol=1e-4, atol=1e-5)

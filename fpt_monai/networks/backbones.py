@@ -14,8 +14,10 @@ backbone's own output is unchanged by the extraction.
 
 from __future__ import annotations
 
+import hashlib
+
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +26,7 @@ from monai.utils import ensure_tuple_rep
 
 from fpt_monai.networks.selection import mean_received_attention, num_selected_tokens, select_important_tokens
 
-__all__ = ["BackboneShape", "FrozenViTBackbone", "TimmViTBackbone", "MonaiViTBackbone"]
+__all__ = ["BackboneShape", "FrozenViTBackbone", "TimmViTBackbone", "MonaiViTBackbone", "state_dict_sha256"]
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,16 @@ class BackboneShape:
     def kv_shape(self) -> tuple[int, int, int, int, int]:
         """Shape of the selected keys/values of one image: (blocks, 2, heads, selected tokens, head dim)."""
         return (len(self.blocks), 2, self.num_heads, self.num_selected_tokens, self.head_dim)
+
+
+def state_dict_sha256(state: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of a state dict: names, dtypes, shapes and bytes of every tensor, in order."""
+    digest = hashlib.sha256()
+    for name, tensor in state.items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data if tensor.numel() else b"")
+    return digest.hexdigest()
 
 
 class FrozenViTBackbone(nn.Module):
@@ -121,6 +133,20 @@ class FrozenViTBackbone(nn.Module):
         """Number of transformer blocks in the backbone."""
         return len(self._transformer_blocks)
 
+    def weights_digest(self) -> str:
+        """SHA-256 of the backbone's state dict (names, dtypes, shapes and bytes of every tensor, in order).
+
+        It identifies the frozen weights in cache fingerprints and checkpoints. Hashing ViT-B takes ~0.3 s, so
+        the value is kept until a tensor is replaced or modified in place (tracked by storage and version).
+        """
+        state = self.state_dict(keep_vars=True)
+        key = tuple((name, t.data_ptr(), t._version, t.dtype, tuple(t.shape)) for name, t in state.items())
+        cached = getattr(self, "_weights_digest_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        self._weights_digest_cache = (key, state_dict_sha256(state))
+        return self._weights_digest_cache[1]
+
     # -- hooks for a concrete block layout ---------------------------------------------------------------
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, C, *img_size) -> tokens (B, N, embed_dim), prefix tokens and position embedding added."""
@@ -156,7 +182,8 @@ class FrozenViTBackbone(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention context (B, H, N, D) and token importance (B, H, N) from one softmax per (image, head)."""
         q = q * scale
-        if q.device.type != "cpu":
+        # batched on accelerators and while tracing (a traced loop would fix the batch size)
+        if q.device.type != "cpu" or torch.jit.is_tracing() or torch.jit.is_scripting():
             attention = (q @ k.transpose(-2, -1)).softmax(dim=-1)
             return attention @ v, mean_received_attention(attention)
         # On the CPU one (image, head) at a time: its N x N matrix (4 MB at N=1025) stays in cache, which measured
@@ -239,6 +266,10 @@ class TimmViTBackbone(FrozenViTBackbone):
         if getattr(model, "dynamic_img_size", False):
             raise ValueError("build the timm model at a fixed img_size (dynamic_img_size=False).")
         super().__init__(model, list(model.blocks), blocks, token_ratio)
+        # the normalisation the weights were trained with (timm's pretrained config of the model's tag)
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        self.mean = tuple(float(m) for m in cfg.get("mean", (0.5, 0.5, 0.5)))
+        self.std = tuple(float(s) for s in cfg.get("std", (0.5, 0.5, 0.5)))
         attn = model.blocks[0].attn
         patch_embed = model.patch_embed
         self._set_shape(
@@ -330,6 +361,10 @@ class MonaiViTBackbone(FrozenViTBackbone):
                 f"but the model was built for {patch_embedding.n_patches}."
             )
         super().__init__(model, list(model.blocks), blocks, token_ratio)
+        # the normalisation the weights were trained with (timm's pretrained config of the model's tag)
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        self.mean = tuple(float(m) for m in cfg.get("mean", (0.5, 0.5, 0.5)))
+        self.std = tuple(float(s) for s in cfg.get("std", (0.5, 0.5, 0.5)))
         attn = model.blocks[0].attn
         self._set_shape(
             spatial_dims=spatial_dims,

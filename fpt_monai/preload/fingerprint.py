@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from fpt_monai.networks.backbones import FrozenViTBackbone, state_dict_sha256
+
 __all__ = ["CACHE_FORMAT_VERSION", "describe", "weights_digest", "cache_fingerprint"]
 
 #: Bump when the layout or meaning of a cache entry changes: every older cache is then ignored.
@@ -28,13 +30,13 @@ _MAX_DEPTH = 6
 
 
 def weights_digest(module: nn.Module) -> str:
-    """SHA-256 of a module's state dict: names, dtypes, shapes and bytes of every tensor, in order."""
-    digest = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data if tensor.numel() else b"")
-    return digest.hexdigest()
+    """SHA-256 of a module's state dict: names, dtypes, shapes and bytes of every tensor, in order.
+
+    A :class:`FrozenViTBackbone` answers from its own cached digest (the same value).
+    """
+    if isinstance(module, FrozenViTBackbone):
+        return module.weights_digest()
+    return state_dict_sha256(module.state_dict())
 
 
 def _array_digest(array: np.ndarray | torch.Tensor) -> dict[str, Any]:
