@@ -108,9 +108,8 @@ class Commands:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         splits = [s for s in splits.split(",") if s] if isinstance(splits, str) else list(splits)
         backbone = create_backbone(preset, pretrained=pretrained).to(device)
-        config = backbone.model.pretrained_cfg
-        mean = tuple(mean) if mean is not None else tuple(config.get("mean", (0.5, 0.5, 0.5)))
-        std = tuple(std) if std is not None else tuple(config.get("std", (0.5, 0.5, 0.5)))
+        mean = tuple(mean) if mean is not None else backbone.mean
+        std = tuple(std) if std is not None else backbone.std
         result: dict = {"preset": preset, "dtype": dtype, "mean": mean, "std": std, "splits": {}}
         for split in splits:
             dataset = make_fpt_dataset(
@@ -133,6 +132,38 @@ class Commands:
         from fpt_monai.bench.cache_dtype import run
 
         print(json.dumps(run(train_size, test_size, epochs, seeds), indent=2))
+
+
+    def sample_data(self, output_dir: str = "fpt_sample", num_train: int = 240, num_val: int = 90, num_test: int = 90,
+                    image_size: int = 512, seed: int = 0) -> None:
+        """Create the offline sample dataset (fundus photographs graded by counting tiny lesions).
+
+        Reuses an existing folder made with the same settings. See :mod:`fpt_monai.data.sample`.
+        """
+        from fpt_monai.data import make_sample_dataset
+
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        path = make_sample_dataset(output_dir, num_train=num_train, num_val=num_val, num_test=num_test,
+                                   image_size=image_size, seed=seed)
+        print(path)
+
+    def demo(self, work_dir: str = "fpt_demo", **overrides) -> None:
+        """Train FPT on the offline sample dataset with the MONAI bundle, evaluate it, print the test metrics.
+
+        Everything (sample data, K/V cache, checkpoints, reports, TensorBoard logs) goes to ``work_dir``; see
+        ``tensorboard --logdir <work_dir>/eval/tensorboard``. Any bundle config value can be overridden, e.g.
+        ``fpt-monai demo --num_epochs 2``.
+        """
+        from fpt_monai.bundle import run_demo
+
+        results = run_demo(work_dir, **overrides)
+        print(json.dumps({"work_dir": str(work_dir), "test_metrics": results}, indent=2))
+
+    def export_bundle(self, output_dir: str, overwrite: bool = False) -> None:
+        """Write a self-contained copy of the MONAI bundle (custom code under ``scripts/``) to ``output_dir``."""
+        from fpt_monai.bundle import export_bundle
+
+        print(export_bundle(output_dir, overwrite=overwrite))
 
 
 def main() -> None:

@@ -6,7 +6,15 @@ import json
 import os
 from pathlib import Path
 
-__all__ = ["IMAGE_SUFFIXES", "folder_classes", "folder_datalist", "json_datalist", "make_datalist"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "dataset_classes",
+    "folder_classes",
+    "folder_datalist",
+    "image_datalist",
+    "json_datalist",
+    "make_datalist",
+]
 
 #: File suffixes read as images from a folder layout (a DICOM file may also have no suffix in a JSON datalist).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".nii", ".nii.gz")
@@ -76,3 +84,46 @@ def make_datalist(dataset_dir: str | os.PathLike, split: str) -> list[dict]:
     if str(dataset_dir).endswith(".json"):
         return json_datalist(dataset_dir, split)
     return folder_datalist(dataset_dir, split)
+
+
+def dataset_classes(dataset_dir: str | os.PathLike) -> list[str]:
+    """Class names in label order: the ``train/`` sub-folders, or a JSON datalist's ``"classes"`` list.
+
+    A JSON datalist without ``"classes"`` gets the names ``"0" .. str(max label)`` from its ``train`` list.
+    """
+    if not str(dataset_dir).endswith(".json"):
+        return folder_classes(dataset_dir, "train")
+    path = Path(dataset_dir)
+    with open(path) as f:
+        content = json.load(f)
+    if "classes" in content:
+        classes = content["classes"]
+        if not isinstance(classes, list) or not classes:
+            raise ValueError(f"datalist {path}: 'classes' must be a non-empty list of names, got {classes!r}.")
+        return [str(c) for c in classes]
+    labels = [item["label"] for item in json_datalist(path, "train")]
+    if not labels:
+        raise ValueError(f"datalist {path} has an empty 'train' list.")
+    return [str(i) for i in range(int(max(labels)) + 1)]
+
+
+def image_datalist(source: str | os.PathLike | list) -> list[dict]:
+    """``[{"image": path}]`` of the images to classify: a folder (searched recursively), one file, or a list.
+
+    Raises ``FileNotFoundError`` naming the path when a given file or folder does not exist, and ``ValueError``
+    when a folder holds no image.
+    """
+    if isinstance(source, (list, tuple)):
+        paths = [Path(p) for p in source]
+    else:
+        root = Path(source)
+        if root.is_dir():
+            paths = sorted(p for p in root.rglob("*") if _is_image(p))
+            if not paths:
+                raise ValueError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {root}.")
+        else:
+            paths = [root]
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"images not found: {missing}")
+    return [{"image": str(p.absolute())} for p in paths]

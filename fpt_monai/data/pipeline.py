@@ -42,7 +42,8 @@ def fpt_transforms(
     high_res = [CopyItemsd(image_key, names=high_res_key), *load_and_normalize(high_res_key, img_size, mean, std)]
     if backbone is not None:
         high_res.append(FrozenBackboneKVd(high_res_key, backbone, kv_key="kv", dtype=kv_dtype))
-    side = load_and_normalize(image_key, img_size, mean, std)
+    # the source path travels with the item (as "filename") for per-image reports
+    side = [CopyItemsd(image_key, names="filename"), *load_and_normalize(image_key, img_size, mean, std)]
     if train:
         normalize = side.pop()  # augment intensities in [0, 1], then normalise
         if not isinstance(normalize, NormalizeIntensityd):

@@ -1,0 +1,141 @@
+"""The MONAI bundle ``bundles/fpt_classification``: locate it, run its sample-data demo, export it self-contained.
+
+The bundle's configs reference this package by dotted ``_target_`` paths. :func:`export_bundle` writes a copy
+that carries the package under ``scripts/`` (the Model Zoo's place for custom code), so it runs where only the
+third-party packages named in its ``metadata.json`` are installed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import fpt_monai
+
+__all__ = ["bundle_dir", "config_files", "run_demo", "export_bundle"]
+
+logger = logging.getLogger(__name__)
+
+BUNDLE_NAME = "fpt_classification"
+
+
+def bundle_dir() -> Path:
+    """The bundle folder of this checkout (``<repo>/bundles/fpt_classification``)."""
+    path = Path(fpt_monai.__file__).resolve().parent.parent / "bundles" / BUNDLE_NAME
+    if not (path / "configs" / "train.json").is_file():
+        raise FileNotFoundError(
+            f"the bundle is not next to this fpt_monai installation (looked in {path}); "
+            "use a clone of the repository (pip install -e .) or an exported bundle."
+        )
+    return path
+
+
+def config_files(*names: str, root: str | os.PathLike | None = None) -> list[str]:
+    """Paths of the bundle's config files, e.g. ``config_files("train", "demo")``."""
+    configs = Path(root) / "configs" if root is not None else bundle_dir() / "configs"
+    paths = [configs / f"{name}.json" for name in names]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"bundle config files not found: {missing}")
+    return [str(p) for p in paths]
+
+
+def run_demo(work_dir: str | os.PathLike = "fpt_demo", evaluate: bool = True, **overrides) -> dict:
+    """Train FPT on the sample dataset with the bundle, then evaluate the best and final checkpoints.
+
+    The same runs as::
+
+        python -m monai.bundle run training --config_file "['configs/train.json','configs/demo.json']" \\
+            --bundle_root <work_dir>
+        python -m monai.bundle run evaluating \\
+            --config_file "['configs/train.json','configs/evaluate.json','configs/demo.json']" --bundle_root <work_dir>
+
+    Args:
+        work_dir: bundle root of the run: sample data, cache, checkpoints (``models/``), reports and TensorBoard
+            logs (``eval/``) go there.
+        evaluate: also run the test-set evaluation.
+        overrides: config overrides, e.g. ``num_epochs=2``.
+
+    Returns:
+        ``{"best": {metric: value}, "final": {...}}`` of the test set (empty without ``evaluate``).
+    """
+    from monai.bundle import ConfigWorkflow
+
+    work_dir = Path(work_dir).absolute()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    meta = config_files("metadata")[0]
+    logging_file = str(bundle_dir() / "configs" / "logging.conf")
+    common = {"bundle_root": str(work_dir), **overrides}
+    train = ConfigWorkflow(
+        config_file=config_files("train", "demo"), meta_file=meta, logging_file=logging_file,
+        run_id="training", workflow_type=None, **common,
+    )
+    train.initialize()
+    train.run()
+    train.finalize()
+    if not evaluate:
+        return {}
+    evaluation = ConfigWorkflow(
+        config_file=config_files("train", "evaluate", "demo"), meta_file=meta, logging_file=logging_file,
+        run_id="evaluating", workflow_type=None, **common,
+    )
+    evaluation.initialize()
+    results = evaluation.run()[0]
+    evaluation.finalize()
+    return results
+
+
+#: Files and folders of the bundle that an export carries.
+_BUNDLE_CONTENT = ("configs", "docs", "schema", "LICENSE")
+
+_SCRIPTS_INIT = '''"""Custom code of this bundle: the fpt_monai package, carried with it (see docs/README.md)."""
+
+import os
+import sys
+
+# `$import scripts` (first in every config's imports) makes the carried package importable as `fpt_monai`.
+_here = os.path.dirname(os.path.abspath(__file__))
+if _here not in sys.path:
+    sys.path.insert(0, _here)
+'''
+
+
+def export_bundle(output_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write a self-contained copy of the bundle to ``output_dir``: configs, docs, licence, and the package.
+
+    ``fpt_monai`` is copied to ``scripts/fpt_monai`` and every config that imports it gets ``$import scripts``
+    first, which puts ``scripts/`` on ``sys.path``. Run the export from its folder (the Model Zoo's convention):
+    ``cd <output_dir> && python -m monai.bundle run training --config_file configs/train.json ...``.
+
+    Args:
+        output_dir: the new bundle folder (must not exist unless ``overwrite``).
+        overwrite: replace an existing folder.
+    """
+    source = bundle_dir()
+    output_dir = Path(output_dir).absolute()
+    if output_dir.exists():
+        if not overwrite:
+            raise FileExistsError(f"{output_dir} exists; pass overwrite=True to replace it.")
+        shutil.rmtree(output_dir)
+    output_dir.mkdir(parents=True)
+    for name in _BUNDLE_CONTENT:
+        path = source / name
+        if path.is_dir():
+            shutil.copytree(path, output_dir / name)
+        elif path.is_file():
+            shutil.copy2(path, output_dir / name)
+    package = Path(fpt_monai.__file__).resolve().parent
+    shutil.copytree(package, output_dir / "scripts" / "fpt_monai", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    (output_dir / "scripts" / "__init__.py").write_text(_SCRIPTS_INIT)
+    for config in sorted((output_dir / "configs").glob("*.json")):
+        content = json.loads(config.read_text())
+        imports = content.get("imports") if isinstance(content, dict) else None
+        if isinstance(imports, list) and "$import scripts" not in imports:
+            content["imports"] = ["$import scripts", *imports]
+            config.write_text(json.dumps(content, indent=4) + "\n")
+    logger.info("exported bundle to %s", output_dir)
+    return output_dir

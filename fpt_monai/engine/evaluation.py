@@ -1,0 +1,66 @@
+"""Evaluate several checkpoints of one network with one evaluator (the bundle's ``evaluate.json``)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from monai.engines import Evaluator
+
+from fpt_monai.engine.handlers import ClassificationReport
+
+__all__ = ["evaluate_checkpoints"]
+
+logger = logging.getLogger(__name__)
+
+
+def evaluate_checkpoints(
+    evaluator: Evaluator,
+    network: nn.Module,
+    checkpoints: Mapping[str, str | os.PathLike],
+    report: ClassificationReport,
+    output_dir: str | os.PathLike,
+) -> dict[str, dict[str, float]]:
+    """Load each checkpoint into ``network``, run ``evaluator`` and write its report to ``output_dir/<name>/``.
+
+    Checkpoints are read with ``torch.load(weights_only=True)`` (no arbitrary unpickling) and may be a bare
+    state dict or a training checkpoint holding one under ``"model"``.
+
+    Args:
+        evaluator: a MONAI evaluator over the test data whose network is ``network``, with ``report`` attached.
+        network: the network the checkpoints belong to.
+        checkpoints: name -> checkpoint file, e.g. ``{"best": "models/model.pt", "final": ...}``; a missing
+            file raises ``FileNotFoundError`` naming it.
+        report: the :class:`ClassificationReport` attached to ``evaluator``.
+        output_dir: parent folder of the per-checkpoint reports.
+
+    Returns:
+        name -> the evaluator's scalar metrics.
+    """
+    missing = {name: str(path) for name, path in checkpoints.items() if not Path(path).is_file()}
+    if missing:
+        raise FileNotFoundError(f"checkpoint files not found: {missing}; train first or set the paths.")
+    results = {}
+    for name, path in checkpoints.items():
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
+            state = state["model"]
+        target = network.module if hasattr(network, "module") else network
+        target.load_state_dict(state)
+        report.output_dir = Path(output_dir) / name
+        report.extra = {"checkpoint": str(Path(path).resolve()), "checkpoint_name": name}
+        evaluator.run()
+        results[name] = {
+            key: float(value) for key, value in evaluator.state.metrics.items()
+            if isinstance(value, (int, float)) or (isinstance(value, torch.Tensor) and value.numel() == 1)
+        }
+        logger.info("%s checkpoint (%s): %s", name, path, _format(results[name]))
+    return results
+
+
+def _format(metrics: Mapping[str, float]) -> str:
+    return ", ".join(f"{key} {value:.4f}" for key, value in metrics.items())

