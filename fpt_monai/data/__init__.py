@@ -9,7 +9,7 @@ from fpt_monai.data.datalist import (
     json_datalist,
     make_datalist,
 )
-from fpt_monai.data.pipeline import fpt_transforms, make_fpt_dataset
+from fpt_monai.data.pipeline import fpt_transforms, inference_transforms, make_fpt_dataset
 from fpt_monai.data.sample import SAMPLE_CLASSES, SampleFundusSpec, make_sample_dataset
 from fpt_monai.data.transforms import ScaleToUnitd, SideViewd, ToRGBd, load_and_normalize
 
@@ -23,6 +23,7 @@ __all__ = [
     "ToRGBd",
     "dataset_classes",
     "image_datalist",
+    "inference_transforms",
     "folder_classes",
     "fpt_transforms",
     "make_fpt_dataset",

@@ -19,7 +19,7 @@ from fpt_monai.data.transforms import SideViewd, load_and_normalize
 from fpt_monai.networks.backbones import FrozenViTBackbone
 from fpt_monai.preload import FrozenBackboneKVd, KVCacheDataset
 
-__all__ = ["fpt_transforms", "make_fpt_dataset"]
+__all__ = ["fpt_transforms", "inference_transforms", "make_fpt_dataset"]
 
 
 def fpt_transforms(
@@ -57,6 +57,16 @@ def fpt_transforms(
         ]
     side.append(SideViewd(image_key, side_img_size))
     return [*high_res, *side]
+
+
+def inference_transforms(
+    img_size: Sequence[int] | int, mean: Sequence[float], std: Sequence[float], image_key: str = "image"
+) -> list:
+    """The transforms for a network that runs its backbone itself (``FPTNet.forward(images)``, an export).
+
+    Only the high-resolution view (the network makes its side view); the source path is kept as ``"filename"``.
+    """
+    return [CopyItemsd(image_key, names="filename"), *load_and_normalize(image_key, img_size, mean, std)]
 
 
 def make_fpt_dataset(

@@ -148,7 +148,7 @@ class ClassificationReport:
         output, items = engine.state.output, engine.state.batch
         output = output if isinstance(output, list) else decollate_batch(output)
         items = items if isinstance(items, list) else decollate_batch(items)
-        if all(CommonKeys.LABEL in item for item in output):
+        if all(item.get(CommonKeys.LABEL) is not None for item in output):
             probabilities, labels = self.output_transform(output)
         else:
             probabilities = torch.stack([torch.as_tensor(item[CommonKeys.PRED]).float() for item in output])

@@ -153,7 +153,13 @@ class FineGrainedFusion(nn.Module):
         query = self.query(prompts)
         query = query.reshape(num_blocks, num_prompts, self.num_heads, self.head_dim).transpose(1, 2)
         # computed in the prompts' precision whatever the storage dtype of the (preloaded) keys/values
-        context = PromptCrossAttention.apply(query, kv[:, :, 0], kv[:, :, 1], self.head_dim**-0.5)
+        if torch.jit.is_tracing() or torch.jit.is_scripting():
+            # TorchScript cannot hold a Python autograd function; an exported network does not train anyway
+            keys, values = kv[:, :, 0].to(query.dtype), kv[:, :, 1].to(query.dtype)
+            attention = (query * self.head_dim**-0.5 @ keys.transpose(-2, -1)).softmax(dim=-1)
+            context = attention @ values
+        else:
+            context = PromptCrossAttention.apply(query, kv[:, :, 0], kv[:, :, 1], self.head_dim**-0.5)
         context = context.transpose(2, 3).reshape(batch, num_blocks, num_prompts, self.backbone_dim)
         if self.variant == "fpt":
             fused = self.out_proj(context) + prompts
