@@ -183,3 +183,13 @@ def test_traced_network_matches_eager_for_other_batch_sizes():
     traced = torch.jit.trace(net, torch.rand(1, 3, 64, 64))
     images = torch.rand(3, 3, 64, 64)
     torch.testing.assert_close(traced(images), net(images), rtol=1e-4, atol=1e-5)
+
+
+def test_side_only_ablation_ignores_the_backbone_and_trains_only_the_side_network():
+    ablation = FPTNet(_tiny_fpt().backbone, num_classes=3, side_img_size=32, side_only=True)
+    trainable = {name.split(".")[0] for name, p in ablation.named_parameters() if p.requires_grad}
+    assert trainable == {"side"}
+    side = torch.rand(2, 3, 32, 32)
+    kv = torch.randn(2, *ablation.shape.kv_shape)
+    torch.testing.assert_close(ablation(side, kv=kv), ablation(side, kv=torch.zeros_like(kv)))
+    torch.testing.assert_close(ablation(side, kv=kv), ablation.side(side))

@@ -76,6 +76,9 @@ class FPTNet(nn.Module):
         reduction: backbone width / side width (8).
         fusion_dropout: dropout on the fused prompts (0.5).
         side_drop_path_rate: stochastic depth of the side network (0).
+        side_only: ablation: cut the high-resolution branch. The side network runs alone on the low-resolution
+            view, without prompts; keys/values are accepted and ignored, and the prompts and fusion module are
+            frozen. Trained with the same pipeline, it shows what the frozen backbone's features add.
 
     Example::
 
@@ -94,6 +97,7 @@ class FPTNet(nn.Module):
         reduction: int = 8,
         fusion_dropout: float = 0.5,
         side_drop_path_rate: float = 0.0,
+        side_only: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(backbone, FrozenViTBackbone):
@@ -135,6 +139,10 @@ class FPTNet(nn.Module):
             dropout=fusion_dropout,
         )
         self.prompts = FineGrainedPrompts(len(shape.blocks), num_prompts, self.fusion.prompt_dim)
+        self.side_only = bool(side_only)
+        if self.side_only:
+            self.fusion.requires_grad_(False)
+            self.prompts.requires_grad_(False)
         #: Whether ``state_dict`` includes the frozen backbone's weights (off: checkpoints hold only what learns).
         self.backbone_in_state_dict = False
         self.register_state_dict_post_hook(_reference_frozen_backbone)
@@ -163,6 +171,8 @@ class FPTNet(nn.Module):
             )
         if kv.shape[0] != side_images.shape[0]:
             raise ValueError(f"batch sizes differ: side images {side_images.shape[0]}, kv {kv.shape[0]}.")
+        if self.side_only:
+            return self.side(side_images)
         block_prompts = self.fusion(self.prompts(), kv)
         return self.side(side_images, block_prompts)
 
@@ -183,6 +193,8 @@ class FPTNet(nn.Module):
                 "this FPTNet was built from a BackboneShape without the backbone's weights; "
                 "use forward_side(side_images, kv) with preloaded keys/values."
             )
+        if self.side_only:
+            return self.side(self.side_view(images))
         return self.forward_side(self.side_view(images), self.backbone(images))
 
     def parameter_counts(self) -> dict[str, int]:
@@ -282,6 +294,7 @@ def create_fpt(
     num_classes: int,
     pretrained: bool | str = True,
     fusion_dropout: float = 0.5,
+    side_only: bool = False,
     **overrides,
 ) -> FPTNet:
     """Build an :class:`FPTNet` from a named preset.
@@ -293,6 +306,7 @@ def create_fpt(
             ``.safetensors``/``.pth`` file in timm or Hugging Face ViT layout, ``False`` builds random backbone
             weights (warned about loudly: FPT then has nothing to transfer).
         fusion_dropout: dropout on the fused prompts.
+        side_only: the ablation without the high-resolution branch (see :class:`FPTNet`).
         **overrides: any :class:`FPTPreset` field (``img_size``, ``side_img_size``, ``token_ratio``,
             ``blocks``, ``num_prompts``, ``reduction``, ``model_name``).
     """
@@ -306,4 +320,5 @@ def create_fpt(
         num_prompts=config.num_prompts,
         reduction=config.reduction,
         fusion_dropout=fusion_dropout,
+        side_only=side_only,
     )
