@@ -10,4 +10,4 @@ References:
 __version__ = "0.1.0"
 
 # Subpackages are imported here so bundle configs can reach them from `$import fpt_monai` alone.
-from fpt_monai import data, engine, networks, preload  # noqa: E402,F401  (networks first via data's imports)
+X

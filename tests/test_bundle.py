@@ -67,7 +67,8 @@ def test_configs_parse_and_name_every_workflow():
     assert parser["grad_clip_norm"] == 1.0
     demo = ConfigParser()
     demo.read_config(config_files("train", "demo"))
-    assert demo["preset"] == "fpt_tiny" and "make_sample_dataset" in demo["dataset_dir"]
+    assert demo["network_def"]["_target_"] == "fpt_monai.pretrained.create_demo_fpt" and demo["pretrained"] is True
+    assert "make_sample_dataset" in demo["dataset_dir"]
 
 
 def test_metadata_verifies_offline_against_the_shipped_schema():

