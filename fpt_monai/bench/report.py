@@ -1,0 +1,280 @@
+"""``fpt-monai bench``: every benchmark in one run, written as JSON, a markdown table and a PNG plot.
+
+Sections (each documented in its module):
+
+- ``parameters``: learnable parameters and their share of learnable + frozen, per method (meta device).
+- ``memory``: training memory per method under the protocol of :mod:`fpt_monai.bench.memory`, eager and
+  fused attention, with ``ratio_to_full``; FPT/FPT+ from the cache (float16 and float32) with and without the
+  frozen backbone's weights resident.
+- ``cache``: cached keys/values per image (FPT, FPT+; float32, float16).
+- ``speed``: training throughput per method, preload throughput and single-image inference latency
+  (:mod:`fpt_monai.bench.speed`).
+- ``accuracy``: test metrics of the bundle runs given with ``accuracy_runs`` (``eval/*/metrics.json`` of a
+  ``fpt-monai demo`` work folder), read, not re-run.
+
+The targets of the project are checked on the figures and printed with them (``targets``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from fpt_monai.bench.memory import METHODS, memory_table
+
+__all__ = ["METHOD_LABELS", "cache_bytes", "check_targets", "parameter_table", "run_benchmarks", "write_markdown", "write_plot"]
+
+logger = logging.getLogger(__name__)
+
+METHOD_LABELS = {
+    "full": "full fine-tuning",
+    "linear": "linear probing",
+    "vpt": "VPT-deep prompt tuning",
+    "lora": "LoRA (r=16, q/k/v)",
+    "adapter": "AdaptFormer adapter",
+    "fpt": "FPT",
+    "fpt_plus": "FPT+",
+}
+_MB = 1e6
+
+
+def parameter_table(num_classes: int = 5, preset: str = "fpt") -> list[dict]:
+    """Learnable and frozen parameters of every method on the preset's backbone (meta device, no weights)."""
+    from fpt_monai.networks import create_fpt
+    from fpt_monai.networks.baselines import create_baseline
+
+    rows = []
+    with warnings.catch_warnings(), torch.device("meta"):
+        warnings.simplefilter("ignore")
+        level = logging.getLogger("fpt_monai").level
+        logging.getLogger("fpt_monai").setLevel(logging.ERROR)
+        try:
+            for method in METHODS:
+                if method in ("fpt", "fpt_plus"):
+                    net = create_fpt(method, num_classes, pretrained=False)
+                else:
+                    net = create_baseline(method, num_classes, preset=preset, pretrained=False)
+                counts = net.parameter_counts()
+                total = counts["learnable"] + counts["frozen"]
+                rows.append({"method": method, **counts, "learnable_percent": 100 * counts["learnable"] / total})
+        finally:
+            logging.getLogger("fpt_monai").setLevel(level)
+    return rows
+
+
+def cache_bytes() -> list[dict]:
+    """Bytes of the cached keys/values of one image (the entry file adds a header of about 400 bytes)."""
+    from fpt_monai.networks import create_fpt
+
+    rows = []
+    for preset in ("fpt", "fpt_plus"):
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")
+            shape = create_fpt(preset, 5, pretrained=False).backbone.shape
+        for dtype in ("float32", "float16"):
+            numel = math.prod(shape.kv_shape)
+            rows.append({"method": preset, "dtype": dtype, "kv_shape": list(shape.kv_shape),
+                         "bytes_per_image": numel * getattr(torch, dtype).itemsize})
+    return rows
+
+
+def _read_accuracy(runs: dict[str, str]) -> list[dict]:
+    rows = []
+    for label, work_dir in runs.items():
+        for checkpoint in ("model", "model_final"):
+            path = Path(work_dir) / "eval" / checkpoint / "metrics.json"
+            if not path.is_file():
+                raise FileNotFoundError(f"accuracy run {label!r}: no {path} (run `fpt-monai demo --work_dir {work_dir}` first).")
+            metrics = json.loads(path.read_text())
+            values = metrics.get("metrics", metrics)
+            rows.append({"method": label, "checkpoint": checkpoint, "work_dir": str(work_dir),
+                         **{k: v for k, v in values.items() if isinstance(v, (int, float))}})
+    return rows
+
+
+def _find(rows: list[dict], **match) -> dict | None:
+    for row in rows:
+        if all(row.get(k) == v for k, v in match.items()):
+            return row
+    return None
+
+
+def check_targets(results: dict) -> list[dict]:
+    """The project's targets evaluated on ``results``: name, measured value, bound and pass/fail."""
+    checks = []
+    memory = results.get("memory", [])
+    for method, bound in (("fpt", 0.04), ("fpt_plus", 0.01)):
+        for dtype in ("float16", "float32"):
+            row = _find(memory, method=method, attention="eager", kv_dtype=dtype, backbone_resident=False, setup="preloaded")
+            if row:
+                checks.append({"target": f"{METHOD_LABELS[method]} memory / full fine-tuning, preloaded ({dtype} cache), "
+                               "backbone weights not resident, eager attention", "value": row["ratio_to_full"],
+                               "bound": f"<= {bound}", "met": row["ratio_to_full"] <= bound})
+    for method in ("fpt", "fpt_plus"):
+        half = _find(memory, method=method, attention="eager", kv_dtype="float16", backbone_resident=False, setup="preloaded")
+        single = _find(memory, method=method, attention="eager", kv_dtype="float32", backbone_resident=False, setup="preloaded")
+        if half and single:
+            checks.append({"target": f"{METHOD_LABELS[method]}: float16 cache memory <= float32 cache memory",
+                           "value": half["total_bytes"] / single["total_bytes"], "bound": "<= 1", "met": half["total_bytes"] <= single["total_bytes"]})
+    speed = results.get("speed", {})
+    training = speed.get("training_images_per_s", {})
+    if "fpt" in training and "full" in training:
+        ratio = training["fpt"] / training["full"]
+        checks.append({"target": "FPT training images/s / full fine-tuning", "value": ratio, "bound": ">= 50", "met": ratio >= 50})
+    preload = speed.get("preload_images_per_s", {})
+    for arm in ("bare_backbone", "bare_backbone_eager"):
+        if arm in preload:
+            ratio = preload["kv_extraction"] / preload[arm]
+            checks.append({"target": f"preload throughput / {arm.replace('_', ' ')} inference", "value": ratio,
+                           "bound": ">= 0.95", "met": ratio >= 0.95})
+    latency = speed.get("inference_latency_s", {})
+    for arm in ("bare_backbone", "bare_backbone_eager"):
+        if arm in latency:
+            ratio = latency["fpt_network"] / latency[arm]
+            checks.append({"target": f"FPT inference latency / {arm.replace('_', ' ')} latency", "value": ratio,
+                           "bound": "<= 1.10", "met": ratio <= 1.10})
+    return checks
+
+
+def write_markdown(results: dict, path: str | os.PathLike) -> str:
+    """The results as markdown tables (also returned)."""
+    lines = [f"# FPT benchmarks\n\nMachine: {results['machine']}. Command: `{results['command']}`.\n"]
+    if results.get("parameters"):
+        lines += ["## Learnable parameters (ViT-B/16 at 512, 5 classes)\n", "| method | learnable | frozen | learnable % |",
+                  "|---|---:|---:|---:|"]
+        lines += [f"| {METHOD_LABELS.get(r['method'], r['method'])} | {r['learnable']:,} | {r['frozen']:,} | {r['learnable_percent']:.2f} |"
+                  for r in results["parameters"]]
+        lines.append("")
+    if results.get("memory"):
+        p = results["protocol"]
+        lines += [f"## Training memory (batch {p['batch_size']}, {p['img_size']}x{p['img_size']}, float32, AdamW, steady "
+                  "state; peak live MB by category)\n",
+                  "| method | setup | attention | total MB | % of full | params | grads | optimizer | activations | temporaries | inputs | saved for backward |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in results["memory"]:
+            if r["setup"] == "images":
+                setup = "images"
+            else:
+                setup = f"{r['setup']}" + (f", {r['kv_dtype']} cache" if r["kv_dtype"] else "")
+                setup += ", backbone resident" if r["backbone_resident"] else ", backbone not resident"
+            lines.append(
+                f"| {METHOD_LABELS.get(r['method'], r['method'])} | {setup} | {r['attention']} | {r['total_bytes'] / _MB:,.1f} | "
+                f"{100 * r['ratio_to_full']:.2f} | {r['parameters_bytes'] / _MB:,.1f} | {r['gradients_bytes'] / _MB:,.1f} | "
+                f"{r['optimizer_state_bytes'] / _MB:,.1f} | {r['activations_bytes'] / _MB:,.1f} | "
+                f"{r['temporaries_bytes'] / _MB:,.1f} | {r['inputs_bytes'] / _MB:,.1f} | {r['saved_for_backward_bytes'] / _MB:,.1f} |"
+            )
+        lines.append("")
+    if results.get("cache"):
+        lines += ["## Cached keys/values per image\n", "| method | dtype | K/V shape | bytes |", "|---|---|---|---:|"]
+        lines += [f"| {METHOD_LABELS.get(r['method'], r['method'])} | {r['dtype']} | {tuple(r['kv_shape'])} | {r['bytes_per_image']:,} |" for r in results["cache"]]
+        lines.append("")
+    speed = results.get("speed")
+    if speed:
+        lines += [f"## Speed ({speed['settings']})\n", "| method | training images/s |", "|---|---:|"]
+        lines += [f"| {METHOD_LABELS.get(m, m)} | {v:.3f} |" for m, v in speed["training_images_per_s"].items()]
+        lines += ["", "| preload (images/s) | value |", "|---|---:|"]
+        lines += [f"| {k.replace('_', ' ')} | {v:.3f} |" for k, v in speed["preload_images_per_s"].items()]
+        lines += ["", "| inference latency, one image (s) | value |", "|---|---:|"]
+        lines += [f"| {k.replace('_', ' ')} | {v:.3f} |" for k, v in speed["inference_latency_s"].items()]
+        lines.append("")
+    if results.get("accuracy"):
+        keys = [k for k in ("test_auc", "test_accuracy", "test_f1", "test_kappa") if k in results["accuracy"][0]]
+        lines += ["## Accuracy on the bundle's sample task (test split)\n", "| run | checkpoint | " + " | ".join(keys) + " |",
+                  "|---|---|" + "---:|" * len(keys)]
+        lines += [f"| {r['method']} | {r['checkpoint']} | " + " | ".join(f"{r[k]:.3f}" for k in keys) + " |" for r in results["accuracy"]]
+        lines.append("")
+    if results.get("targets"):
+        lines += ["## Targets\n", "| target | measured | bound | met |", "|---|---:|---|---|"]
+        lines += [f"| {c['target']} | {c['value']:.4g} | {c['bound']} | {'yes' if c['met'] else '**no**'} |" for c in results["targets"]]
+        lines.append("")
+    text = "\n".join(lines)
+    Path(path).write_text(text)
+    return text
+
+
+def write_plot(results: dict, path: str | os.PathLike) -> None:
+    """Training memory per method (eager and fused attention, log scale) against its learnable share."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    memory = [r for r in results.get("memory", []) if r["setup"] == "images" or (
+        r["setup"] == "preloaded" and r["kv_dtype"] == "float16" and not r["backbone_resident"])]
+    for offset, attention in ((-0.2, "eager"), (0.2, "fused")):
+        rows = [r for r in memory if r["attention"] == attention]
+        axes[0].bar([i + offset for i in range(len(rows))], [r["total_bytes"] / 1e9 for r in rows], width=0.4, label=f"{attention} attention")
+        axes[0].set_xticks(range(len(rows)), [METHOD_LABELS.get(r["method"], r["method"]) for r in rows], rotation=30, ha="right")
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("peak training memory (GB, log)")
+    axes[0].set_title("ViT-B/16 at 512, batch 16 (FPT: float16 cache, backbone not resident)")
+    axes[0].legend()
+    eager = {r["method"]: r["total_bytes"] / 1e9 for r in memory if r["attention"] == "eager"}
+    for row in results.get("parameters", []):
+        if row["method"] in eager:
+            axes[1].scatter(row["learnable_percent"], eager[row["method"]])
+            axes[1].annotate(METHOD_LABELS.get(row["method"], row["method"]), (row["learnable_percent"], eager[row["method"]]), fontsize=8)
+    axes[1].set_xscale("log")
+    axes[1].set_yscale("log")
+    axes[1].set_xlabel("learnable parameters (%)")
+    axes[1].set_ylabel("peak training memory (GB, eager attention)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_benchmarks(
+    output_dir: str | os.PathLike = "benchmarks/results",
+    batch_size: int = 16,
+    img_size: int = 512,
+    speed: bool = True,
+    speed_batch_size: int = 4,
+    speed_repeats: int = 2,
+    accuracy_runs: dict[str, str] | None = None,
+    methods: Sequence[str] = METHODS,
+    command: str = "fpt-monai bench",
+) -> dict:
+    """Run every section and write ``results.json``, ``results.md`` and ``memory.png`` to ``output_dir``."""
+    from fpt_monai.bench import speed as speed_bench
+
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    results: dict = {
+        "machine": f"{os.cpu_count()} CPUs, torch {torch.__version__}"
+        + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"),
+        "command": command,
+        "protocol": {"batch_size": batch_size, "img_size": img_size, "compute": "float32", "optimizer": "AdamW",
+                     "steady_state": True, "zero_grad": "set_to_none"},
+    }
+    logger.info("parameters ...")
+    results["parameters"] = parameter_table()
+    logger.info("training memory (fake tensors, eager and fused attention) ...")
+    results["memory"] = memory_table(methods, batch_size=batch_size, img_size=img_size)
+    results["cache"] = cache_bytes()
+    if speed:
+        logger.info("training throughput, preload throughput, inference latency (this takes minutes) ...")
+        results["speed"] = {
+            "settings": f"batch {speed_batch_size} for training and preload at {img_size}, random weights, "
+            f"median of {speed_repeats}+ alternating runs",
+            "training_images_per_s": speed_bench.training_throughput(methods, batch_size=speed_batch_size, img_size=img_size, repeats=speed_repeats),
+            "preload_images_per_s": speed_bench.preload_throughput(batch_size=speed_batch_size, img_size=img_size, repeats=speed_repeats + 1),
+            "inference_latency_s": speed_bench.inference_latency(img_size=img_size, repeats=speed_repeats + 1),
+        }
+    if accuracy_runs:
+        results["accuracy"] = _read_accuracy(accuracy_runs)
+    results["targets"] = check_targets(results)
+    results["seconds"] = time.time() - start
+    (output / "results.json").write_text(json.dumps(results, indent=2))
+    write_markdown(results, output / "results.md")
+    write_plot(results, output / "memory.png")
+    return results

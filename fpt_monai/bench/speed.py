@@ -1,0 +1,152 @@
+"""Speed of FPT against the alternatives, measured side by side in one process.
+
+- Training throughput (images/s) of one optimizer step per method on the same backbone and resolution: the
+  baselines take the high-resolution image; FPT/FPT+ take the side view plus cached keys/values (float16, as
+  the bundle stores them), i.e. a training step after preloading.
+- Preload throughput: the frozen backbone's K/V extraction (what ``preload()`` computes per image) against the
+  bare backbone's inference (timm ``forward_features``) on the same batch, with timm's fused attention
+  (``bare_backbone``) and with eager attention (``bare_backbone_eager``). The extraction needs every attention
+  matrix (token importance is the attention each token receives), so it computes attention eagerly.
+- Inference latency of one image: ``FPTNet(image)`` (backbone, selection, fusion, side ViT) against the same
+  two bare-backbone arms.
+
+Timings alternate between the compared arms and report the median, so slow drifts of a shared machine hit
+both arms alike. Every network uses its default attention (PyTorch's fused attention where timm offers it).
+Weights are random (``pretrained=False``): speed does not depend on their values.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["inference_latency", "preload_throughput", "time_alternating", "training_throughput"]
+
+
+def time_alternating(arms: dict[str, Callable[[], None]], repeats: int = 3, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each arm, calling the arms in turn ``repeats`` times after ``warmup`` rounds."""
+    for _ in range(warmup):
+        for run in arms.values():
+            run()
+    seconds: dict[str, list[float]] = {name: [] for name in arms}
+    for _ in range(repeats):
+        for name, run in arms.items():
+            start = time.perf_counter()
+            run()
+            seconds[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in seconds.items()}
+
+
+def _quiet_build(build: Callable):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the random-weights warning: speed does not depend on the values
+        logger = logging.getLogger("fpt_monai")
+        level = logger.level
+        logger.setLevel(logging.ERROR)
+        try:
+            return build()
+        finally:
+            logger.setLevel(level)
+
+
+def _bare(model: torch.nn.Module, images: torch.Tensor, fused: bool) -> Callable[[], None]:
+    """timm ``forward_features`` with every attention fused or eager, restoring the flags afterwards."""
+    attentions = [m for m in model.modules() if hasattr(m, "fused_attn")]
+
+    def run() -> None:
+        before = [m.fused_attn for m in attentions]
+        for m in attentions:
+            m.fused_attn = fused
+        try:
+            model.forward_features(images)
+        finally:
+            for m, flag in zip(attentions, before):
+                m.fused_attn = flag
+
+    return run
+
+
+def _training_step(net, optimizer, inputs: Sequence[torch.Tensor], labels: torch.Tensor, forward) -> Callable[[], None]:
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(forward(net, inputs), labels).backward()
+        optimizer.step()
+
+    return step
+
+
+def training_throughput(
+    methods: Sequence[str] = ("full", "linear", "vpt", "lora", "adapter", "fpt", "fpt_plus"),
+    batch_size: int = 4,
+    img_size: int = 512,
+    preset: str = "fpt",
+    repeats: int = 2,
+    num_classes: int = 5,
+) -> dict[str, float]:
+    """Images per second of a training step (forward, backward, AdamW) per method, timed alternately."""
+    from fpt_monai.networks import FPTNet, create_fpt
+    from fpt_monai.networks.baselines import create_baseline
+
+    torch.manual_seed(0)
+    labels = torch.randint(0, num_classes, (batch_size,))
+    arms = {}
+    for method in methods:
+        if method.startswith("fpt"):
+            full = _quiet_build(lambda: create_fpt(method if method != "fpt" else "fpt", num_classes, pretrained=False, img_size=img_size))
+            net = FPTNet(
+                full.backbone.shape, num_classes, side_img_size=full.side_img_size, variant=full.fusion.variant
+            ).train()
+            inputs = [torch.randn(batch_size, 3, *full.side_img_size),
+                      torch.randn(batch_size, *full.backbone.shape.kv_shape).half()]
+            forward = lambda n, x: n.forward_side(x[0], x[1])  # noqa: E731
+            del full
+        else:
+            net = _quiet_build(lambda: create_baseline(method, num_classes, preset=preset, pretrained=False, img_size=img_size)).train()
+            inputs = [torch.randn(batch_size, 3, img_size, img_size)]
+            forward = lambda n, x: n(x[0])  # noqa: E731
+        optimizer = torch.optim.AdamW(net.trainable_parameters(), lr=1e-4)
+        arms[method] = _training_step(net, optimizer, inputs, labels, forward)
+    seconds = time_alternating(arms, repeats=repeats, warmup=1)
+    return {method: batch_size / s for method, s in seconds.items()}
+
+
+def preload_throughput(preset: str = "fpt", batch_size: int = 4, img_size: int = 512, repeats: int = 3) -> dict[str, float]:
+    """Images per second: K/V extraction of the preset's frozen backbone against bare ``forward_features``
+    (fused and eager attention)."""
+    from fpt_monai.networks import create_backbone
+
+    backbone = _quiet_build(lambda: create_backbone(preset, pretrained=False, img_size=img_size))
+    images = torch.randn(batch_size, 3, img_size, img_size)
+    with torch.inference_mode():
+        seconds = time_alternating(
+            {
+                "kv_extraction": lambda: backbone(images),
+                "bare_backbone": _bare(backbone.model, images, fused=True),
+                "bare_backbone_eager": _bare(backbone.model, images, fused=False),
+            },
+            repeats=repeats,
+        )
+    return {name: batch_size / s for name, s in seconds.items()}
+
+
+def inference_latency(preset: str = "fpt", img_size: int = 512, repeats: int = 3, num_classes: int = 5) -> dict[str, float]:
+    """Seconds for one image: the whole FPT network against the bare backbone (fused and eager attention)."""
+    from fpt_monai.networks import create_fpt
+
+    net = _quiet_build(lambda: create_fpt(preset, num_classes, pretrained=False, img_size=img_size)).eval()
+    image = torch.randn(1, 3, img_size, img_size)
+    with torch.inference_mode():
+        return time_alternating(
+            {
+                "fpt_network": lambda: net(image),
+                "bare_backbone": _bare(net.backbone.model, image, fused=True),
+                "bare_backbone_eager": _bare(net.backbone.model, image, fused=False),
+            },
+            repeats=repeats,
+        )

@@ -1,0 +1,89 @@
+"""The baselines of the benchmark: parameter counts, what is frozen, identity at initialisation, gradient flow."""
+
+import logging
+import warnings
+
+import pytest
+import torch
+
+from fpt_monai.networks.baselines import BASELINE_METHODS, ViTBaseline, create_baseline
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.getLogger("fpt_monai").setLevel(logging.ERROR)
+        yield
+        logging.getLogger("fpt_monai").setLevel(logging.NOTSET)
+
+
+def tiny(method, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return create_baseline(method, 3, preset="fpt_tiny", pretrained=False, img_size=64, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "method, learnable",
+    [("full", 86_438_405), ("linear", 3_845), ("vpt", 151_301), ("lora", 593_669), ("adapter", 1_193_477)],
+)
+def test_vit_b_parameter_counts(method, learnable):
+    with torch.device("meta"):
+        net = create_baseline(method, 5, pretrained=False)
+    counts = net.parameter_counts()
+    assert counts["learnable"] == learnable
+    # the frozen part is the whole ViT-B/16 backbone without a head, as for FPT
+    assert counts["frozen"] == (0 if method == "full" else 86_434_560)
+    assert sum(p.numel() for p in net.trainable_parameters()) == learnable
+
+
+@pytest.mark.parametrize("method", ["lora", "adapter"])
+def test_lora_and_adapter_start_as_the_pretrained_network(method):
+    images = torch.randn(2, 3, 64, 64)
+    adapted, plain = tiny(method), tiny("full")
+    assert torch.allclose(adapted(images), plain(images), atol=1e-5)
+
+
+@pytest.mark.parametrize("method", BASELINE_METHODS)
+def test_one_step_updates_only_what_learns(method):
+    net = tiny(method).train()
+    before = {name: p.detach().clone() for name, p in net.named_parameters()}
+    optimizer = torch.optim.AdamW(net.trainable_parameters(), lr=1e-2)
+    logits = net(torch.randn(2, 3, 64, 64))
+    assert logits.shape == (2, 3)
+    torch.nn.functional.cross_entropy(logits, torch.tensor([0, 2])).backward()
+    optimizer.step()
+    for name, p in net.named_parameters():
+        changed = not torch.equal(before[name], p.detach())
+        if p.requires_grad and name.endswith(("head.weight", "lora_a", "prompts", "down.weight")):
+            assert changed, name
+        if not p.requires_grad:
+            assert not changed and p.grad is None, name
+    if method == "full":
+        assert all(p.requires_grad for p in net.parameters())
+    else:
+        frozen = [n for n, p in net.named_parameters() if not p.requires_grad]
+        assert any(".qkv." in n for n in frozen) and any("patch_embed" in n for n in frozen)
+
+
+def test_linear_probe_keeps_the_backbone_in_eval_mode():
+    net = tiny("linear").train()
+    assert not net.model.blocks[0].training and net.model.head.training
+
+
+def test_vpt_prompts_change_the_output_and_receive_gradients():
+    net = tiny("vpt")
+    images = torch.randn(2, 3, 64, 64)
+    net(images).sum().backward()
+    assert all(block.prompts.grad is not None and block.prompts.grad.abs().sum() > 0 for block in net.model.blocks)
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match="method must be one of"):
+        tiny("bitfit")
+    with pytest.raises(ValueError, match="LoRA rank"):
+        tiny("lora", lora_rank=0)
+    with pytest.raises(TypeError, match="timm VisionTransformer"):
+        ViTBaseline(torch.nn.Linear(2, 2), "full", 2)
+    with pytest.raises(ValueError, match="unknown preset"):
+        create_baseline("full", 2, preset="vit_huge", pretrained=False)

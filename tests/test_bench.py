@@ -1,0 +1,89 @@
+"""The benchmarks' accounting: fake tensors equal real ones, categories add up, the report is written."""
+
+import json
+
+import pytest
+
+from fpt_monai.bench.memory import MEMORY_CATEGORIES, measure_training_memory, memory_table
+from fpt_monai.bench.report import check_targets, write_markdown, write_plot
+
+TINY = {"batch_size": 2, "img_size": 64, "preset": "fpt_tiny"}
+_RUNS: dict = {}
+
+
+def measured(method, **kwargs):
+    """One accounting per distinct setting for the whole module (each takes seconds)."""
+    key = (method, tuple(sorted(kwargs.items())))
+    if key not in _RUNS:
+        _RUNS[key] = measure_training_memory(method, **TINY, **kwargs)
+    return _RUNS[key]
+
+
+def test_fake_tensors_account_exactly_like_real_ones():
+    fake = measured("fpt_tiny")
+    real = measured("fpt_tiny", fake=False)
+    for key in ("total_bytes", *(f"{c}_bytes" for c in MEMORY_CATEGORIES), "saved_for_backward_bytes"):
+        assert fake[key] == real[key], key
+
+
+def test_categories_add_up_and_reflect_the_setup():
+    row = measured("fpt_tiny")
+    assert row["total_bytes"] == sum(row[f"{c}_bytes"] for c in MEMORY_CATEGORIES)
+    assert row["frozen_parameters"] == 0 and row["learnable_parameters"] > 0
+    resident = measured("fpt_tiny", backbone_resident=True)
+    # the resident backbone adds exactly its frozen weights (ViT-Ti: 5,524,416 float32 values at 64 px)
+    assert resident["frozen_parameters"] > 5_000_000
+    assert resident["parameters_bytes"] - row["parameters_bytes"] >= 4 * resident["frozen_parameters"]
+    assert resident["activations_bytes"] == row["activations_bytes"]
+
+
+def test_float16_cache_costs_no_more_than_float32():
+    half = measured("fpt_tiny")  # float16 is the default, as in the bundle
+    single = measured("fpt_tiny", kv_dtype="float32")
+    assert half["inputs_bytes"] < single["inputs_bytes"]
+    assert half["total_bytes"] < single["total_bytes"]
+    assert half["activations_bytes"] <= single["activations_bytes"]  # no upcast copy kept for backward
+
+
+def test_full_fine_tuning_keeps_gradients_and_optimizer_state_of_every_weight():
+    full = measured("full")
+    linear = measured("linear")
+    # AdamW: two moments per learnable float32 weight
+    assert full["optimizer_state_bytes"] >= 2 * 4 * full["learnable_parameters"]
+    # (at this tiny size the peak is the optimizer step, so compare what backward keeps)
+    assert linear["saved_for_backward_bytes"] < full["saved_for_backward_bytes"]
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match="method must be one of"):
+        measure_training_memory("bitfit")
+    with pytest.raises(ValueError, match="attention must be one of"):
+        measure_training_memory("fpt", attention="flash")
+    with pytest.raises(ValueError, match="kv_dtype"):
+        measure_training_memory("fpt", kv_dtype="int8")
+    with pytest.raises(ValueError, match="fake=False"):
+        measure_training_memory("fpt", device="cuda")
+
+
+def test_table_markdown_plot_and_targets(tmp_path):
+    rows = memory_table(("full", "fpt_plus_tiny"), attention=("eager",), kv_dtypes=("float16",), **TINY)
+    full = next(r for r in rows if r["method"] == "full")
+    assert full["ratio_to_full"] == 1.0
+    assert all(0 < r["ratio_to_full"] < 1 for r in rows if r["method"] != "full")
+    results = {
+        "machine": "test", "command": "pytest", "protocol": {"batch_size": 2, "img_size": 64}, "memory": rows,
+        "parameters": [], "cache": [],
+        "speed": {"settings": "test", "training_images_per_s": {"full": 1.0, "fpt": 60.0},
+                  "preload_images_per_s": {"kv_extraction": 0.9, "bare_backbone": 1.0},
+                  "inference_latency_s": {"fpt_network": 1.05, "bare_backbone": 1.0}},
+    }
+    results["targets"] = check_targets(results)
+    met = {c["target"]: c["met"] for c in results["targets"]}
+    assert met["FPT training images/s / full fine-tuning"] is True
+    assert met["preload throughput / bare backbone inference"] is False
+    assert met["FPT inference latency / bare backbone latency"] is True
+    text = write_markdown(results, tmp_path / "results.md")
+    assert "| full fine-tuning | images | eager |" in text and "**no**" in text
+    write_plot(results, tmp_path / "memory.png")
+    assert (tmp_path / "memory.png").read_bytes()[:4] == b"\x89PNG"
+    json.dumps(results)  # the results file is plain JSON
