@@ -70,6 +70,11 @@ def run_demo(work_dir: str | os.PathLike = "fpt_demo", evaluate: bool = True, **
     meta = config_files("metadata")[0]
     logging_file = str(bundle_dir() / "configs" / "logging.conf")
     common = {"bundle_root": str(work_dir), **overrides}
+    if overrides.get("check_overrides", True):  # refuse typos and mistyped values before any work
+        from fpt_monai.config_check import check_overrides
+
+        check_overrides(config_files("train", "evaluate", "demo") if evaluate else config_files("train", "demo"),
+                        overrides)
     train = ConfigWorkflow(
         config_file=config_files("train", "demo"), meta_file=meta, logging_file=logging_file,
         run_id="training", workflow_type=None, **common,

@@ -45,13 +45,13 @@ class Commands:
         Nothing is downloaded and no weight is allocated: the network is built on PyTorch's meta device.
 
         Args:
-            preset: network preset (``fpt``, ``fpt_plus``, ``fpt_tiny``, ``fpt_plus_tiny``).
+            preset: network preset (``fpt``, ``fpt_plus``, ``fpt_tiny``, ``fpt_plus_tiny``, ``fpt_3d``, ...).
             num_classes: number of classes of the task.
         """
         if preset not in PRESETS:
             raise fire.core.FireError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}.")
         # Counting needs the architecture only; the random-weights warning would be noise here.
-        logging.getLogger("fpt_monai.weights").setLevel(logging.ERROR)
+        logging.getLogger("fpt_monai").setLevel(logging.ERROR)
         with warnings.catch_warnings(), torch.device("meta"):
             warnings.simplefilter("ignore")
             net = create_fpt(preset, num_classes=int(num_classes), pretrained=False)
@@ -90,6 +90,11 @@ class Commands:
         Prints one JSON object: per split the images computed and already cached, seconds, images/s, and
         the cache folder; plus the bytes of one entry.
 
+        Under ``torchrun --nproc_per_node=N`` (or any launcher setting ``RANK``/``WORLD_SIZE``) every process
+        fills its own shard of each split and prints its own report; ``--device cuda`` then means the process's
+        GPU, ``cuda:LOCAL_RANK``. The processes never talk to each other: run it once more, in one process, to
+        check that nothing is missing (it computes only what is).
+
         Args:
             dataset_dir: folder with ``train/ val/ test/`` of class sub-folders, or a JSON datalist file.
             cache_dir: root of the cache (entries go to a sub-folder named by the cache fingerprint).
@@ -103,20 +108,28 @@ class Commands:
             mean: per-channel normalisation mean (default: the backbone's pre-training mean).
             std: per-channel normalisation std (default: the backbone's pre-training std).
         """
+        import os
+
         from fpt_monai.data import make_datalist, make_fpt_dataset
+        from fpt_monai.engine.distributed import rank_and_world_size
 
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         splits = [s for s in splits.split(",") if s] if isinstance(splits, str) else list(splits)
+        rank, world_size = rank_and_world_size()
+        if device == "cuda" and "LOCAL_RANK" in os.environ:
+            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"  # one GPU per process of a node
         backbone = create_backbone(preset, pretrained=pretrained).to(device)
         mean = tuple(mean) if mean is not None else backbone.mean
         std = tuple(std) if std is not None else backbone.std
         result: dict = {"preset": preset, "dtype": dtype, "mean": mean, "std": std, "splits": {}}
+        if world_size > 1:
+            result.update(rank=rank, world_size=world_size)
         for split in splits:
             dataset = make_fpt_dataset(
                 make_datalist(dataset_dir, split), backbone.shape.img_size, PRESETS[preset].side_img_size,
                 mean, std, train=False, backbone=backbone, cache_dir=cache_dir, kv_dtype=dtype,
             )
-            report = dataset.preload(batch_size=batch_size, num_workers=num_workers)
+            report = dataset.preload(batch_size=batch_size, num_workers=num_workers, rank=rank, world_size=world_size)
             entries = sorted(dataset.cache_dir.glob("*.safetensors"))
             result["splits"][split] = {**report, "cache_dir": str(dataset.cache_dir)}
             if entries:
@@ -133,6 +146,70 @@ class Commands:
 
         print(json.dumps(run(train_size, test_size, epochs, seeds), indent=2))
 
+    def memory(
+        self,
+        method: str = "fpt",
+        batch_size: int = 16,
+        img_size: int = 512,
+        attention: str = "eager",
+        kv_dtype: str = "float16",
+        backbone_resident: bool = False,
+        setup: str = "preloaded",
+        fake: bool = True,
+    ) -> None:
+        """Peak training memory of one method as one JSON object, with ``ratio_to_full`` (under a minute on CPU).
+
+        Full fine-tuning is measured in the same run, with the same batch, size and attention. The protocol and
+        the categories are documented in :mod:`fpt_monai.bench.memory`.
+
+        Args:
+            method: full, linear, vpt, lora, adapter, fpt, fpt_plus.
+            batch_size: images per step.
+            img_size: backbone input size.
+            attention: eager or fused.
+            kv_dtype: FPT cache dtype (float16 as the bundle stores it, or float32).
+            backbone_resident: FPT: keep the frozen backbone's weights in memory too.
+            setup: FPT: preloaded (train from the cache) or online (backbone runs every step; minutes on CPU).
+            fake: fake tensors (exact bytes, no compute); False runs the step for real.
+        """
+        from fpt_monai.bench.memory import measure_training_memory
+
+        kwargs = {"batch_size": int(batch_size), "img_size": int(img_size), "attention": attention, "fake": fake}
+        device = "cuda" if torch.cuda.is_available() and not fake else "cpu"
+        result = measure_training_memory(
+            method, kv_dtype=kv_dtype, backbone_resident=backbone_resident, setup=setup, device=device, **kwargs
+        )
+        full = result if method == "full" else measure_training_memory("full", device=device, **kwargs)
+        result["full_total_bytes"] = full["total_bytes"]
+        result["ratio_to_full"] = result["total_bytes"] / full["total_bytes"]
+        print(json.dumps(result, indent=2))
+
+    def bench(
+        self,
+        output_dir: str = "benchmarks/results",
+        speed: bool = True,
+        accuracy_runs: dict | None = None,
+        batch_size: int = 16,
+        img_size: int = 512,
+    ) -> None:
+        """All benchmarks side by side: parameters, training memory, cache bytes, speed, (accuracy), targets.
+
+        Writes ``results.json``, ``results.md`` and ``memory.png`` to ``output_dir`` and prints the markdown.
+        About 15 minutes on a 2-core CPU (the speed section runs ViT-B/16 training steps at 512);
+        ``--speed False`` leaves it out (about 5 minutes). ``--accuracy_runs '{"FPT": "fpt_demo"}'`` adds the
+        test metrics of finished ``fpt-monai demo`` work folders.
+        """
+        import sys
+
+        from fpt_monai.bench.report import run_benchmarks, write_markdown
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+        results = run_benchmarks(
+            output_dir, batch_size=int(batch_size), img_size=int(img_size), speed=speed, accuracy_runs=accuracy_runs,
+            command="fpt-monai " + " ".join(sys.argv[1:]),
+        )
+        print(write_markdown(results, f"{output_dir}/results.md"))
+
 
     def sample_data(self, output_dir: str = "fpt_sample", num_train: int = 240, num_val: int = 90, num_test: int = 90,
                     image_size: int = 512, seed: int = 0) -> None:
@@ -146,6 +223,38 @@ class Commands:
         path = make_sample_dataset(output_dir, num_train=num_train, num_val=num_val, num_test=num_test,
                                    image_size=image_size, seed=seed)
         print(path)
+
+    def sample_data_3d(self, output_dir: str = "fpt_sample_3d", num_train: int = 60, num_val: int = 30,
+                       num_test: int = 30, volume_size: int = 64, seed: int = 0) -> None:
+        """Create the offline 3D sample dataset (CT-like NIfTI volumes graded by counting tiny bright spots).
+
+        Reuses an existing folder made with the same settings. See :mod:`fpt_monai.data.sample3d`.
+        """
+        from fpt_monai.data import make_sample_dataset_3d
+
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        path = make_sample_dataset_3d(output_dir, num_train=num_train, num_val=num_val, num_test=num_test,
+                                      volume_size=volume_size, seed=seed)
+        print(path)
+
+    def memory3d(self, img_size: int = 128, side_img_size: int = 64, batch_size: int = 4, variant: str = "fpt",
+                 attention: str = "fused", kv_dtype: str = "float16", fake: bool = True, table: bool = False,
+                 **vit) -> None:
+        """Training memory of FPT on volumes vs full fine-tuning of the same MONAI 3D ViT-B/16 (JSON, seconds).
+
+        See :mod:`fpt_monai.bench.memory3d` for the protocol. ``--variant fpt_plus`` extracts blocks 6-11 unless
+        ``--blocks`` is given; other MONAI ViT settings pass through (``--hidden_size``, ``--num_layers``,
+        ``--patch_size``, ...). ``--table`` prints a Markdown table after the JSON.
+        """
+        from fpt_monai.bench.memory3d import markdown_table, run
+
+        if variant == "fpt_plus" and "blocks" not in vit:
+            vit["blocks"] = list(range(int(vit.get("num_layers", 12)) // 2, int(vit.get("num_layers", 12))))
+        result = run(img_size=int(img_size), side_img_size=int(side_img_size), batch_size=int(batch_size),
+                     variant=variant, attention=attention, kv_dtype=kv_dtype, fake=fake, **vit)
+        print(json.dumps(result, indent=2))
+        if table:
+            print(markdown_table(result))
 
     def demo(self, work_dir: str = "fpt_demo", **overrides) -> None:
         """Train FPT on the offline sample dataset with the MONAI bundle, evaluate it, print the test metrics.

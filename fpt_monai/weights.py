@@ -638,6 +638,7 @@ def load_monai_vit_weights(
     *,
     grid: Sequence[int] | None = None,
     checkpoint_grid: Sequence[int] | None = None,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
 ) -> None:
     """Loads a MONAI-layout ViT checkpoint into a :class:`monai.networks.nets.ViT`, resampling position embeddings.
 
@@ -656,6 +657,8 @@ def load_monai_vit_weights(
         grid: the model's patch grid (``img_size // patch_size`` per dim). Inferred as a square / cube (with the
             dimensionality of the patch-embedding convolution) when None, which is only needed when resampling.
         checkpoint_grid: the checkpoint's patch grid; inferred as a square / cube when None.
+        state_dict: the content of ``path`` when the caller has already read it with :func:`load_state_dict_file`
+            (e.g. to build the model to match it); ``path`` then only names the checkpoint in messages.
 
     Raises:
         TypeError: if ``model`` has no MONAI patch embedding.
@@ -671,7 +674,7 @@ def load_monai_vit_weights(
             f"`model` must be a MONAI ViT with a PatchEmbeddingBlock as `patch_embedding`, got {type(model).__name__}."
         )
     path = _as_path(path)
-    state_dict = load_state_dict_file(path)
+    state_dict = load_state_dict_file(path) if state_dict is None else dict(state_dict)
 
     dropped = []
     if not hasattr(model, "classification_head"):

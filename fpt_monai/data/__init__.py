@@ -1,4 +1,4 @@
-"""Data: datalists (folder layout or JSON) and the two-view transforms of FPT."""
+"""Data: datalists (folder layout or JSON) and the two-view transforms of FPT, for images and volumes."""
 
 from fpt_monai.data.datalist import (
     IMAGE_SUFFIXES,
@@ -10,10 +10,33 @@ from fpt_monai.data.datalist import (
     make_datalist,
 )
 from fpt_monai.data.pipeline import fpt_transforms, inference_transforms, make_fpt_dataset
+from fpt_monai.data.readers import DICOM_WINDOWS, ImageReadError, LoadImageRGBd, image_format, image_size, read_image
 from fpt_monai.data.sample import SAMPLE_CLASSES, SampleFundusSpec, make_sample_dataset
+from fpt_monai.data.sample3d import SAMPLE_3D_CLASSES, SampleVolumeSpec, make_sample_dataset_3d
 from fpt_monai.data.transforms import ScaleToUnitd, SideViewd, ToRGBd, load_and_normalize
+from fpt_monai.data.validation import BAD_ITEM_POLICIES, DatalistError, validate_datalist
+from fpt_monai.data.volumes import (
+    VOLUME_SUFFIXES,
+    CheckVolumed,
+    fpt_transforms_3d,
+    inference_transforms_3d,
+    is_dicom_series,
+    load_volume,
+    make_volume_datalist,
+    volume_datalist,
+    volume_image_datalist,
+)
 
 __all__ = [
+    "BAD_ITEM_POLICIES",
+    "DICOM_WINDOWS",
+    "DatalistError",
+    "ImageReadError",
+    "LoadImageRGBd",
+    "image_format",
+    "image_size",
+    "read_image",
+    "validate_datalist",
     "IMAGE_SUFFIXES",
     "SAMPLE_CLASSES",
     "SampleFundusSpec",
@@ -31,4 +54,16 @@ __all__ = [
     "json_datalist",
     "load_and_normalize",
     "make_datalist",
+    "SAMPLE_3D_CLASSES",
+    "SampleVolumeSpec",
+    "make_sample_dataset_3d",
+    "VOLUME_SUFFIXES",
+    "CheckVolumed",
+    "fpt_transforms_3d",
+    "inference_transforms_3d",
+    "is_dicom_series",
+    "load_volume",
+    "make_volume_datalist",
+    "volume_datalist",
+    "volume_image_datalist",
 ]

@@ -60,29 +60,62 @@ def folder_datalist(dataset_dir: str | os.PathLike, split: str, classes: list[st
     ]
 
 
-def json_datalist(path: str | os.PathLike, split: str) -> list[dict]:
+def _read_json_datalist(path: Path) -> dict:
+    """The JSON object of a datalist file; errors name the file and say what is wrong."""
+    if not path.is_file():
+        raise FileNotFoundError(f"datalist file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            content = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"datalist {path} is not valid JSON: {err}") from err
+    if not isinstance(content, dict):
+        raise ValueError(
+            f"datalist {path} must be a JSON object {{\"train\": [...], \"val\": [...], ...}}, got a {type(content).__name__}."
+        )
+    return content
+
+
+def json_datalist(path: str | os.PathLike, split: str, strict: bool = True) -> list[dict]:
     """``[{"image", "label"}]`` from a JSON file ``{"train": [{"image": ..., "label": ...}], ...}``.
 
     Relative image paths are relative to the JSON file's folder.
+
+    Args:
+        path: the JSON datalist file.
+        split: the list to read.
+        strict: raise ``ValueError`` naming every item that is not an ``{"image": path, "label": ...}`` dict;
+            with ``False`` such items are passed on unchanged, for :func:`~fpt_monai.data.validate_datalist` to
+            report (and skip) together with every other problem.
     """
     path = Path(path)
-    with open(path) as f:
-        content = json.load(f)
+    content = _read_json_datalist(path)
     if split not in content:
         raise KeyError(f"datalist {path} has no '{split}' list (it has {sorted(content)}).")
-    items = []
+    if not isinstance(content[split], list):
+        raise ValueError(f"datalist {path}: '{split}' must be a list of items, got a {type(content[split]).__name__}.")
+    items, bad = [], []
     for index, item in enumerate(content[split]):
-        if not isinstance(item, dict) or "image" not in item or "label" not in item:
-            raise ValueError(f"datalist {path}, '{split}' item {index}: expected {{'image': ..., 'label': ...}}, got {item!r}.")
+        well_formed = isinstance(item, dict) and "label" in item and isinstance(item.get("image"), str) and item["image"]
+        if not well_formed:
+            bad.append(f"item {index}: expected {{'image': path, 'label': ...}}, got {item!r:.200}")
+            items.append(item)
+            continue
         image = Path(item["image"])
         items.append({**item, "image": str(image if image.is_absolute() else path.parent / image)})
+    if bad and strict:
+        raise ValueError(f"datalist {path}, '{split}': " + "; ".join(bad))
     return items
 
 
-def make_datalist(dataset_dir: str | os.PathLike, split: str) -> list[dict]:
-    """Datalist of ``split`` from ``dataset_dir``: a JSON datalist file, or a folder of class sub-folders."""
+def make_datalist(dataset_dir: str | os.PathLike, split: str, strict: bool = True) -> list[dict]:
+    """Datalist of ``split`` from ``dataset_dir``: a JSON datalist file, or a folder of class sub-folders.
+
+    ``strict=False`` passes malformed JSON items on for :func:`~fpt_monai.data.validate_datalist` (see
+    :func:`json_datalist`).
+    """
     if str(dataset_dir).endswith(".json"):
-        return json_datalist(dataset_dir, split)
+        return json_datalist(dataset_dir, split, strict=strict)
     return folder_datalist(dataset_dir, split)
 
 
@@ -94,16 +127,24 @@ def dataset_classes(dataset_dir: str | os.PathLike) -> list[str]:
     if not str(dataset_dir).endswith(".json"):
         return folder_classes(dataset_dir, "train")
     path = Path(dataset_dir)
-    with open(path) as f:
-        content = json.load(f)
+    content = _read_json_datalist(path)
     if "classes" in content:
         classes = content["classes"]
-        if not isinstance(classes, list) or not classes:
-            raise ValueError(f"datalist {path}: 'classes' must be a non-empty list of names, got {classes!r}.")
+        if not isinstance(classes, list) or not classes or not all(isinstance(c, (str, int)) for c in classes):
+            raise ValueError(f"datalist {path}: 'classes' must be a non-empty list of names, got {classes!r:.200}.")
+        if len(set(map(str, classes))) != len(classes):
+            raise ValueError(f"datalist {path}: 'classes' has duplicate names: {classes!r:.200}.")
         return [str(c) for c in classes]
-    labels = [item["label"] for item in json_datalist(path, "train")]
+    # only well-formed integer labels count here; validate_datalist reports the others by item
+    labels = [
+        item["label"] for item in json_datalist(path, "train", strict=False)
+        if isinstance(item, dict) and isinstance(item.get("label"), int) and not isinstance(item["label"], bool)
+        and item["label"] >= 0
+    ]
     if not labels:
-        raise ValueError(f"datalist {path} has an empty 'train' list.")
+        raise ValueError(
+            f"datalist {path}: no 'classes' list and no item of 'train' with an integer label >= 0 to count them from."
+        )
     return [str(i) for i in range(int(max(labels)) + 1)]
 
 

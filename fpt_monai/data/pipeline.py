@@ -32,18 +32,20 @@ def fpt_transforms(
     kv_dtype: str = "float16",
     image_key: str = "image",
     high_res_key: str = "high_res",
+    reader: dict | None = None,
 ) -> list:
     """The two-view transform chain of FPT.
 
     With a ``backbone``, the high-resolution view becomes keys/values under ``"kv"`` (and is dropped); without
     one it stays under ``high_res_key`` for a network that runs the backbone itself (the online path).
-    The side view ends under ``image_key``.
+    The side view ends under ``image_key``. ``reader``: options of the image reading
+    (:class:`~fpt_monai.data.readers.LoadImageRGBd`: volume slice, DICOM window, value range).
     """
-    high_res = [CopyItemsd(image_key, names=high_res_key), *load_and_normalize(high_res_key, img_size, mean, std)]
+    high_res = [CopyItemsd(image_key, names=high_res_key), *load_and_normalize(high_res_key, img_size, mean, std, reader)]
     if backbone is not None:
         high_res.append(FrozenBackboneKVd(high_res_key, backbone, kv_key="kv", dtype=kv_dtype))
     # the source path travels with the item (as "filename") for per-image reports
-    side = [CopyItemsd(image_key, names="filename"), *load_and_normalize(image_key, img_size, mean, std)]
+    side = [CopyItemsd(image_key, names="filename"), *load_and_normalize(image_key, img_size, mean, std, reader)]
     if train:
         normalize = side.pop()  # augment intensities in [0, 1], then normalise
         if not isinstance(normalize, NormalizeIntensityd):
@@ -60,13 +62,17 @@ def fpt_transforms(
 
 
 def inference_transforms(
-    img_size: Sequence[int] | int, mean: Sequence[float], std: Sequence[float], image_key: str = "image"
+    img_size: Sequence[int] | int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    image_key: str = "image",
+    reader: dict | None = None,
 ) -> list:
     """The transforms for a network that runs its backbone itself (``FPTNet.forward(images)``, an export).
 
     Only the high-resolution view (the network makes its side view); the source path is kept as ``"filename"``.
     """
-    return [CopyItemsd(image_key, names="filename"), *load_and_normalize(image_key, img_size, mean, std)]
+    return [CopyItemsd(image_key, names="filename"), *load_and_normalize(image_key, img_size, mean, std, reader)]
 
 
 def make_fpt_dataset(
@@ -80,11 +86,12 @@ def make_fpt_dataset(
     cache_dir: str | os.PathLike | None = None,
     kv_dtype: str = "float16",
     progress: bool = True,
+    reader: dict | None = None,
 ) -> Dataset:
     """A MONAI dataset of FPT items; with ``backbone`` and ``cache_dir``, a preloading :class:`KVCacheDataset`."""
     if cache_dir is not None and backbone is None:
         raise ValueError("a K/V cache needs the backbone that fills it.")
-    transforms = fpt_transforms(img_size, side_img_size, mean, std, train, backbone, kv_dtype)
+    transforms = fpt_transforms(img_size, side_img_size, mean, std, train, backbone, kv_dtype, reader=reader)
     if cache_dir is None:
         return Dataset(list(datalist), Compose(transforms))
     return KVCacheDataset(list(datalist), transforms, cache_dir, progress=progress)

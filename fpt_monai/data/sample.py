@@ -31,6 +31,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -39,7 +40,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-__all__ = ["SAMPLE_CLASSES", "SampleFundusSpec", "make_sample_dataset", "render_sample_image"]
+__all__ = [
+    "SAMPLE_CLASSES",
+    "SampleFundusSpec",
+    "make_sample_dataset",
+    "render_sample_image",
+    "reuse_dataset_folder",
+    "write_dataset_atomically",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -188,7 +196,38 @@ def make_sample_dataset(output_dir: str | os.PathLike, spec: SampleFundusSpec | 
         raise ValueError("give either spec or spec fields, not both.")
     output_dir = Path(output_dir).expanduser().absolute()
     record = _record(spec)
-    record_file = output_dir / _RECORD
+    if reuse_dataset_folder(output_dir, record):
+        return output_dir
+    jobs = [
+        (split, index, index % len(SAMPLE_CLASSES))
+        for split, count in spec.split_sizes().items()
+        for index in range(count)
+    ]
+
+    def fill(staging: Path) -> None:
+        photo = _fundus_photograph(int(round(spec.image_size * 1.15)))
+        for split, index, grade in tqdm(jobs, desc="sample dataset", disable=not progress, unit="img"):
+            rng = np.random.default_rng([spec.seed, _SPLIT_SEEDS[split], index])
+            pixels = render_sample_image(spec, grade, rng, photo)
+            folder = staging / split / SAMPLE_CLASSES[grade]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels).save(folder / f"{split}_{index:04d}.png", optimize=False)
+
+    write_dataset_atomically(output_dir, record, fill)
+    logger.info("sample dataset: wrote %d images to %s", len(jobs), output_dir)
+    return output_dir
+
+
+def reuse_dataset_folder(output_dir: Path, record: dict, record_name: str = _RECORD) -> bool:
+    """Whether ``output_dir`` already holds a generated dataset made with exactly ``record`` (then reuse it).
+
+    ``False`` when the folder is missing, empty, or holds a generated dataset with another record (it is then
+    regenerated). A non-empty folder without a record file is someone else's data: refused, never overwritten.
+
+    Raises:
+        FileExistsError: ``output_dir`` is a non-empty folder without ``record_name``.
+    """
+    record_file = output_dir / record_name
     if record_file.is_file():
         try:
             existing = json.loads(record_file.read_text())
@@ -196,34 +235,31 @@ def make_sample_dataset(output_dir: str | os.PathLike, spec: SampleFundusSpec | 
             existing = None
         if existing == json.loads(json.dumps(record)):
             logger.info("sample dataset: reusing %s", output_dir)
-            return output_dir
+            return True
         logger.warning("sample dataset in %s was made with other settings; regenerating it.", output_dir)
     elif output_dir.exists() and any(output_dir.iterdir()):
         raise FileExistsError(
-            f"{output_dir} exists and is not a sample dataset (no {_RECORD}); choose an empty or new folder."
+            f"{output_dir} exists and is not a sample dataset (no {record_name}); choose an empty or new folder."
         )
+    return False
 
+
+def write_dataset_atomically(
+    output_dir: Path, record: dict, fill: Callable[[Path], None], record_name: str = _RECORD
+) -> None:
+    """Generate a dataset into a temporary sibling folder, then rename it to ``output_dir`` in one step.
+
+    ``fill(staging)`` writes the files; the record goes last, so an interrupted run leaves no folder that
+    :func:`reuse_dataset_folder` would take for complete (the staging folder is removed on any error).
+    """
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
     try:
-        photo = _fundus_photograph(int(round(spec.image_size * 1.15)))
-        jobs = [
-            (split, index, index % len(SAMPLE_CLASSES))
-            for split, count in spec.split_sizes().items()
-            for index in range(count)
-        ]
-        for split, index, grade in tqdm(jobs, desc="sample dataset", disable=not progress, unit="img"):
-            rng = np.random.default_rng([spec.seed, _SPLIT_SEEDS[split], index])
-            pixels = render_sample_image(spec, grade, rng, photo)
-            folder = staging / split / SAMPLE_CLASSES[grade]
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(pixels).save(folder / f"{split}_{index:04d}.png", optimize=False)
-        (staging / _RECORD).write_text(json.dumps(record, indent=2))
+        fill(staging)
+        (staging / record_name).write_text(json.dumps(record, indent=2))
         if output_dir.exists():
             shutil.rmtree(output_dir)
         os.replace(staging, output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    logger.info("sample dataset: wrote %d images to %s", len(jobs), output_dir)
-    return output_dir

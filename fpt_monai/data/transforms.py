@@ -11,8 +11,9 @@ from collections.abc import Hashable, Mapping, Sequence
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.transforms import EnsureTyped, LoadImaged, MapTransform, NormalizeIntensityd, Resized
+from monai.transforms import EnsureTyped, MapTransform, NormalizeIntensityd, Resized
 
+from fpt_monai.data.readers import LoadImageRGBd
 from fpt_monai.networks.fpt import make_side_view
 
 __all__ = ["ToRGBd", "ScaleToUnitd", "SideViewd", "load_and_normalize"]
@@ -75,17 +76,22 @@ class SideViewd(MapTransform):
 
 
 def load_and_normalize(
-    keys: Hashable | Sequence[Hashable], img_size: Sequence[int] | int, mean: Sequence[float], std: Sequence[float]
+    keys: Hashable | Sequence[Hashable],
+    img_size: Sequence[int] | int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    reader: Mapping | None = None,
 ) -> list:
-    """Read an image file, make it RGB, resize it to ``img_size``, scale to [0, 1], normalise by ``mean``/``std``.
+    """Read an image file as RGB in [0, 1], resize it to ``img_size``, normalise by ``mean``/``std``.
 
-    This is the frozen backbone's (un-augmented) view, and the start of the side view.
+    This is the frozen backbone's (un-augmented) view, and the start of the side view. Reading goes through
+    :class:`~fpt_monai.data.readers.LoadImageRGBd` (DICOM, NIfTI, PNG 8/16-bit, JPEG, TIFF, BMP; per-format
+    intensity scaling in :mod:`fpt_monai.data.readers`); ``reader`` passes its options, e.g.
+    ``{"volume_slice": "max", "dicom_window": "stored", "value_range": [-1000, 1000]}``.
     """
     spatial = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
     return [
-        LoadImaged(keys, image_only=True, ensure_channel_first=True, dtype=None),
-        ScaleToUnitd(keys),
-        ToRGBd(keys),
+        LoadImageRGBd(keys, **dict(reader or {})),
         EnsureTyped(keys, data_type="tensor", dtype=torch.float32, track_meta=False),
         Resized(keys, spatial, mode="bilinear", anti_aliasing=True),
         NormalizeIntensityd(keys, subtrahend=list(mean), divisor=list(std), channel_wise=True),

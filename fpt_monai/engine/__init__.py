@@ -1,6 +1,9 @@
 """Engines' companions: classification metrics, handlers and checkpoint evaluation for the bundle."""
 
+from fpt_monai.engine import distributed  # multi-process helpers, as fpt_monai.engine.distributed.*
+from fpt_monai.engine.checkpoint import AtomicDiskSaver, SafeCheckpointSaver
 from fpt_monai.engine.evaluation import evaluate_checkpoints
+from fpt_monai.engine.guards import NonFiniteLossError, NonFiniteLossGuard
 from fpt_monai.engine.handlers import ClassificationReport, GradientNormClipping, ProgressBarHandler, write_training_scalars
 from fpt_monai.engine.metrics import (
     MacroF1,
@@ -9,14 +12,25 @@ from fpt_monai.engine.metrics import (
     macro_f1,
     quadratic_weighted_kappa,
 )
+from fpt_monai.engine.resume import EpochSeeder, attach_resume, epoch_seed, latest_checkpoint, resume_objects
 
 __all__ = [
+    "AtomicDiskSaver",
+    "EpochSeeder",
+    "NonFiniteLossError",
+    "NonFiniteLossGuard",
+    "SafeCheckpointSaver",
+    "attach_resume",
+    "epoch_seed",
+    "latest_checkpoint",
+    "resume_objects",
     "ClassificationReport",
     "GradientNormClipping",
     "MacroF1",
     "ProgressBarHandler",
     "QuadraticWeightedKappa",
     "classification_output",
+    "distributed",
     "evaluate_checkpoints",
     "macro_f1",
     "quadratic_weighted_kappa",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -56,7 +57,8 @@ def evaluate_checkpoints(
         evaluator.run()
         results[name] = {
             key: float(value) for key, value in evaluator.state.metrics.items()
-            if isinstance(value, (int, float)) or (isinstance(value, torch.Tensor) and value.numel() == 1)
+            # numbers.Real: numpy scalars too (MONAI's ROCAUC gives a numpy.float32, not a float)
+            if isinstance(value, numbers.Real) or (isinstance(value, torch.Tensor) and value.numel() == 1)
         }
         logger.info("%s checkpoint (%s): %s", name, path, _format(results[name]))
     return results

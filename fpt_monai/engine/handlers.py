@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import numbers
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -168,7 +169,10 @@ class ClassificationReport:
     def _write(self, engine: Engine) -> None:
         rows = self._rows
         if idist.get_world_size() > 1:
-            rows = [row for part in idist.all_gather([rows]) for row in part]  # type: ignore[union-attr]
+            # a list is gathered as one object per rank; interleaving undoes the round-robin split of an
+            # unshuffled DistributedSampler, so the rows come in datalist order as in a one-process run
+            parts = idist.all_gather(rows)
+            rows = [part[i] for i in range(max(map(len, parts))) for part in parts if i < len(part)]
         if idist.get_rank() != 0:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -196,7 +200,8 @@ class ClassificationReport:
         )
         metrics = {
             name: float(value) for name, value in engine.state.metrics.items()
-            if isinstance(value, (int, float)) or (isinstance(value, torch.Tensor) and value.numel() == 1)
+            # numbers.Real: numpy scalars too (MONAI's ROCAUC gives a numpy.float32, not a float)
+            if isinstance(value, numbers.Real) or (isinstance(value, torch.Tensor) and value.numel() == 1)
         }
         summary = {
             "metrics": metrics,

@@ -1,7 +1,7 @@
 """FPT/FPT+ networks as plain PyTorch modules: frozen backbone adapters, token selection, side ViT, fusion."""
 
 from fpt_monai.networks.backbones import BackboneShape, FrozenViTBackbone, MonaiViTBackbone, TimmViTBackbone, state_dict_sha256
-from fpt_monai.networks.fpt import PRESETS, FPTNet, FPTPreset, create_backbone, create_fpt, make_side_view
+from fpt_monai.networks.fpt import PRESETS, FPTNet, FPTPreset, MonaiViTPreset, create_backbone, create_fpt, make_side_view
 from fpt_monai.networks.fusion import FineGrainedFusion, FineGrainedPrompts
 from fpt_monai.networks.selection import mean_received_attention, num_selected_tokens, select_important_tokens
 from fpt_monai.networks.side import SideViT
@@ -13,6 +13,7 @@ __all__ = [
     "MonaiViTBackbone",
     "FPTNet",
     "FPTPreset",
+    "MonaiViTPreset",
     "PRESETS",
     "create_backbone",
     "create_fpt",

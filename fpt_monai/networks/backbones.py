@@ -361,10 +361,10 @@ class MonaiViTBackbone(FrozenViTBackbone):
                 f"but the model was built for {patch_embedding.n_patches}."
             )
         super().__init__(model, list(model.blocks), blocks, token_ratio)
-        # the normalisation the weights were trained with (timm's pretrained config of the model's tag)
-        cfg = getattr(model, "pretrained_cfg", None) or {}
-        self.mean = tuple(float(m) for m in cfg.get("mean", (0.5, 0.5, 0.5)))
-        self.std = tuple(float(s) for s in cfg.get("std", (0.5, 0.5, 0.5)))
+        # MONAI ViTs carry no record of their pre-training normalisation: 0.5/0.5 per input channel (inputs
+        # scaled to [0, 1] -> [-1, 1]) unless the caller sets `mean`/`std` (the 3D presets do)
+        self.mean = (0.5,) * conv.in_channels
+        self.std = (0.5,) * conv.in_channels
         attn = model.blocks[0].attn
         self._set_shape(
             spatial_dims=spatial_dims,

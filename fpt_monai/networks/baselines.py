@@ -173,6 +173,10 @@ class ViTBaseline(nn.Module):
                 block.mlp = ParallelAdapter(block.mlp, dim, adapter_bottleneck, adapter_scale)
         self.model = model
         self.img_size = tuple(model.patch_embed.img_size)
+        # the input normalisation of the weights, where the bundle's transforms look for it (as on the backbones)
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        self.mean = tuple(float(m) for m in cfg.get("mean", (0.5, 0.5, 0.5)))
+        self.std = tuple(float(s) for s in cfg.get("std", (0.5, 0.5, 0.5)))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """What the optimizer gets: the parameters with ``requires_grad``."""

@@ -32,14 +32,24 @@ from fpt_monai.networks.backbones import BackboneShape, FrozenViTBackbone, TimmV
 from fpt_monai.networks.fusion import FUSION_VARIANTS, FineGrainedFusion, FineGrainedPrompts
 from fpt_monai.networks.side import SideViT
 
-__all__ = ["BACKBONE_REFERENCE_KEY", "FPTNet", "FPTPreset", "PRESETS", "create_backbone", "create_fpt", "make_side_view"]
+__all__ = [
+    "BACKBONE_REFERENCE_KEY",
+    "FPTNet",
+    "FPTPreset",
+    "MonaiViTPreset",
+    "PRESETS",
+    "create_backbone",
+    "create_fpt",
+    "make_side_view",
+]
 
 
 def make_side_view(images: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Resize high-resolution images (B, C, *spatial) to the side network's low resolution.
 
     2D uses antialiased bilinear interpolation (a plain bilinear 512 -> 224 would alias the fine detail the
-    method is about); 3D uses trilinear interpolation.
+    method is about). 3D shrinks by area averaging (PyTorch has no antialiased trilinear mode, and a plain
+    trilinear 128 -> 32 would sample a few voxels and skip the rest), and enlarges trilinearly.
     """
     size = tuple(int(s) for s in size)
     if tuple(images.shape[2:]) == size:
@@ -47,6 +57,8 @@ def make_side_view(images: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     if images.ndim == 4:
         return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
     if images.ndim == 5:
+        if all(s <= i for s, i in zip(size, images.shape[2:])):
+            return F.interpolate(images, size=size, mode="area")
         return F.interpolate(images, size=size, mode="trilinear", align_corners=False)
     raise ValueError(f"images must be (B, C, H, W) or (B, C, D, H, W), got {tuple(images.shape)}.")
 
@@ -274,17 +286,61 @@ PRESETS: dict[str, FPTPreset] = {
 }
 
 
+@dataclass(frozen=True)
+class MonaiViTPreset(FPTPreset):
+    """A preset whose frozen backbone is MONAI's ``ViT`` (3D volumes by default), weights from a local file.
+
+    ``model_name`` only describes the architecture (there is no hub); ``img_size``/``side_img_size`` may be an
+    int or one value per spatial dim. ``mean``/``std`` are the input normalisation after intensity scaling to
+    [0, 1], one value per channel: set them to what the checkpoint's pre-training used.
+    See :mod:`fpt_monai.networks.monai_vit`.
+    """
+
+    patch_size: int | tuple[int, ...] = 16
+    hidden_size: int = 768
+    mlp_dim: int = 3072
+    num_layers: int = 12
+    num_heads: int = 12
+    in_channels: int = 1
+    spatial_dims: int = 3
+    qkv_bias: bool = False
+    classification: bool = True
+    mean: tuple[float, ...] = (0.5,)
+    std: tuple[float, ...] = (0.5,)
+
+
+PRESETS.update({
+    "fpt_3d": MonaiViTPreset(
+        "monai ViT-B/16 3D (local weights)", 128, 64, "fpt",
+        description="FPT on volumes: MONAI 3D ViT-B/16 at 128^3 (512 patches), side ViT at 64^3, all 12 blocks.",
+    ),
+    "fpt_plus_3d": MonaiViTPreset(
+        "monai ViT-B/16 3D (local weights)", 128, 32, "fpt_plus", blocks=tuple(range(6, 12)),
+        description="FPT+ on volumes: MONAI 3D ViT-B/16 at 128^3, side ViT at 32^3 on blocks 6-11.",
+    ),
+    "fpt_3d_tiny": MonaiViTPreset(
+        "monai ViT 3D, 96 wide, 6 blocks, patch 8 (local weights)", 64, 16, "fpt", num_prompts=8, reduction=4,
+        patch_size=8, hidden_size=96, mlp_dim=384, num_layers=6, num_heads=4,
+        description="Small 3D FPT for demos and tests: 6-block MONAI ViT (width 96, patch 8) at 64^3, side at 16^3.",
+    ),
+})
+
+
 def _preset(preset: str, overrides: dict) -> FPTPreset:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}.")
     return replace(PRESETS[preset], **overrides)
 
 
-def create_backbone(preset: str, pretrained: bool | str = True, **overrides) -> TimmViTBackbone:
+def create_backbone(preset: str, pretrained: bool | str = True, **overrides) -> FrozenViTBackbone:
     """The frozen backbone of a preset (see :func:`create_fpt` for the arguments)."""
     from fpt_monai.weights import create_timm_vit
 
     config = _preset(preset, overrides)
+    if isinstance(config, MonaiViTPreset):
+        from fpt_monai.networks.monai_vit import create_monai_backbone
+
+        return create_monai_backbone(config, pretrained)
     model = create_timm_vit(config.model_name, img_size=config.img_size, pretrained=pretrained)
     return TimmViTBackbone(model, blocks=config.blocks, token_ratio=config.token_ratio)
 
@@ -300,15 +356,18 @@ def create_fpt(
     """Build an :class:`FPTNet` from a named preset.
 
     Args:
-        preset: one of :data:`PRESETS` (``fpt``, ``fpt_plus``, ``fpt_tiny``, ``fpt_plus_tiny``).
+        preset: one of :data:`PRESETS` (``fpt``, ``fpt_plus``, ``fpt_tiny``, ``fpt_plus_tiny``; on volumes
+            ``fpt_3d``, ``fpt_plus_3d``, ``fpt_3d_tiny``, whose backbone is a MONAI 3D ViT).
         num_classes: number of output logits.
         pretrained: ``True`` loads the preset's timm hub weights (needs internet), a path loads a local
-            ``.safetensors``/``.pth`` file in timm or Hugging Face ViT layout, ``False`` builds random backbone
+            ``.safetensors``/``.pth`` file in timm or Hugging Face ViT layout (MONAI ViT layout for the 3D
+            presets, which have no hub weights: ``True`` is an error for them), ``False`` builds random backbone
             weights (warned about loudly: FPT then has nothing to transfer).
         fusion_dropout: dropout on the fused prompts.
         side_only: the ablation without the high-resolution branch (see :class:`FPTNet`).
         **overrides: any :class:`FPTPreset` field (``img_size``, ``side_img_size``, ``token_ratio``,
-            ``blocks``, ``num_prompts``, ``reduction``, ``model_name``).
+            ``blocks``, ``num_prompts``, ``reduction``, ``model_name``; for the 3D presets also any
+            :class:`MonaiViTPreset` field: ``patch_size``, ``hidden_size``, ``num_layers``, ``mean``, ...).
     """
     config = _preset(preset, overrides)
     backbone = create_backbone(preset, pretrained, **overrides)

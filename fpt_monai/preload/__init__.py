@@ -2,7 +2,7 @@
 
 from fpt_monai.preload.dataset import CorruptCacheEntryError, KVCacheDataset, item_digest, read_entry, write_entry
 from fpt_monai.preload.fingerprint import CACHE_FORMAT_VERSION, cache_fingerprint, describe, weights_digest
-from fpt_monai.preload.handler import PreloadHandler
+from fpt_monai.preload.handler import PreloadHandler, preload_all_ranks
 from fpt_monai.preload.transform import STORAGE_DTYPES, FrozenBackboneKVd, storage_dtype
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "cache_fingerprint",
     "describe",
     "item_digest",
+    "preload_all_ranks",
     "read_entry",
     "storage_dtype",
     "weights_digest",

@@ -15,7 +15,8 @@ What it adds to ``PersistentDataset``:
   place (atomic; two processes filling one cache leave it correct), with a SHA-256 of their tensors. A
   truncated or corrupted entry is detected, reported, recomputed and rewritten, never used.
 - :meth:`KVCacheDataset.preload` fills the missing entries with batched backbone inference, with a progress
-  bar; interrupted, it resumes where it stopped.
+  bar; interrupted, it resumes where it stopped. Given ``rank``/``world_size`` it fills one shard, so that
+  several processes fill one cache together (:func:`~fpt_monai.preload.preload_all_ranks`).
 """
 
 from __future__ import annotations
@@ -59,10 +60,18 @@ class CorruptCacheEntryError(RuntimeError):
 
 
 def _identity(value: Any) -> Any:
-    """Item value -> what identifies it: file paths become absolute path + size + modification time."""
+    """Item value -> what identifies it: file paths become absolute path + size + modification time.
+
+    A folder (a DICOM series read as one volume) is identified by its path and every file in it (name, size,
+    modification time), so an added, removed or edited slice gives the item a new entry.
+    """
     if isinstance(value, (str, os.PathLike)) and os.path.isfile(value):
         stat = os.stat(value)
         return {"path": str(Path(value).resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    if isinstance(value, (str, os.PathLike)) and os.path.isdir(value):
+        files = sorted(p for p in Path(value).iterdir() if p.is_file())
+        return {"path": str(Path(value).resolve()),
+                "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
     if isinstance(value, dict):
         return {str(k): _identity(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -260,21 +269,43 @@ class KVCacheDataset(PersistentDataset):
         return computed
 
     # -- batched filling -------------------------------------------------------------------------------
-    def preload(self, batch_size: int = 8, num_workers: int = 0) -> dict[str, float]:
+    def preload(
+        self, batch_size: int = 8, num_workers: int = 0, rank: int = 0, world_size: int = 1, items: Sequence | None = None
+    ) -> dict[str, float]:
         """Fill every missing entry, running the backbone on batches of ``batch_size`` images.
 
         Entries already on disk are kept (an interrupted preload resumes where it stopped). Each entry is
         written as soon as its batch is done.
 
+        With ``world_size > 1`` only this process's shard is filled: items ``rank, rank + world_size, ...`` of the
+        datalist, so ``world_size`` processes (``torchrun``, a job array) fill disjoint parts of one cache
+        without talking to each other. Sharding the datalist, not the list of missing entries, keeps the shards
+        disjoint however far each process's view of the cache folder lags. No synchronisation happens here;
+        :class:`~fpt_monai.preload.PreloadHandler` adds it in a distributed run.
+
+        Args:
+            batch_size: images per backbone forward pass.
+            num_workers: data-loading worker processes reading the high-resolution views.
+            rank: this process's shard, in ``[0, world_size)``.
+            world_size: number of shards.
+            items: the items to fill (default: the whole datalist).
+
         Returns:
-            ``{"total", "already_cached", "computed", "seconds", "images_per_second"}``.
+            ``{"total", "already_cached", "computed", "seconds", "images_per_second"}`` of the (shard's) items,
+            plus ``"rank"`` and ``"world_size"`` when sharded.
         """
         from tqdm.auto import tqdm
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-        missing = [item for item in self.data if not self.is_cached(item)]
-        report = {"total": len(self.data), "already_cached": len(self.data) - len(missing), "computed": 0}
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}.")
+        items = self.data if items is None else items
+        items = list(items)[rank::world_size] if world_size > 1 else items
+        missing = [item for item in items if not self.is_cached(item)]
+        report = {"total": len(items), "already_cached": len(items) - len(missing), "computed": 0}
+        if world_size > 1:
+            report.update(rank=rank, world_size=world_size)
         start = time.perf_counter()
         if missing:
             before_kv = Compose(self.transform.transforms[: self.kv_index])
@@ -285,7 +316,9 @@ class KVCacheDataset(PersistentDataset):
                 collate_fn=_as_list,
             )
             key = self.kv_transform.image_key
-            with tqdm(total=len(missing), desc="preloading K/V", unit="img", disable=not self.progress) as bar:
+            # one bar per job: the shards advance alike, and bars of several processes would garble a terminal
+            desc = "preloading K/V" + (f" (shard {rank + 1} of {world_size})" if world_size > 1 else "")
+            with tqdm(total=len(missing), desc=desc, unit="img", disable=not self.progress or rank > 0) as bar:
                 for batch in loader:
                     kv = self.kv_transform.compute(torch.stack([prepared[key] for _, prepared in batch]))
                     for (item, prepared), item_kv in zip(batch, kv):
@@ -299,7 +332,9 @@ class KVCacheDataset(PersistentDataset):
         report["seconds"] = round(seconds, 3)
         report["images_per_second"] = round(report["computed"] / seconds, 3) if report["computed"] else 0.0
         logger.info(
-            "preloaded %d images (%d already cached) into %s in %.1f s, %.2f images/s",
-            report["computed"], report["already_cached"], self.cache_dir, seconds, report["images_per_second"],
+            "preloaded %d images (%d already cached)%s into %s in %.1f s, %.2f images/s",
+            report["computed"], report["already_cached"],
+            f" as shard {rank + 1} of {world_size}" if world_size > 1 else "",
+            self.cache_dir, seconds, report["images_per_second"],
         )
         return report

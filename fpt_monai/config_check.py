@@ -1,0 +1,265 @@
+"""Refuse config overrides the bundle does not have, or values of the wrong type, before anything runs.
+
+MONAI's ``ConfigParser`` accepts any override: ``--num_epoch 3`` (a typo) silently adds a new key and training
+runs with the default ``num_epochs``; ``--batch_size abc`` fails only when the data loader is built, deep in a
+traceback. :func:`check_overrides` compares overrides with the config files they apply to:
+
+- the key must exist in the configs (``#``/``::`` paths, list indices in range), or be a new argument of an
+  existing component (``--network_def#token_ratio 0.3``: an argument of its ``_target_``); otherwise the error
+  names the key and suggests the closest existing one;
+- a literal value must have the type of the literal it replaces (``int`` for an ``int``, ``int`` or ``float``
+  for a ``float``, ``bool``, ``str``, ``list``, ``dict``), with the exceptions given in ``extra_types`` (e.g.
+  ``pretrained`` takes ``true``/``false`` or a weights file path).
+
+Every bad override is reported in one :class:`ConfigOverrideError`.
+
+What is checked and where: ``python -m monai.bundle run ...`` command lines (and their ``--args_file``), through
+:func:`check_command_line` in the bundle's ``initialize`` list; ``fpt-monai demo --...`` overrides. Not checked:
+overrides that are expressions or references (``"$..."``, ``"@..."``: their type is known only when they run),
+values replacing an expression (e.g. ``--device cpu`` where the config has ``$torch.device(...)``), overrides
+given to ``ConfigWorkflow``/``ConfigParser`` from Python (call :func:`check_overrides` yourself), and other
+``monai.bundle`` commands. ``--check_overrides False`` turns the command-line check off.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import os
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["BUNDLE_RUN_ARGUMENTS", "ConfigOverrideError", "check_command_line", "check_overrides",
+           "command_line_overrides"]
+
+#: Arguments of ``monai.bundle run`` that are not config overrides.
+BUNDLE_RUN_ARGUMENTS = ("run_id", "init_id", "final_id", "meta_file", "config_file", "logging_file", "tracking",
+                        "args_file")
+#: Keys of the FPT bundle that accept more than the type of their default value.
+FPT_EXTRA_TYPES: dict[str, tuple[type, ...]] = {"pretrained": (bool, str)}
+_SPECIAL_KEYS = ("_target_", "_disabled_", "_requires_", "_desc_", "_mode_")
+
+
+class ConfigOverrideError(ValueError):
+    """Overrides naming keys the config does not have, or values of the wrong type; ``problems`` lists them."""
+
+    def __init__(self, message: str, problems: dict[str, str]) -> None:
+        super().__init__(message)
+        self.problems = problems
+
+
+def _is_expression(value: Any) -> bool:
+    return isinstance(value, str) and value.startswith(("$", "@", "%"))
+
+
+def _type_name(types: tuple[type, ...]) -> str:
+    return " or ".join(t.__name__ for t in types)
+
+
+def _expected_types(default: Any) -> tuple[type, ...] | None:
+    """The override types a literal default allows; ``None``: anything."""
+    if default is None or _is_expression(default):
+        return None
+    if isinstance(default, bool):
+        return (bool,)
+    if isinstance(default, int):
+        return (int,)
+    if isinstance(default, float):
+        return (int, float)
+    if isinstance(default, str):
+        return (str,)
+    if isinstance(default, (list, tuple)):
+        return (list, tuple)
+    if isinstance(default, dict):
+        return (dict,)
+    return None
+
+
+def _has_type(value: Any, types: tuple[type, ...]) -> bool:
+    if isinstance(value, bool) and bool not in types:
+        return False  # True is an int to Python, not to a config
+    return isinstance(value, types)
+
+
+def _resolve_target(target: str) -> Any:
+    """The callable a component's ``_target_`` names (as ``ConfigComponent`` finds it), or ``None``."""
+    from pydoc import locate
+
+    if "." in target:
+        return locate(target)
+    from monai.bundle.config_item import ComponentLocator
+
+    module_name = ComponentLocator().get_component_module_name(target)
+    if isinstance(module_name, list):
+        module_name = module_name[0] if module_name else None
+    if not module_name:
+        return None
+    return getattr(importlib.import_module(module_name), target, None)
+
+
+def _argument_problem(component: Mapping, name: str) -> str | None:
+    """Why ``name`` is not an argument of ``component``'s ``_target_`` (``None`` if it is, or unknown)."""
+    if name in _SPECIAL_KEYS:
+        return None
+    target = component.get("_target_")
+    if not isinstance(target, str) or _is_expression(target):
+        return None
+    try:
+        function = _resolve_target(target)
+        signature = inspect.signature(function) if function is not None else None
+    except (ImportError, TypeError, ValueError):  # not importable here or no signature: do not guess
+        return None
+    if signature is None:
+        return None
+    parameters = signature.parameters
+    if name in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return None
+    names = [p for p in parameters if p != "self"]
+    close = difflib.get_close_matches(name, names, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else f" (it takes {', '.join(names)})"
+    return f"{target} has no argument '{name}'{hint}"
+
+
+def _override_problem(config: Any, key: str, value: Any, extra_types: Mapping[str, tuple[type, ...]]) -> str | None:
+    parts = [p for p in str(key).replace("#", "::").split("::")]
+    node, path = config, []
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        if isinstance(node, dict) and part in node:
+            node, path = node[part], [*path, part]
+            continue
+        if isinstance(node, list) and re.fullmatch(r"-?\d+", part) and -len(node) <= int(part) < len(node):
+            node, path = node[int(part)], [*path, part]
+            continue
+        where = "::".join(path) or "the config"
+        if isinstance(node, list):
+            return f"'{where}' is a list of {len(node)} items; there is no item {part!r}"
+        if isinstance(node, dict) and last and "_target_" in node:
+            return _argument_problem(node, part)  # a new argument of a component
+        if isinstance(node, dict):
+            close = difflib.get_close_matches(part, [str(k) for k in node], n=1)
+            hint = f"; did you mean '{'::'.join([*path, close[0]])}'?" if close else ""
+            return f"'{where}' has no key '{part}'{hint}" if path else f"no such key{hint}"
+        return f"'{where}' is a {type(node).__name__}, not a dict or list, so it has no '{part}'"
+    if _is_expression(value):
+        return None
+    expected = extra_types.get("::".join(parts)) or _expected_types(node)
+    if expected is not None and not _has_type(value, expected):
+        return f"expects {_type_name(expected)} (the config has {node!r:.60}), got {type(value).__name__} {value!r:.60}"
+    return None
+
+
+def check_overrides(
+    config_file: str | os.PathLike | Sequence[str | os.PathLike],
+    overrides: Mapping[str, Any],
+    meta_file: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    extra_types: Mapping[str, tuple[type, ...]] | None = None,
+) -> None:
+    """Raise :class:`ConfigOverrideError` naming every override that the configs do not have or mistype.
+
+    Args:
+        config_file: the config file(s) the overrides apply to, merged in order as ``monai.bundle`` does.
+        overrides: ``{key: value}`` (``#`` or ``::`` separated keys), e.g. ``{"num_epochs": 3}``.
+        meta_file: metadata file(s) for ``_meta_#...`` keys; by default ``metadata.json`` beside the first config
+            file, when it exists.
+        extra_types: key -> allowed types, beyond the type of the config's own value (default: the FPT bundle's,
+            ``pretrained`` takes a bool or a path).
+    """
+    from monai.bundle import ConfigParser
+
+    files = [str(f) for f in ([config_file] if isinstance(config_file, (str, os.PathLike)) else config_file)]
+    parser = ConfigParser()
+    parser.read_config(files)
+    if meta_file is None:
+        default_meta = Path(files[0]).parent / "metadata.json"
+        meta_file = str(default_meta) if default_meta.is_file() else None
+    if meta_file is not None:
+        parser.read_meta(meta_file)
+    config = parser.get()
+    extra_types = FPT_EXTRA_TYPES if extra_types is None else extra_types
+    extra = {str(k).replace("#", "::"): tuple(v) for k, v in extra_types.items()}
+    problems = {}
+    for key, value in overrides.items():
+        if str(key).startswith("_meta_") and meta_file is None:
+            continue  # metadata not read here: cannot tell
+        problem = _override_problem(config, str(key), value, extra)
+        if problem:
+            problems[str(key)] = problem
+    if problems:
+        lines = "\n".join(f"  --{key}: {problem}" for key, problem in problems.items())
+        raise ConfigOverrideError(
+            f"config overrides that do not fit the bundle's configs ({', '.join(files)}):\n{lines}\n"
+            "Check the spelling and the value types (an intended new key: pass --check_overrides False).",
+            problems,
+        )
+
+
+def _is_flag(token: str) -> bool:
+    return token.startswith("--") or re.match(r"^-[a-zA-Z](=|$)", token) is not None
+
+
+def command_line_overrides(argv: Sequence[str] | None = None) -> tuple[dict, dict] | None:
+    """``(run arguments, overrides)`` of a ``python -m monai.bundle run ...`` command line, parsed as `fire`
+    parses it; ``None`` for any other program or command.
+
+    ``--args_file`` contents are merged in (the command line wins), as ``monai.bundle`` does.
+    """
+    from fire.parser import DefaultParseValue
+
+    argv = list(sys.argv if argv is None else argv)
+    program = Path(argv[0]) if argv else Path()
+    is_bundle_main = program.name == "__main__.py" and program.parent.parts[-2:] == ("monai", "bundle")
+    if len(argv) < 2 or not is_bundle_main or argv[1] != "run":
+        return None
+    tokens = argv[2:]
+    if "--" in tokens:  # what follows is for fire itself (--help, --trace, ...)
+        tokens = tokens[: tokens.index("--")]
+    positional, keyed = [], {}
+    index = 0
+    while index < len(tokens):
+        token = tokens[index]
+        if token.startswith("--") and len(token) > 2:
+            name = token[2:]
+            if "=" in name:
+                name, raw = name.split("=", 1)
+                index += 1
+            elif index + 1 < len(tokens) and not _is_flag(tokens[index + 1]):
+                raw, index = tokens[index + 1], index + 2
+            else:
+                raw, index = "True", index + 1
+            keyed[name.replace("-", "_")] = DefaultParseValue(raw)
+        else:
+            positional.append(DefaultParseValue(token))
+            index += 1
+    arguments = dict(zip(BUNDLE_RUN_ARGUMENTS, positional))
+    arguments.update({k: v for k, v in keyed.items() if k in BUNDLE_RUN_ARGUMENTS})
+    overrides = {k: v for k, v in keyed.items() if k not in BUNDLE_RUN_ARGUMENTS}
+    if arguments.get("args_file"):
+        from monai.bundle import ConfigParser
+
+        from_file = ConfigParser.load_config_file(arguments["args_file"])
+        arguments = {**{k: v for k, v in from_file.items() if k in BUNDLE_RUN_ARGUMENTS}, **arguments}
+        overrides = {**{k: v for k, v in from_file.items() if k not in BUNDLE_RUN_ARGUMENTS}, **overrides}
+    return arguments, overrides
+
+
+def check_command_line(enabled: bool = True, argv: Sequence[str] | None = None) -> None:
+    """Check the overrides of the running ``python -m monai.bundle run`` command (see :func:`check_overrides`).
+
+    Meant for a bundle's ``initialize`` list: ``"$fpt_monai.config_check.check_command_line(@check_overrides)"``.
+    Does nothing when disabled, or when the process is not ``monai.bundle run`` (e.g. ``ConfigWorkflow`` used
+    from Python).
+    """
+    if not enabled:
+        return
+    parsed = command_line_overrides(argv)
+    if parsed is None:
+        return
+    arguments, overrides = parsed
+    if not overrides or not arguments.get("config_file"):
+        return
+    check_overrides(arguments["config_file"], overrides, meta_file=arguments.get("meta_file"))

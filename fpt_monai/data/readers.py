@@ -1,0 +1,430 @@
+"""Reading the files clinicians have: DICOM, NIfTI, PNG (8/16-bit), JPEG, TIFF, BMP -> float RGB in [0, 1].
+
+Every supported file becomes a ``float32`` array of shape ``(3, H, W)`` (rows first, as torchvision and the
+pre-trained backbones expect) with intensities in [0, 1]; grayscale is repeated to three channels and an
+alpha channel is dropped. How raw values are mapped to [0, 1] depends on the format:
+
+==========================  =========================================================================================
+format                      intensity scaling
+==========================  =========================================================================================
+PNG, JPEG, TIFF, BMP        integer images by their type's full range: 8-bit / 255, 16-bit / 65535 (a 12-bit X-ray
+                            saved as 16-bit PNG therefore looks dark: give ``value_range=(0, 4095)``); float TIFFs by
+                            their own min-max. Palette, CMYK, YCbCr images are converted to RGB by Pillow.
+DICOM                       the modality LUT first (Rescale Slope/Intercept, e.g. CT Hounsfield units, or a Modality
+                            LUT Sequence), then ``dicom_window``: ``"auto"`` (default) applies the file's first VOI
+                            window (Window Center/Width, with its LINEAR/LINEAR_EXACT/SIGMOID function) when there is
+                            one and otherwise maps the range the stored bits can hold (Bits Stored, signedness, after
+                            rescaling) to [0, 1]; ``"stored"`` always uses that range; ``"minmax"`` each image's own
+                            range. MONOCHROME1 images are inverted afterwards, so that bright means high signal for
+                            every file. Colour DICOMs (RGB, YBR) are converted to RGB and scaled by their bits stored;
+                            PALETTE COLOR through its lookup table.
+NIfTI                       the header's scl_slope/scl_inter applied (nibabel), then each 2D image's own min-max.
+==========================  =========================================================================================
+
+``value_range=(low, high)`` replaces the per-format scaling for every format: raw values (after the DICOM
+modality LUT and NIfTI scaling) are mapped linearly from [low, high] to [0, 1] and clipped.
+
+Volumes become one 2D image: a 3D NIfTI (``volume_axis`` picks the axis, 2 by default) or a multi-frame DICOM
+(frames) gives the slice ``volume_slice`` (an index, or ``"middle"``), or the ``"max"`` / ``"mean"``
+intensity projection along that axis. NIfTI planes are shown with the array's first in-plane axis along the
+columns and the second along the rows (as MONAI and ITK lay out images); voxels are not reoriented, so give
+files of one dataset the same orientation. A multi-page TIFF gives its first page.
+
+Known limits: 16-bit-per-channel colour PNG/TIFF are reduced to 8 bits by Pillow; JPEG-LS and JPEG 2000
+compressed DICOMs need a decoder plugin for pydicom (``pip install pylibjpeg pylibjpeg-openjpeg
+pylibjpeg-libjpeg``); 12-bit JPEG files are not supported by Pillow.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform
+
+__all__ = [
+    "DICOM_WINDOWS",
+    "ImageReadError",
+    "LoadImageRGBd",
+    "image_format",
+    "image_size",
+    "read_image",
+]
+
+#: Values of ``dicom_window``.
+DICOM_WINDOWS = ("auto", "stored", "minmax")
+_PROJECTIONS = ("middle", "max", "mean")
+_NIFTI_SUFFIXES = (".nii", ".nii.gz")
+_DICOM_SUFFIXES = (".dcm", ".dicom")
+
+
+class ImageReadError(ValueError):
+    """A file that cannot be read as an image; the message names the file and says why."""
+
+
+def image_format(path: str | os.PathLike) -> str:
+    """``"dicom"``, ``"nifti"`` or ``"pil"`` (everything Pillow opens), from the suffix and the DICOM magic.
+
+    A DICOM file is recognised by its ``DICM`` marker whatever its name (DICOM files often have no suffix).
+    """
+    name = str(path).lower()
+    if name.endswith(_NIFTI_SUFFIXES):
+        return "nifti"
+    if name.endswith(_DICOM_SUFFIXES):
+        return "dicom"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError as err:
+        raise ImageReadError(f"{path}: cannot open ({err.strerror or err}).") from err
+    return "dicom" if head[128:132] == b"DICM" else "pil"
+
+
+def _check_options(volume_slice: int | str, dicom_window: str, value_range: Sequence[float] | None) -> None:
+    if isinstance(volume_slice, bool) or not (isinstance(volume_slice, int) or volume_slice in _PROJECTIONS):
+        raise ValueError(f"volume_slice must be a slice index or one of {_PROJECTIONS}, got {volume_slice!r}.")
+    if dicom_window not in DICOM_WINDOWS:
+        raise ValueError(f"dicom_window must be one of {DICOM_WINDOWS}, got {dicom_window!r}.")
+    if value_range is not None:
+        if len(value_range) != 2 or not float(value_range[0]) < float(value_range[1]):
+            raise ValueError(f"value_range must be (low, high) with low < high, got {value_range!r}.")
+
+
+def _scale(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Map [low, high] linearly to [0, 1] and clip; a constant image (high == low) becomes zeros."""
+    values = values.astype(np.float32, copy=False)
+    if not high > low:
+        return np.zeros_like(values)
+    return np.clip((values - np.float32(low)) / np.float32(high - low), 0.0, 1.0)
+
+
+def _minmax(values: np.ndarray) -> np.ndarray:
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return np.zeros(values.shape, np.float32)
+    return _scale(np.nan_to_num(values, nan=float(finite.min())), float(finite.min()), float(finite.max()))
+
+
+def _take_slice(volume: np.ndarray, axis: int, volume_slice: int | str, path: Any) -> np.ndarray:
+    """One 2D plane of ``volume`` along ``axis``: an index, the middle slice, or a max/mean projection."""
+    if volume_slice == "max":
+        return volume.max(axis=axis)
+    if volume_slice == "mean":
+        return volume.mean(axis=axis, dtype=np.float64)
+    count = volume.shape[axis]
+    index = count // 2 if volume_slice == "middle" else int(volume_slice)
+    if not -count <= index < count:
+        raise ImageReadError(f"{path}: slice {index} is outside the volume's {count} slices along axis {axis}.")
+    return np.take(volume, index, axis=axis)
+
+
+def _to_rgb(image: np.ndarray, path: Any) -> np.ndarray:
+    """(H, W) or (H, W, C) in [0, 1] -> (3, H, W) float32: gray repeated, gray+alpha and RGBA without alpha."""
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.ndim != 3:
+        raise ImageReadError(f"{path}: expected a 2D image, got an array of shape {image.shape}.")
+    channels = image.shape[-1]
+    if channels == 2:  # gray + alpha
+        image = image[..., :1]
+    elif channels == 4:  # RGBA
+        image = image[..., :3]
+    elif channels not in (1, 3):
+        raise ImageReadError(f"{path}: cannot make RGB from {channels} channels (expected 1-4).")
+    if image.shape[-1] == 1:
+        image = np.repeat(image, 3, axis=-1)
+    return np.ascontiguousarray(np.moveaxis(image, -1, 0), dtype=np.float32)
+
+
+def _integer_range(dtype: np.dtype) -> tuple[float, float]:
+    info = np.iinfo(dtype)
+    return (float(info.min), float(info.max)) if info.min < 0 else (0.0, float(info.max))
+
+
+# -- Pillow formats ----------------------------------------------------------------------------------
+def _read_pil(path: Any, value_range: Sequence[float] | None) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.seek(0)  # first page of a multi-page TIFF
+            mode = image.mode
+            if mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
+                image = image.convert("RGBA" if mode == "PA" or "transparency" in image.info else "RGB")
+            elif mode == "1":
+                image = image.convert("L")
+            elif mode.startswith("I;16"):
+                pixels = np.asarray(image).astype(np.uint16)  # native byte order whatever the file's
+                image = None
+            if image is not None:
+                pixels = np.asarray(image)
+    except UnidentifiedImageError as err:
+        if str(path).lower().endswith((".tif", ".tiff")):
+            return _read_tifffile(path, value_range)
+        raise ImageReadError(f"{path}: not an image file Pillow can read (nor DICOM, nor NIfTI).") from err
+    except (OSError, SyntaxError, ValueError) as err:  # truncated or damaged files
+        raise ImageReadError(f"{path}: damaged or unsupported image ({err}).") from err
+    return _scale_pixels(pixels, value_range)
+
+
+def _read_tifffile(path: Any, value_range: Sequence[float] | None) -> np.ndarray:
+    """TIFFs Pillow cannot open (e.g. float or planar colour) through tifffile, first page."""
+    import tifffile
+
+    try:
+        pixels = np.asarray(tifffile.imread(path, key=0))
+    except Exception as err:  # tifffile raises many types for damaged files
+        raise ImageReadError(f"{path}: damaged or unsupported TIFF ({err}).") from err
+    if pixels.ndim == 3 and pixels.shape[0] in (1, 2, 3, 4) and pixels.shape[-1] not in (1, 2, 3, 4):
+        pixels = np.moveaxis(pixels, 0, -1)  # planar (C, H, W) storage
+    return _scale_pixels(pixels, value_range)
+
+
+def _scale_pixels(pixels: np.ndarray, value_range: Sequence[float] | None) -> np.ndarray:
+    if value_range is not None:
+        return _scale(pixels, *map(float, value_range))
+    if np.issubdtype(pixels.dtype, np.bool_):
+        return pixels.astype(np.float32)
+    if np.issubdtype(pixels.dtype, np.integer):
+        return _scale(pixels, *_integer_range(pixels.dtype))
+    return _minmax(pixels)
+
+
+# -- DICOM ------------------------------------------------------------------------------------------
+def _dicom_stored_range(ds: Any) -> tuple[float, float]:
+    """The values the stored bits can hold, after the modality LUT (the output range DICOM windowing uses)."""
+    if ds.get("ModalityLUTSequence"):
+        return 0.0, float(2 ** int(ds.ModalityLUTSequence[0].LUTDescriptor[2]) - 1)
+    bits = int(ds.BitsStored)
+    signed = int(ds.get("PixelRepresentation", 0)) != 0
+    low, high = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    if "RescaleSlope" in ds and "RescaleIntercept" in ds:
+        slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
+        low, high = sorted((low * slope + intercept, high * slope + intercept))
+    return float(low), float(high)
+
+
+def _read_dicom(
+    path: Any, volume_slice: int | str, dicom_window: str, value_range: Sequence[float] | None
+) -> np.ndarray:
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, force=True)
+    except Exception as err:  # pydicom raises InvalidDicomError, OSError, struct errors...
+        raise ImageReadError(f"{path}: not a readable DICOM file ({err}).") from err
+    if "PixelData" not in ds:
+        raise ImageReadError(f"{path}: DICOM file without pixel data (no image).")
+    try:
+        pixels = ds.pixel_array  # decompressed; YBR colour converted to RGB
+    except Exception as err:
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        hint = f" (transfer syntax {syntax.name}; a decoder plugin may be missing)" if syntax is not None else ""
+        raise ImageReadError(f"{path}: cannot decode the DICOM pixel data{hint}: {err}") from err
+    try:
+        return _dicom_to_unit_rgb(ds, pixels, volume_slice, dicom_window, value_range, path)
+    except ImageReadError:
+        raise
+    except Exception as err:  # inconsistent tags (bits, LUTs, windows) surface here
+        raise ImageReadError(f"{path}: cannot interpret the DICOM pixel values ({type(err).__name__}: {err}).") from err
+
+
+def _dicom_to_unit_rgb(
+    ds: Any, pixels: np.ndarray, volume_slice: int | str, dicom_window: str, value_range: Sequence[float] | None, path: Any
+) -> np.ndarray:
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_windowing
+
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    samples = int(ds.get("SamplesPerPixel", 1))
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if frames > 1:  # (frames, H, W[, C]): one frame or a projection over frames
+        pixels = _take_slice(pixels, 0, volume_slice, path)
+    if photometric == "PALETTE COLOR":
+        pixels = apply_color_lut(pixels, ds)
+        return _to_rgb(_scale_pixels(pixels, value_range), path)
+    if samples > 1:  # RGB (YBR already converted): scaled by the bits stored
+        bits = int(ds.get("BitsStored", 8))
+        scaled = _scale(pixels, *value_range) if value_range is not None else _scale(pixels, 0.0, 2.0**bits - 1)
+        return _to_rgb(scaled, path)
+    values = apply_modality_lut(pixels, ds)
+    if value_range is not None:
+        scaled = _scale(values, *map(float, value_range))
+    elif dicom_window == "minmax":
+        scaled = _minmax(values.astype(np.float64))
+    else:
+        low, high = _dicom_stored_range(ds)
+        if dicom_window == "auto" and "WindowCenter" in ds and "WindowWidth" in ds:
+            values = apply_windowing(values.astype(np.float64), ds)  # into [low, high], per the VOI LUT function
+        scaled = _scale(values, low, high)
+    if photometric == "MONOCHROME1":  # low values are displayed bright: invert so bright means high everywhere
+        scaled = 1.0 - scaled
+    return _to_rgb(scaled, path)
+
+
+# -- NIfTI ------------------------------------------------------------------------------------------
+def _read_nifti(path: Any, volume_slice: int | str, volume_axis: int, value_range: Sequence[float] | None) -> np.ndarray:
+    import nibabel as nib
+
+    try:
+        image = nib.load(str(path))
+        shape = image.shape
+        # nibabel's array proxy reads only the requested slice from disk
+        squeezed = [size for size in shape if size != 1]
+        if len(squeezed) <= 2:
+            plane = np.asarray(image.dataobj).reshape([s for s in shape if s != 1] or [1, 1])
+        elif len(shape) == 3 or (len(shape) > 3 and all(s == 1 for s in shape[3:])):
+            volume = image.dataobj
+            axis = volume_axis % 3
+            if isinstance(volume_slice, int) or volume_slice == "middle":
+                index = shape[axis] // 2 if volume_slice == "middle" else int(volume_slice)
+                if not -shape[axis] <= index < shape[axis]:
+                    raise ImageReadError(
+                        f"{path}: slice {index} is outside the volume's {shape[axis]} slices along axis {axis}."
+                    )
+                selection = [slice(None)] * 3 + [0] * (len(shape) - 3)
+                selection[axis] = index
+                plane = np.asarray(volume[tuple(selection)])
+            else:
+                plane = _take_slice(np.asarray(volume).reshape(shape[:3]), axis, volume_slice, path)
+        else:
+            raise ImageReadError(f"{path}: a {len(shape)}D NIfTI image of shape {shape}; expected 2D or 3D.")
+    except ImageReadError:
+        raise
+    except Exception as err:  # nibabel: ImageFileError, EOFError, zlib errors for damaged files
+        raise ImageReadError(f"{path}: not a readable NIfTI file ({err}).") from err
+    plane = np.asarray(plane, dtype=np.float64).T  # (x, y) -> rows = y, columns = x
+    scaled = _scale(plane, *map(float, value_range)) if value_range is not None else _minmax(plane)
+    return _to_rgb(scaled, path)
+
+
+def read_image(
+    path: str | os.PathLike,
+    volume_slice: int | str = "middle",
+    volume_axis: int = 2,
+    dicom_window: str = "auto",
+    value_range: Sequence[float] | None = None,
+) -> np.ndarray:
+    """Read an image file as a ``float32`` RGB array ``(3, H, W)`` in [0, 1] (see the module docstring).
+
+    Args:
+        path: a DICOM, NIfTI, PNG, JPEG, TIFF or BMP file.
+        volume_slice: for a 3D NIfTI or multi-frame DICOM: slice index, ``"middle"``, ``"max"`` or ``"mean"``.
+        volume_axis: the axis of a 3D NIfTI that ``volume_slice`` runs along.
+        dicom_window: ``"auto"``, ``"stored"`` or ``"minmax"`` (how grayscale DICOM values become [0, 1]).
+        value_range: ``(low, high)`` of raw values mapped to [0, 1] for every format, instead of the defaults.
+
+    Raises:
+        ImageReadError: naming the file, when it is missing, damaged or not a supported image.
+        ValueError: for invalid options.
+    """
+    _check_options(volume_slice, dicom_window, value_range)
+    if not os.path.isfile(path):
+        raise ImageReadError(f"{path}: file not found.")
+    kind = image_format(path)
+    if kind == "dicom":
+        image = _read_dicom(path, volume_slice, dicom_window, value_range)
+    elif kind == "nifti":
+        image = _read_nifti(path, volume_slice, volume_axis, value_range)
+    else:
+        image = _to_rgb(_read_pil(path, value_range), path)
+    return image
+
+
+def image_size(path: str | os.PathLike, volume_axis: int = 2) -> tuple[int, int]:
+    """``(height, width)`` of an image file from its header, without decoding the pixels.
+
+    For a volume, the size of the 2D image :func:`read_image` makes of it: the plane across ``volume_axis``
+    (NIfTI) or one frame (DICOM).
+
+    Raises:
+        ImageReadError: naming the file, when it is missing or its header cannot be read.
+    """
+    if not os.path.isfile(path):
+        raise ImageReadError(f"{path}: file not found.")
+    kind = image_format(path)
+    if kind == "dicom":
+        import pydicom
+
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+            return int(ds.Rows), int(ds.Columns)
+        except Exception as err:
+            raise ImageReadError(f"{path}: not a readable DICOM image header ({err}).") from err
+    if kind == "nifti":
+        import nibabel as nib
+
+        try:
+            shape = nib.load(str(path)).shape
+        except Exception as err:
+            raise ImageReadError(f"{path}: not a readable NIfTI header ({err}).") from err
+        sizes = [size for size in shape if size != 1]
+        if len(sizes) >= 3:  # a volume: the plane across volume_axis
+            sizes = [size for axis, size in enumerate(shape[:3]) if axis != volume_axis % 3]
+        sizes = (sizes + [1, 1])[:2]
+        return int(sizes[1]), int(sizes[0])  # rows = second axis (see read_image)
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if image.format == "PNG":
+                image.verify()  # checks the chunk checksums without decoding: catches damaged files early
+    except Exception as err:
+        if str(path).lower().endswith((".tif", ".tiff")):
+            return _tifffile_size(path, err)
+        raise ImageReadError(f"{path}: not a readable image ({err}).") from err
+    return int(height), int(width)
+
+
+def _tifffile_size(path: Any, pil_error: Exception) -> tuple[int, int]:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tiff:
+            shape = tiff.pages[0].shape
+    except Exception as err:
+        raise ImageReadError(f"{path}: not a readable TIFF ({pil_error}; {err}).") from err
+    if len(shape) == 3 and shape[0] in (1, 2, 3, 4) and shape[-1] not in (1, 2, 3, 4):
+        shape = shape[1:]
+    return int(shape[0]), int(shape[1])
+
+
+class LoadImageRGBd(MapTransform):
+    """Read image files (paths under ``keys``) as ``float32`` RGB tensors ``(3, H, W)`` in [0, 1].
+
+    Replaces ``LoadImaged`` + scaling + channel handling for the 2D FPT pipeline; every option is an attribute,
+    so it enters a preloading cache's fingerprint. See :func:`read_image` for the options and the module
+    docstring for each format's intensity scaling.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        volume_slice: int | str = "middle",
+        volume_axis: int = 2,
+        dicom_window: str = "auto",
+        value_range: Sequence[float] | None = None,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        _check_options(volume_slice, dicom_window, value_range)
+        self.volume_slice = volume_slice
+        self.volume_axis = int(volume_axis)
+        self.dicom_window = dicom_window
+        self.value_range = tuple(float(v) for v in value_range) if value_range is not None else None
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            path = d[key]
+            if not isinstance(path, (str, os.PathLike)):
+                raise ImageReadError(f"item key {key!r}: expected an image file path, got {type(path).__name__}.")
+            d[key] = torch.from_numpy(
+                read_image(Path(path), self.volume_slice, self.volume_axis, self.dicom_window, self.value_range)
+            )
+        return d
