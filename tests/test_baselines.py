@@ -87,3 +87,36 @@ def test_bad_arguments_raise():
         ViTBaseline(torch.nn.Linear(2, 2), "full", 2)
     with pytest.raises(ValueError, match="unknown preset"):
         create_baseline("full", 2, preset="vit_huge", pretrained=False)
+
+
+def test_the_bundle_trains_a_baseline_by_swapping_the_network(tmp_path):
+    """configs/baseline.json: same bundle, same data and schedule, the image itself instead of preloaded K/V."""
+    import timm
+    from safetensors.torch import save_file
+
+    from monai.bundle import ConfigWorkflow
+
+    from fpt_monai.bundle import config_files
+    from fpt_monai.data import make_sample_dataset
+
+    data = make_sample_dataset(tmp_path / "data", num_train=6, num_val=3, num_test=3, image_size=64, progress=False)
+    weights = tmp_path / "vit_tiny.safetensors"
+    torch.manual_seed(0)
+    state = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0).state_dict()
+    save_file(state, str(weights))
+    override = {
+        "preset": "fpt_tiny", "network_def#img_size": 64, "num_epochs": 1, "batch_size": 4, "num_workers": 0,
+        "bundle_root": str(tmp_path), "dataset_dir": str(data), "pretrained": str(weights), "method": "lora",
+    }
+    workflow = ConfigWorkflow(
+        config_file=config_files("train", "baseline"), meta_file=config_files("metadata"), logging_file=False,
+        run_id="training", workflow_type=None, **override,
+    )
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    checkpoint = torch.load(tmp_path / "models" / "model_final.pt", weights_only=True)
+    assert any(k.endswith("lora_a") for k in checkpoint)
+    # the frozen projection is the pre-trained one after training; the cache folder was never created
+    assert torch.equal(checkpoint["model.blocks.0.attn.qkv.linear.weight"], state["blocks.0.attn.qkv.weight"])
+    assert not (tmp_path / "cache").exists()

@@ -50,9 +50,9 @@ WEIGHT_TOLERANCE = 1e-4
 PROBABILITY_TOLERANCE = 1e-4
 
 
-def torchrun(arguments: list[str], cwd: Path, nproc: int = 2) -> subprocess.CompletedProcess:
+def torchrun(arguments: list[str], cwd: Path, nproc: int = 2, **env) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *arguments]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-5000:])
     return result
@@ -113,16 +113,20 @@ def test_two_processes_train_and_evaluate_like_one_process(sample):
     single = run_workflow(["train", "evaluate"], "evaluating", bundle_root=str(one), **common)[0]
     # two processes (Gloo), the same global batch of 4 as 2 x 2
     overrides = {"bundle_root": str(two), **common, **DETERMINISTIC, "train#sampler#shuffle": False}
-    trained = torchrun(bundle_command("training", ["train", "multi_gpu_train"], overrides), cwd=root)
+    # as under `srun torchrun` in a SLURM job, where SLURM_LOCALID is the torchrun task's index on its node
+    trained = torchrun(bundle_command("training", ["train", "multi_gpu_train"], overrides), cwd=root,
+                       SLURM_JOB_ID="4242", SLURM_LOCALID="0")
     torchrun(bundle_command("evaluating", ["train", "evaluate", "multi_gpu_evaluate"],
                             {"bundle_root": str(two), **common}), cwd=root)
 
     # ranks other than 0 log warnings only, and only rank 0 writes TensorBoard files and checkpoints
     log = trained.stdout + trained.stderr
+    assert "process 1 of 2 (local rank 1 on" in log  # ignite did not put SLURM_LOCALID over torchrun's LOCAL_RANK
     assert log.count("Epoch[2] Metrics") == 1 and log.count("Train completed, saved final checkpoint") == 1
     # rank 0 reports its shards of the training and the validation cache; rank 1 is quiet
     assert log.count("as shard 1 of 2") == 2 and "as shard 2 of 2" not in log
-    assert len(list((two / "eval" / "tensorboard").glob("events.*"))) == len(list((one / "eval" / "tensorboard").glob("events.*")))
+    event_files = [len(list((run / "eval" / "tensorboard").glob("events.*"))) for run in (one, two)]
+    assert event_files[1] == event_files[0]
     # the shards filled one cache: every training/validation/test image once, no temporary file left
     caches = list((two / "cache").iterdir())
     assert len(caches) == 1 and len(list(caches[0].glob("*.safetensors"))) == 18

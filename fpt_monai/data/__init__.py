@@ -9,7 +9,7 @@ from fpt_monai.data.datalist import (
     json_datalist,
     make_datalist,
 )
-from fpt_monai.data.pipeline import fpt_transforms, inference_transforms, make_fpt_dataset
+from fpt_monai.data.pipeline import fpt_transforms, image_transforms, inference_transforms, make_fpt_dataset
 from fpt_monai.data.readers import DICOM_WINDOWS, ImageReadError, LoadImageRGBd, image_format, image_size, read_image
 from fpt_monai.data.sample import SAMPLE_CLASSES, SampleFundusSpec, make_sample_dataset
 from fpt_monai.data.sample3d import SAMPLE_3D_CLASSES, SampleVolumeSpec, make_sample_dataset_3d
@@ -46,6 +46,7 @@ __all__ = [
     "ToRGBd",
     "dataset_classes",
     "image_datalist",
+    "image_transforms",
     "inference_transforms",
     "folder_classes",
     "fpt_transforms",

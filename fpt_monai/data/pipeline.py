@@ -19,7 +19,7 @@ from fpt_monai.data.transforms import SideViewd, load_and_normalize
 from fpt_monai.networks.backbones import FrozenViTBackbone
 from fpt_monai.preload import FrozenBackboneKVd, KVCacheDataset
 
-__all__ = ["fpt_transforms", "inference_transforms", "make_fpt_dataset"]
+__all__ = ["fpt_transforms", "image_transforms", "inference_transforms", "make_fpt_dataset"]
 
 
 def fpt_transforms(
@@ -73,6 +73,35 @@ def inference_transforms(
     Only the high-resolution view (the network makes its side view); the source path is kept as ``"filename"``.
     """
     return [CopyItemsd(image_key, names="filename"), *load_and_normalize(image_key, img_size, mean, std, reader)]
+
+
+def image_transforms(
+    img_size: Sequence[int] | int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    train: bool,
+    image_key: str = "image",
+    reader: dict | None = None,
+) -> list:
+    """One high-resolution view for the networks that take the image itself (the baselines of the benchmark).
+
+    For training, the same augmentation as FPT's side view (random resized crop with scale 0.8-1 and ratio
+    0.7-1.3, horizontal flip p=0.5, brightness/contrast jitter 0.2), at the backbone's resolution.
+    """
+    chain = inference_transforms(img_size, mean, std, image_key=image_key, reader=reader)
+    if not train:
+        return chain
+    normalize = chain.pop()  # augment intensities in [0, 1], then normalise
+    if not isinstance(normalize, NormalizeIntensityd):
+        raise AssertionError("load_and_normalize must end with its normalisation")
+    size = [img_size] * 2 if isinstance(img_size, int) else list(img_size)
+    return [
+        *chain,
+        RandTorchVisiond(image_key, name="RandomResizedCrop", size=size, scale=(0.8, 1.0), ratio=(0.7, 1.3)),
+        RandTorchVisiond(image_key, name="RandomHorizontalFlip", p=0.5),
+        RandTorchVisiond(image_key, name="ColorJitter", brightness=0.2, contrast=0.2),
+        normalize,
+    ]
 
 
 def make_fpt_dataset(

@@ -126,9 +126,12 @@ def init_distributed(
             raise RuntimeError("the NCCL backend needs CUDA GPUs and none is available; use backend 'gloo' on CPUs.")
         options["device_id"] = distributed_device()  # binds the group to this process's GPU
     dist.init_process_group(backend=backend, **options)
-    logger.info(
-        "process %d of %d (local rank %s on %s), backend %s",
-        dist.get_rank(), dist.get_world_size(), os.environ["LOCAL_RANK"], os.uname().nodename, backend,
+    _register_with_ignite()
+    import ignite.distributed as idist
+
+    logger.info(  # the local rank as ignite sees it: it picks the device of ignite's metric collectives
+        "process %d of %d (local rank %d on %s), backend %s",
+        dist.get_rank(), dist.get_world_size(), idist.get_local_rank(), os.uname().nodename, backend,
     )
     if quiet_other_ranks and dist.get_rank() > 0:
         logging.disable(logging.INFO)  # every logger, whatever its own level: INFO and below are dropped
@@ -136,11 +139,33 @@ def init_distributed(
         _quieted = True
 
 
+def _register_with_ignite() -> None:
+    """Hand the new process group to ignite (metrics, handlers) now, at the same point on every rank.
+
+    ignite sets itself up on first use, with collectives, so that first use must not happen on some ranks only.
+    And with ``SLURM_JOB_ID`` set, ignite takes the local rank from ``SLURM_LOCALID`` and writes it over
+    ``LOCAL_RANK``; under ``srun torchrun`` that is the index of the torchrun task on its node (0), not of this
+    process, which would put every process of a node on one GPU. Hidden from ignite, the variable leaves it
+    ``torchrun``'s ``LOCAL_RANK``.
+    """
+    import ignite.distributed as idist
+
+    slurm_job = os.environ.pop("SLURM_JOB_ID", None)
+    try:
+        idist.sync()
+    finally:
+        if slurm_job is not None:
+            os.environ["SLURM_JOB_ID"] = slurm_job
+
+
 def destroy_distributed() -> None:
     """Leave the process group (no-op when there is none) and log as before :func:`init_distributed`."""
     global _quieted
     if dist.is_available() and dist.is_initialized():
+        import ignite.distributed as idist
+
         dist.destroy_process_group()
+        idist.sync()  # ignite forgets the group it was given
     if _quieted:
         logging.disable(logging.NOTSET)
         _quieted = False
@@ -259,7 +284,9 @@ def wrap_ddp(
             continue
         learning = [n for n, p in module.named_parameters() if p.requires_grad]
         if learning:
-            raise ValueError(f"submodule {name!r} is not frozen ({len(learning)} trainable tensors, e.g. {learning[0]!r}).")
+            raise ValueError(
+                f"submodule {name!r} is not frozen ({len(learning)} trainable tensors, e.g. {learning[0]!r})."
+            )
         ignored += [f"{name}.{n}" for n, _ in module.named_parameters()]
         ignored += [f"{name}.{n}" for n, _ in module.named_buffers()]
         digests[name] = _weights_digest(module)

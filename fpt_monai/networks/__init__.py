@@ -1,5 +1,6 @@
 """FPT/FPT+ networks as plain PyTorch modules: frozen backbone adapters, token selection, side ViT, fusion."""
 
+from fpt_monai.networks.baselines import BASELINE_METHODS, ViTBaseline, create_baseline
 from fpt_monai.networks.backbones import BackboneShape, FrozenViTBackbone, MonaiViTBackbone, TimmViTBackbone, state_dict_sha256
 from fpt_monai.networks.fpt import PRESETS, FPTNet, FPTPreset, MonaiViTPreset, create_backbone, create_fpt, make_side_view
 from fpt_monai.networks.fusion import FineGrainedFusion, FineGrainedPrompts
@@ -7,6 +8,9 @@ from fpt_monai.networks.selection import mean_received_attention, num_selected_t
 from fpt_monai.networks.side import SideViT
 
 __all__ = [
+    "BASELINE_METHODS",
+    "ViTBaseline",
+    "create_baseline",
     "BackboneShape",
     "FrozenViTBackbone",
     "TimmViTBackbone",

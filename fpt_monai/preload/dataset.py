@@ -270,7 +270,12 @@ class KVCacheDataset(PersistentDataset):
 
     # -- batched filling -------------------------------------------------------------------------------
     def preload(
-        self, batch_size: int = 8, num_workers: int = 0, rank: int = 0, world_size: int = 1, items: Sequence | None = None
+        self,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        items: Sequence | None = None,
     ) -> dict[str, float]:
         """Fill every missing entry, running the backbone on batches of ``batch_size`` images.
 
