@@ -72,6 +72,25 @@ def test_blocks_after_the_last_extracted_one_are_not_run(tiny_timm_vit):
     assert calls == []
 
 
+def test_last_extracted_block_stops_after_its_keys_and_values(tiny_timm_vit):
+    # forward() needs only the last block's keys/values and importance: its projection and MLP are skipped,
+    # forward_with_features() runs them (the backbone's own output needs them); the keys/values agree.
+    calls = []
+    for module in (tiny_timm_vit.blocks[2].attn.proj, tiny_timm_vit.blocks[2].mlp, tiny_timm_vit.blocks[1].mlp):
+        module.register_forward_hook(lambda m, *a: calls.append(m))
+    backbone = TimmViTBackbone(tiny_timm_vit, blocks=(0, 2))
+    images = torch.randn(2, 3, 64, 64)
+    kv = backbone(images)
+    assert calls == [tiny_timm_vit.blocks[1].mlp] * 2  # the CPU path runs one image at a time
+    calls.clear()
+    kv_all, _ = backbone.forward_with_features(images)
+    assert tiny_timm_vit.blocks[2].mlp in calls and tiny_timm_vit.blocks[2].attn.proj in calls
+    torch.testing.assert_close(kv, kv_all, rtol=0, atol=0)
+    # the whole batch at once (the accelerator path) selects the same keys/values
+    with torch.no_grad():
+        torch.testing.assert_close(backbone._run_images(images, all_blocks=False)[0], kv)
+
+
 def test_wrong_input_size_names_expected_shape(tiny_timm_vit):
     with pytest.raises(ValueError, match=r"\(B, 3, 64, 64\)"):
         TimmViTBackbone(tiny_timm_vit)(torch.randn(1, 3, 32, 32))

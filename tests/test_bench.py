@@ -74,14 +74,15 @@ def test_table_markdown_plot_and_targets(tmp_path):
         "machine": "test", "command": "pytest", "protocol": {"batch_size": 2, "img_size": 64}, "memory": rows,
         "parameters": [], "cache": [],
         "speed": {"settings": "test", "training_images_per_s": {"full": 1.0, "fpt": 60.0},
-                  "preload_images_per_s": {"kv_extraction": 0.9, "bare_backbone": 1.0},
-                  "inference_latency_s": {"fpt_network": 1.05, "bare_backbone": 1.0}},
+                  "preload_images_per_s": {"kv_extraction": 0.96, "bare_backbone": 1.0, "bare_backbone_per_image": 1.05},
+                  "inference_latency_s": {"fpt_network": 1.05, "bare_backbone": 1.0, "bare_backbone_eager": 1.2}},
     }
     results["targets"] = check_targets(results)
     met = {c["target"]: c["met"] for c in results["targets"]}
     assert met["FPT training images/s / full fine-tuning"] is True
-    assert met["preload throughput / bare backbone inference"] is False
-    assert met["FPT inference latency / bare backbone latency"] is True
+    # compared with the fastest bare arm: 0.96 / 1.05 fails although 0.96 / 1.0 would pass
+    assert met["preload throughput / fastest bare backbone inference (bare backbone per image)"] is False
+    assert met["FPT inference latency / fastest bare backbone latency (bare backbone)"] is True
     text = write_markdown(results, tmp_path / "results.md")
     assert "| full fine-tuning | images | eager |" in text and "**no**" in text
     write_plot(results, tmp_path / "memory.png")
