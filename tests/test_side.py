@@ -68,3 +68,38 @@ def test_bad_arguments_raise():
         side(torch.randn(1, 1, 64, 64))
     with pytest.raises(ValueError, match="block_prompts"):
         side(torch.randn(1, 1, 32, 32), torch.randn(1, 3, 4, 16))
+
+
+def _saved_bytes(fn) -> int:
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t):
+        fn()
+    return sum(saved)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_recomputing_attention_gives_plain_gradients_and_keeps_no_attention_matrix(fused):
+    import copy
+
+    from timm.layers import Attention
+
+    torch.manual_seed(0)
+    side = SideViT(32, 8, in_channels=3, embed_dim=16, depth=2, num_heads=4, num_classes=3).train()
+    plain = copy.deepcopy(side)
+    for block in plain.blocks:  # timm's own attention: same parameters, nothing recomputed
+        block.attn.__class__ = Attention
+    for net in (side, plain):
+        for block in net.blocks:
+            block.attn.fused_attn = fused
+    x, prompts = torch.randn(2, 3, 32, 32), torch.randn(2, 2, 3, 16)
+    side(x, prompts).sum().backward()
+    plain(x, prompts).sum().backward()
+    for (name, p), q in zip(side.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5, msg=name)
+    recomputing, stock = _saved_bytes(lambda: side(x, prompts)), _saved_bytes(lambda: plain(x, prompts))
+    attention_matrices = 2 * 2 * 4 * 20 * 20 * 4  # blocks x batch x heads x (17 tokens + 3 prompts)^2 x float32
+    # eager: the softmax matrices are no longer kept; fused attention runs the plain path
+    if fused:
+        assert recomputing == stock
+    else:
+        assert stock - recomputing >= attention_matrices
