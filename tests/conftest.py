@@ -18,3 +18,16 @@ def make_tiny_timm_vit(img_size: int = 64, depth: int = 4, seed: int = 0) -> Vis
 @pytest.fixture
 def tiny_timm_vit() -> VisionTransformer:
     return make_tiny_timm_vit()
+
+
+#: Bundle overrides that keep a training run to seconds: the ViT-Ti preset at 64 px (17 tokens), a 32 px side
+#: view, 2 epochs of batch 4 (global batch 4 in the multi-process tests too).
+TINY_BUNDLE = {
+    "preset": "fpt_tiny",
+    "network_def#img_size": 64,
+    "network_def#side_img_size": 32,
+    "num_epochs": 2,
+    "batch_size": 4,
+    "num_workers": 0,
+    "learning_rate": 0.001,
+}

@@ -145,3 +145,13 @@ def test_monai_adapter_checks_sizes():
         MonaiViTBackbone(model, 32, 16)
     with pytest.raises(ValueError, match="patches"):
         MonaiViTBackbone(model, 64, 8)
+
+
+def test_metatensor_images_give_the_same_keys_and_values(tiny_timm_vit):
+    from monai.data import MetaTensor
+
+    backbone = TimmViTBackbone(tiny_timm_vit, blocks=(1, 3))
+    images = torch.randn(2, 3, 64, 64)
+    kv = backbone(MetaTensor(images.clone(), meta={"filename_or_obj": "a.png"}))
+    assert type(kv) is torch.Tensor
+    torch.testing.assert_close(kv, backbone(images), rtol=0, atol=0)

@@ -15,21 +15,12 @@ import torch
 from monai.bundle import ConfigParser, ConfigWorkflow, ckpt_export, verify_metadata, verify_net_in_out
 from safetensors.torch import save_file
 
+from conftest import TINY_BUNDLE as TINY
 from fpt_monai.bundle import bundle_dir, config_files, export_bundle
 from fpt_monai.data import make_sample_dataset
 from fpt_monai.networks.fpt import BACKBONE_REFERENCE_KEY
 
 BUNDLE = bundle_dir()
-# a ViT-Ti preset at 64 px (17 tokens) and a 32 px side view keeps every run to seconds
-TINY = {
-    "preset": "fpt_tiny",
-    "network_def#img_size": 64,
-    "network_def#side_img_size": 32,
-    "num_epochs": 2,
-    "batch_size": 4,
-    "num_workers": 0,
-    "learning_rate": 0.001,
-}
 
 
 def run_workflow(names, run_id, **override):

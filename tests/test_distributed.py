@@ -18,6 +18,7 @@ import torch
 from monai.bundle import ConfigWorkflow
 from safetensors.torch import save_file
 
+from conftest import TINY_BUNDLE as TINY
 from fpt_monai.bundle import config_files
 from fpt_monai.data import make_sample_dataset
 from fpt_monai.engine import distributed
@@ -26,16 +27,6 @@ from fpt_monai.preload.handler import _preload_sharded
 from preload_setup import make_dataset, write_images
 
 TESTS = Path(__file__).parent
-# the tiny settings of test_bundle.py: ViT-Ti at 64 px, side view 32 px, global batch 4
-TINY = {
-    "preset": "fpt_tiny",
-    "network_def#img_size": 64,
-    "network_def#side_img_size": 32,
-    "num_epochs": 2,
-    "batch_size": 4,
-    "num_workers": 0,
-    "learning_rate": 0.001,
-}
 # Shuffling, augmentation and dropout draw different random numbers in one process than in two, so the runs
 # compared here switch them off: then both see the same global batches and only float rounding differs.
 DETERMINISTIC = {

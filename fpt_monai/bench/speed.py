@@ -103,7 +103,7 @@ def training_throughput(
     arms = {}
     for method in methods:
         if method.startswith("fpt"):
-            full = _quiet_build(lambda: create_fpt(method if method != "fpt" else "fpt", num_classes, pretrained=False, img_size=img_size))
+            full = _quiet_build(lambda: create_fpt(method, num_classes, pretrained=False, img_size=img_size))
             net = FPTNet(
                 full.backbone.shape, num_classes, side_img_size=full.side_img_size, variant=full.fusion.variant
             ).train()

@@ -194,7 +194,7 @@ class FrozenViTBackbone(nn.Module):
         # N x N buffer is reused for the scores and, in place, their softmax: a fresh 4 MB tensor per head costs a
         # page-faulting allocation, and the in-place softmax halves the traffic (159 vs 178 ms, best of 12).
         n = q.shape[2]
-        attention = q.new_empty(n, n)
+        attention = q.new_empty((n, n))
         context = None if v is None else q.new_empty(v.shape)
         importance = q.new_empty(q.shape[:3])
         for b in range(q.shape[0]):
@@ -218,6 +218,10 @@ class FrozenViTBackbone(nn.Module):
 
     def _run(self, images: torch.Tensor, all_blocks: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         self.check_input(images)
+        if type(images) is not torch.Tensor and not torch.jit.is_scripting():
+            # a MONAI MetaTensor (or other subclass): its per-op metadata handling would be paid by every op of the
+            # per-head loops below, and the keys/values carry no image metadata
+            images = images.as_subclass(torch.Tensor)
         scripted = torch.jit.is_tracing() or torch.jit.is_scripting()
         if images.device.type == "cpu" and images.shape[0] > 1 and not scripted:
             # One image at a time on the CPU: a ViT-B/16 block's largest intermediates at 512 (the MLP's 4100 x 3072
