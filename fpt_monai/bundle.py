@@ -16,7 +16,7 @@ from pathlib import Path
 
 import fpt_monai
 
-__all__ = ["bundle_dir", "config_files", "run_demo", "export_bundle"]
+__all__ = ["DEMO_METHODS", "bundle_dir", "config_files", "demo_config_names", "run_demo", "export_bundle"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +44,32 @@ def config_files(*names: str, root: str | os.PathLike | None = None) -> list[str
     return [str(p) for p in paths]
 
 
-def run_demo(work_dir: str | os.PathLike = "fpt_demo", evaluate: bool = True, **overrides) -> dict:
-    """Train FPT on the sample dataset with the bundle, then evaluate the best and final checkpoints.
+#: Methods :func:`run_demo` trains on the sample task: FPT, and the baselines on the same demo network.
+DEMO_METHODS = ("fpt", "full", "linear", "lora", "adapter")
+
+
+def demo_config_names(method: str = "fpt", evaluate: bool = False) -> list[str]:
+    """The bundle configs, in layering order, of a sample-task run of ``method`` (training, or evaluation).
+
+    FPT: ``train + demo`` (evaluation: ``train + evaluate + demo``). A baseline on the demo network
+    (:func:`fpt_monai.pretrained.create_demo_baseline`): ``train + demo + baseline + demo_baseline``
+    (evaluation: ``train + evaluate + demo + baseline + demo_baseline + evaluate_baseline``), with ``method`` set.
+
+    Raises:
+        ValueError: ``method`` is not one of :data:`DEMO_METHODS` (``vpt``: the demo network has no tokens).
+    """
+    if method != "fpt":
+        from fpt_monai.networks.baselines import check_cnn_method
+
+        check_cnn_method(method)
+    names = ["train", "evaluate", "demo"] if evaluate else ["train", "demo"]
+    if method != "fpt":
+        names += ["baseline", "demo_baseline"] + (["evaluate_baseline"] if evaluate else [])
+    return names
+
+
+def run_demo(work_dir: str | os.PathLike = "fpt_demo", evaluate: bool = True, method: str = "fpt", **overrides) -> dict:
+    """Train FPT (or a baseline) on the sample dataset with the bundle, then evaluate the best and final checkpoints.
 
     The same runs as::
 
@@ -54,10 +78,13 @@ def run_demo(work_dir: str | os.PathLike = "fpt_demo", evaluate: bool = True, **
         python -m monai.bundle run evaluating \\
             --config_file "['configs/train.json','configs/evaluate.json','configs/demo.json']" --bundle_root <work_dir>
 
+    with, for a baseline, the overlays of :func:`demo_config_names` and ``--method <method>``.
+
     Args:
         work_dir: bundle root of the run: sample data, cache, checkpoints (``models/``), reports and TensorBoard
             logs (``eval/``) go there.
         evaluate: also run the test-set evaluation.
+        method: ``fpt``, or a baseline on the same demo network: ``full``, ``linear``, ``lora``, ``adapter``.
         overrides: config overrides, e.g. ``num_epochs=2``.
 
     Returns:
@@ -65,6 +92,10 @@ def run_demo(work_dir: str | os.PathLike = "fpt_demo", evaluate: bool = True, **
     """
     from monai.bundle import ConfigWorkflow
 
+    train_names, evaluate_names = demo_config_names(method), demo_config_names(method, evaluate=True)
+    if method != "fpt":
+        if overrides.setdefault("method", method) != method:
+            raise ValueError(f"method={method!r} and the override method={overrides['method']!r} disagree.")
     work_dir = Path(work_dir).absolute()
     work_dir.mkdir(parents=True, exist_ok=True)
     meta = config_files("metadata")[0]
@@ -73,10 +104,9 @@ def run_demo(work_dir: str | os.PathLike = "fpt_demo", evaluate: bool = True, **
     if overrides.get("check_overrides", True):  # refuse typos and mistyped values before any work
         from fpt_monai.config_check import check_overrides
 
-        check_overrides(config_files("train", "evaluate", "demo") if evaluate else config_files("train", "demo"),
-                        overrides)
+        check_overrides(config_files(*(evaluate_names if evaluate else train_names)), overrides)
     train = ConfigWorkflow(
-        config_file=config_files("train", "demo"), meta_file=meta, logging_file=logging_file,
+        config_file=config_files(*train_names), meta_file=meta, logging_file=logging_file,
         run_id="training", workflow_type=None, **common,
     )
     train.initialize()
@@ -85,7 +115,7 @@ def run_demo(work_dir: str | os.PathLike = "fpt_demo", evaluate: bool = True, **
     if not evaluate:
         return {}
     evaluation = ConfigWorkflow(
-        config_file=config_files("train", "evaluate", "demo"), meta_file=meta, logging_file=logging_file,
+        config_file=config_files(*evaluate_names), meta_file=meta, logging_file=logging_file,
         run_id="evaluating", workflow_type=None, **common,
     )
     evaluation.initialize()

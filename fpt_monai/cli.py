@@ -188,16 +188,19 @@ class Commands:
         self,
         output_dir: str = "benchmarks/results",
         speed: bool = True,
-        accuracy_runs: dict | None = None,
+        accuracy: bool = False,
+        accuracy_epochs: int = 20,
+        accuracy_dir: str = "fpt_accuracy",
         batch_size: int = 16,
         img_size: int = 512,
     ) -> None:
         """All benchmarks side by side: parameters, training memory, cache bytes, speed, (accuracy), targets.
 
         Writes ``results.json``, ``results.md`` and ``memory.png`` to ``output_dir`` and prints the markdown.
-        About 15 minutes on a 2-core CPU (the speed section runs ViT-B/16 training steps at 512);
-        ``--speed False`` leaves it out (about 5 minutes). ``--accuracy_runs '{"FPT": "fpt_demo"}'`` adds the
-        test metrics of finished ``fpt-monai demo`` work folders.
+        About 12.5 minutes on a 2-core CPU (the speed section runs ViT-B/16 training steps at 512);
+        ``--speed False`` leaves it out (about 4 minutes). ``--accuracy True`` also trains and tests every method
+        on the bundle's sample task, ``--accuracy_epochs`` epochs each (runs under ``--accuracy_dir``; see
+        ``fpt-monai accuracy``, which runs that section alone).
         """
         import sys
 
@@ -205,10 +208,42 @@ class Commands:
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
         results = run_benchmarks(
-            output_dir, batch_size=int(batch_size), img_size=int(img_size), speed=speed, accuracy_runs=accuracy_runs,
+            output_dir, batch_size=int(batch_size), img_size=int(img_size), speed=speed, accuracy=accuracy,
+            accuracy_epochs=int(accuracy_epochs), accuracy_dir=accuracy_dir,
             command="fpt-monai " + " ".join(sys.argv[1:]),
         )
         print(write_markdown(results, f"{output_dir}/results.md"))
+
+    def accuracy(
+        self,
+        work_dir: str = "fpt_accuracy",
+        output_dir: str = "benchmarks/results",
+        num_epochs: int = 20,
+        methods: str | Sequence[str] = ("full", "linear", "vpt", "lora", "adapter", "fpt"),
+        **overrides,
+    ) -> None:
+        """Accuracy of every method on the bundle's sample task, same schedule (the accuracy section of ``bench``).
+
+        Full fine-tuning, linear probing, LoRA, an AdaptFormer-style adapter and FPT, all on the demo network
+        (ImageNet EfficientNet-Lite0), trained and tested through the bundle with the same data, seed and
+        schedule (VPT-deep: an n/a row, it needs transformer tokens). Runs go to ``work_dir/<method>``; writes
+        ``accuracy.json`` and ``accuracy.md`` to ``output_dir`` and prints the markdown. Other options are bundle
+        overrides for every run (``--batch_size 8``). See :mod:`fpt_monai.bench.accuracy`.
+
+        Args:
+            work_dir: folder of the sample data and of the runs.
+            output_dir: where ``accuracy.json`` and ``accuracy.md`` go.
+            num_epochs: epochs of every method (20 in the demo schedule).
+            methods: comma-separated or a list, out of full, linear, vpt, lora, adapter, fpt.
+        """
+        import sys
+
+        from fpt_monai.bench.accuracy import accuracy_table, write_accuracy
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+        methods = [m for m in methods.split(",") if m] if isinstance(methods, str) else list(methods)
+        result = accuracy_table(work_dir, methods=methods, num_epochs=int(num_epochs), **overrides)
+        print(write_accuracy(result, output_dir, command="fpt-monai " + " ".join(sys.argv[1:])))
 
 
     def sample_data(self, output_dir: str = "fpt_sample", num_train: int = 240, num_val: int = 90, num_test: int = 90,
@@ -256,16 +291,17 @@ class Commands:
         if table:
             print(markdown_table(result))
 
-    def demo(self, work_dir: str = "fpt_demo", **overrides) -> None:
+    def demo(self, work_dir: str = "fpt_demo", method: str = "fpt", **overrides) -> None:
         """Train FPT on the offline sample dataset with the MONAI bundle, evaluate it, print the test metrics.
 
         Everything (sample data, K/V cache, checkpoints, reports, TensorBoard logs) goes to ``work_dir``; see
         ``tensorboard --logdir <work_dir>/eval/tensorboard``. Any bundle config value can be overridden, e.g.
-        ``fpt-monai demo --num_epochs 2``.
+        ``fpt-monai demo --num_epochs 2``. ``--method full|linear|lora|adapter`` trains that baseline on the same
+        demo network instead (overlays ``baseline.json`` and ``demo_baseline.json``).
         """
         from fpt_monai.bundle import run_demo
 
-        results = run_demo(work_dir, **overrides)
+        results = run_demo(work_dir, method=method, **overrides)
         print(json.dumps({"work_dir": str(work_dir), "test_metrics": results}, indent=2))
 
     def export_bundle(self, output_dir: str, overwrite: bool = False) -> None:

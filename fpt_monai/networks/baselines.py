@@ -1,8 +1,9 @@
-"""The transfer-learning methods FPT is compared with, on the same timm ViT backbone.
+"""The transfer-learning methods FPT is compared with, on the same timm backbone (a ViT, or the demo CNN).
 
 Every baseline is a plain ``nn.Module`` with ``forward(images) -> logits`` on the high-resolution image, plus
 ``trainable_parameters()`` and ``parameter_counts()`` like :class:`~fpt_monai.networks.FPTNet`, so the bundle
-trains it by swapping ``network_def`` (see ``configs/baseline.json``).
+trains it by swapping ``network_def`` (see ``configs/baseline.json``). Whatever is frozen stays in eval mode
+under ``train()``; only the modules that own learnable parameters follow it.
 
 - ``full``: full fine-tuning, every weight learns.
 - ``linear``: linear probing, a new head on the frozen backbone's class token (no gradient enters the backbone).
@@ -16,31 +17,64 @@ sizes give learnable shares close to those the FPT+ paper reports for these meth
 
 LoRA is written here (two small matrices per projection) rather than taken from ``peft``: ``peft`` would bring
 ``transformers`` and ``accelerate`` as dependencies for what is a dozen lines on timm's ``Attention.qkv``.
+
+:class:`CNNBaseline` carries the methods over to a timm EfficientNet-family CNN (the demo backbone,
+:func:`fpt_monai.pretrained.create_demo_baseline`; an extension, the papers compare on ViTs only):
+
+- ``full`` and ``linear`` as above; the linear probe's features are what timm's ``forward_features`` /
+  ``forward_head(pre_logits=True)`` give: the last 1x1 convolution (``conv_head``, 1280 channels for
+  EfficientNet-Lite0) with its batch norm and ReLU6, globally average-pooled over the feature map.
+- ``lora`` on every pointwise (1x1, ungrouped) convolution: such a convolution is a linear map applied at
+  every pixel, the CNN counterpart of a ViT's token-wise projections (:class:`LoRALinear` takes both).
+- ``adapter``: AdaptFormer's scaled bottleneck (1x1 convolution down, ReLU, 1x1 convolution up, zero-initialised)
+  in parallel with every MBConv block, added to its output (:class:`ParallelConvAdapter`).
+- ``vpt`` has no counterpart: VPT inserts tokens into a transformer's sequence and a CNN has none
+  (``ValueError``).
 """
 
 from __future__ import annotations
 
 import os
 
+import math
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 __all__ = [
     "BASELINE_METHODS",
+    "CNN_BASELINE_METHODS",
+    "CNNBaseline",
     "LoRALinear",
     "ParallelAdapter",
+    "ParallelConvAdapter",
     "PromptedBlock",
     "ViTBaseline",
+    "check_cnn_method",
     "create_baseline",
 ]
 
 BASELINE_METHODS = ("full", "linear", "vpt", "lora", "adapter")
+#: The methods :class:`CNNBaseline` has (VPT needs transformer tokens).
+CNN_BASELINE_METHODS = ("full", "linear", "lora", "adapter")
+
+
+def _is_pointwise(conv: nn.Module) -> bool:
+    """A 1x1, ungrouped, unpadded ``nn.Conv2d``: one linear map applied at every pixel (of a strided grid)."""
+    return (
+        isinstance(conv, nn.Conv2d) and tuple(conv.kernel_size) == (1, 1) and conv.groups == 1
+        and not isinstance(conv.padding, str) and tuple(conv.padding) == (0, 0)
+    )
 
 
 class LoRALinear(nn.Module):
-    """A frozen ``nn.Linear`` plus a learnable low-rank update: ``W x + b + (alpha / r) B A x``.
+    """A frozen linear map plus a learnable low-rank update: ``W x + b + (alpha / r) B A x``.
 
+    The map is an ``nn.Linear`` (on the last dimension of tokens), or a pointwise ``nn.Conv2d`` (1x1, one group,
+    no padding), which is the same kind of map applied at every pixel of a (B, C, H, W) feature map; there the
+    update is folded into the convolution's weight, ``W + (alpha / r) B A``, and one convolution runs.
     ``A`` starts Kaiming-uniform and ``B`` at zero, so the wrapped layer starts as the pre-trained one.
 
     Args:
@@ -49,18 +83,30 @@ class LoRALinear(nn.Module):
         alpha: scaling numerator (the update is scaled by ``alpha / rank``).
     """
 
-    def __init__(self, linear: nn.Linear, rank: int = 16, alpha: float = 16.0) -> None:
+    def __init__(self, linear: nn.Linear | nn.Conv2d, rank: int = 16, alpha: float = 16.0) -> None:
         super().__init__()
         if rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {rank}.")
+        if isinstance(linear, nn.Linear):
+            in_features, out_features = linear.in_features, linear.out_features
+        elif _is_pointwise(linear):
+            in_features, out_features = linear.in_channels, linear.out_channels
+        else:
+            raise TypeError(
+                f"LoRALinear wraps an nn.Linear or a pointwise (1x1, ungrouped, unpadded) nn.Conv2d, got {linear}."
+            )
         self.linear = linear.requires_grad_(False)
-        self.lora_a = nn.Parameter(torch.empty(rank, linear.in_features))
-        self.lora_b = nn.Parameter(torch.zeros(linear.out_features, rank))
+        self.lora_a = nn.Parameter(torch.empty(rank, in_features))
+        self.lora_b = nn.Parameter(torch.zeros(out_features, rank))
         self.scaling = alpha / rank
         nn.init.kaiming_uniform_(self.lora_a, a=5**0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x) + (x @ self.lora_a.T @ self.lora_b.T) * self.scaling
+        if isinstance(self.linear, nn.Linear):
+            return self.linear(x) + (x @ self.lora_a.T @ self.lora_b.T) * self.scaling
+        conv = self.linear
+        weight = conv.weight + (self.lora_b @ self.lora_a * self.scaling)[:, :, None, None]
+        return F.conv2d(x, weight, conv.bias, conv.stride, 0, conv.dilation, 1)
 
 
 class ParallelAdapter(nn.Module):
@@ -83,13 +129,54 @@ class ParallelAdapter(nn.Module):
         self.down = nn.Linear(dim, bottleneck)
         self.up = nn.Linear(bottleneck, dim)
         self.scale = scale
-        nn.init.kaiming_uniform_(self.down.weight, a=5**0.5)
-        nn.init.zeros_(self.down.bias)
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
+        _init_bottleneck(self.down, self.up)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(x) + self.up(torch.relu(self.down(x))) * self.scale
+
+
+def _init_bottleneck(down: nn.Module, up: nn.Module) -> None:
+    """AdaptFormer's initialisation: down Kaiming-uniform, up (and both biases) zero: the adapter starts as 0."""
+    nn.init.kaiming_uniform_(down.weight, a=5**0.5)
+    nn.init.zeros_(down.bias)
+    nn.init.zeros_(up.weight)
+    nn.init.zeros_(up.bias)
+
+
+class ParallelConvAdapter(nn.Module):
+    """AdaptFormer's bottleneck beside a CNN block: ``block(x) + s * up(relu(down(x)))``.
+
+    ``down`` and ``up`` are 1x1 convolutions (the token-wise linear layers of :class:`ParallelAdapter` applied at
+    every pixel); ``down`` has the block's stride and ``up`` its output channels, so the two branches have the
+    same shape and are added (for a block with a skip connection, the block's output already contains it). The
+    up-projection starts at zero, so the adapted block starts as the pre-trained one.
+
+    Args:
+        block: the pre-trained block (frozen here).
+        in_channels: the block's input channels.
+        out_channels: the block's output channels.
+        stride: the block's spatial stride.
+        bottleneck: the adapter's hidden width.
+        scale: ``s`` (0.1 in AdaptFormer).
+    """
+
+    def __init__(
+        self, block: nn.Module, in_channels: int, out_channels: int, stride: int = 1, bottleneck: int = 16,
+        scale: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if bottleneck < 1:
+            raise ValueError(f"adapter bottleneck must be >= 1, got {bottleneck}.")
+        if stride < 1:
+            raise ValueError(f"stride must be >= 1, got {stride}.")
+        self.block = block.requires_grad_(False)
+        self.down = nn.Conv2d(in_channels, bottleneck, 1, stride=stride)
+        self.up = nn.Conv2d(bottleneck, out_channels, 1)
+        self.scale = scale
+        _init_bottleneck(self.down, self.up)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x) + self.up(torch.relu(self.down(x))) * self.scale
 
 
 class PromptedBlock(nn.Module):
@@ -123,7 +210,57 @@ class PromptedBlock(nn.Module):
         return torch.cat([x[:, :n], x[:, n + prompts.shape[1] :]], dim=1)
 
 
-class ViTBaseline(nn.Module):
+class _TimmBaseline(nn.Module):
+    """What the baselines share: a timm model with a new classifier, the parameter views, train/eval, forward.
+
+    ``self.model`` is the timm model; for every method but ``full`` only its new classifier and the modules a
+    subclass adds learn.
+    """
+
+    method: str
+    model: nn.Module
+
+    def _new_classifier(self, num_classes: int) -> None:
+        """Replace the model's classifier with a new one of ``num_classes`` outputs; freeze the rest unless ``full``."""
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
+        self.model.reset_classifier(num_classes)
+        if self.method != "full":
+            self.model.requires_grad_(False)
+            self.model.get_classifier().requires_grad_(True)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What the optimizer gets: the parameters with ``requires_grad``."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Learnable and frozen parameter counts."""
+        learnable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad)
+        return {"learnable": learnable, "frozen": frozen}
+
+    def train(self, mode: bool = True) -> _TimmBaseline:
+        """``full``: everything follows ``mode``. Otherwise the frozen network stays in eval mode (batch norm
+        statistics, dropout); the modules that own learnable parameters (classifier, adapters, LoRA, prompts)
+        follow ``mode``."""
+        super().train(mode)
+        if self.method != "full":
+            self.model.eval()
+            for module in self.model.modules():
+                if any(p.requires_grad for p in module.parameters(recurse=False)):
+                    module.training = mode
+        return self
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) at the backbone's resolution -> logits (B, num_classes)."""
+        if self.method == "linear":
+            with torch.no_grad():  # the frozen features need no graph
+                features = self.model.forward_head(self.model.forward_features(images), pre_logits=True)
+            return self.model.get_classifier()(features)
+        return self.model(images)
+
+
+class ViTBaseline(_TimmBaseline):
     """A timm ``VisionTransformer`` trained with one of :data:`BASELINE_METHODS`.
 
     Args:
@@ -153,13 +290,9 @@ class ViTBaseline(nn.Module):
             raise ValueError(f"method must be one of {BASELINE_METHODS}, got {method!r}.")
         if not isinstance(model, VisionTransformer):
             raise TypeError(f"model must be a timm VisionTransformer, got {type(model).__name__}.")
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
         self.method = method
-        model.reset_classifier(num_classes)
-        if method != "full":
-            for name, param in model.named_parameters():
-                param.requires_grad_(name.startswith("head."))
+        self.model = model
+        self._new_classifier(num_classes)
         dim = model.embed_dim
         if method == "vpt":
             model.blocks = nn.Sequential(
@@ -171,37 +304,93 @@ class ViTBaseline(nn.Module):
         elif method == "adapter":
             for block in model.blocks:
                 block.mlp = ParallelAdapter(block.mlp, dim, adapter_bottleneck, adapter_scale)
-        self.model = model
         self.img_size = tuple(model.patch_embed.img_size)
         # the input normalisation of the weights, where the bundle's transforms look for it (as on the backbones)
         cfg = getattr(model, "pretrained_cfg", None) or {}
         self.mean = tuple(float(m) for m in cfg.get("mean", (0.5, 0.5, 0.5)))
         self.std = tuple(float(s) for s in cfg.get("std", (0.5, 0.5, 0.5)))
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """What the optimizer gets: the parameters with ``requires_grad``."""
-        return [p for p in self.parameters() if p.requires_grad]
 
-    def parameter_counts(self) -> dict[str, int]:
-        """Learnable and frozen parameter counts."""
-        learnable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad)
-        return {"learnable": learnable, "frozen": frozen}
+def check_cnn_method(method: str) -> None:
+    """Raise ``ValueError`` unless ``method`` is one of :data:`CNN_BASELINE_METHODS` (saying why ``vpt`` is not)."""
+    if method == "vpt":
+        raise ValueError(
+            "VPT-deep needs transformer tokens: it inserts learnable tokens into every block's token sequence, and "
+            "a CNN (such as the demo backbone EfficientNet-Lite0) has no token sequence, so VPT has no counterpart "
+            "on it. Use a ViT backbone (create_baseline) for VPT."
+        )
+    if method not in CNN_BASELINE_METHODS:
+        raise ValueError(f"method must be one of {CNN_BASELINE_METHODS} on a CNN, got {method!r}.")
 
-    def train(self, mode: bool = True) -> ViTBaseline:
-        super().train(mode)
-        if self.method == "linear":  # a frozen feature extractor keeps its inference behaviour
-            self.model.eval()
-            self.model.head.train(mode)
-        return self
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (B, C, H, W) at the backbone's resolution -> logits (B, num_classes)."""
-        if self.method == "linear":
-            with torch.no_grad():  # the frozen features need no graph
-                features = self.model.forward_head(self.model.forward_features(images), pre_logits=True)
-            return self.model.head(features)
-        return self.model(images)
+def _block_geometry(block: nn.Module) -> tuple[int, int, int]:
+    """(input channels, output channels, stride) of a CNN block, read from its convolutions."""
+    convs = [m for m in block.modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise TypeError(f"{type(block).__name__} has no convolution; cannot place an adapter beside it.")
+    stride = math.prod(int(c.stride[0]) for c in convs)
+    return convs[0].in_channels, convs[-1].out_channels, stride
+
+
+class CNNBaseline(_TimmBaseline):
+    """A timm EfficientNet-family CNN trained with one of :data:`CNN_BASELINE_METHODS` (see the module docstring).
+
+    Args:
+        model: a timm CNN with ``conv_stem`` and ``blocks`` (stages of blocks) and pre-trained weights; its
+            classifier is replaced.
+        method: ``full``, ``linear``, ``lora`` or ``adapter`` (``vpt`` raises ``ValueError``: no tokens).
+        num_classes: number of output logits.
+        img_size: the input resolution (square) the network is used at.
+        mean: per-channel input normalisation of the weights.
+        std: per-channel input normalisation of the weights.
+        lora_rank: LoRA rank ``r`` on every pointwise convolution.
+        lora_alpha: LoRA scaling numerator (default: ``lora_rank``, a scaling of 1).
+        adapter_bottleneck: hidden width of every block's adapter.
+        adapter_scale: adapter scale ``s``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        method: str,
+        num_classes: int,
+        img_size: int,
+        mean: tuple[float, ...] = (0.5, 0.5, 0.5),
+        std: tuple[float, ...] = (0.5, 0.5, 0.5),
+        lora_rank: int = 8,
+        lora_alpha: float | None = None,
+        adapter_bottleneck: int = 16,
+        adapter_scale: float = 0.1,
+    ) -> None:
+        super().__init__()
+        check_cnn_method(method)
+        for attr in ("conv_stem", "blocks", "forward_features", "forward_head", "reset_classifier"):
+            if not hasattr(model, attr):
+                raise TypeError(
+                    f"CNNBaseline needs a timm EfficientNet-family model; {type(model).__name__} has no `{attr}`."
+                )
+        if int(img_size) < 1:
+            raise ValueError(f"img_size must be positive, got {img_size}.")
+        self.method = method
+        self.model = model
+        self._new_classifier(num_classes)
+        if method == "lora":
+            classifier = model.get_classifier()
+            for name, module in list(model.named_modules()):
+                if _is_pointwise(module) and module is not classifier:
+                    parent, _, child = name.rpartition(".")
+                    setattr(model.get_submodule(parent), child,
+                            LoRALinear(module, lora_rank, float(lora_rank if lora_alpha is None else lora_alpha)))
+        elif method == "adapter":
+            for stage in model.blocks:
+                for index, block in enumerate(stage):
+                    in_channels, out_channels, stride = _block_geometry(block)
+                    stage[index] = ParallelConvAdapter(
+                        block, in_channels, out_channels, stride, adapter_bottleneck, adapter_scale
+                    )
+        self.img_size = (int(img_size), int(img_size))
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
 
 
 def create_baseline(

@@ -14,6 +14,7 @@ Typical use::
 
     from fpt_monai.pretrained import create_demo_backbone, create_demo_fpt, DEMO_SETTINGS
     net = create_demo_fpt(num_classes=3)              # frozen backbone at 512, side ViT at 112
+    lora = create_demo_baseline("lora", num_classes=3)  # a baseline on the same network (full, linear, lora, adapter)
     backbone = net.backbone                           # or create_demo_backbone() for preloading
     # images: resized to DEMO_SETTINGS["img_size"], scaled to [0, 1], normalised with mean/std 0.5
 
@@ -41,6 +42,7 @@ __all__ = [
     "calibration_batches",
     "convert_efficientnet_lite0",
     "create_demo_backbone",
+    "create_demo_baseline",
     "ensure_demo_weights",
     "create_demo_fpt",
     "file_sha256",
@@ -316,3 +318,45 @@ def create_demo_fpt(
         reduction=DEMO_SETTINGS["reduction"], fusion_dropout=fusion_dropout, side_only=side_only,
     )
 
+
+
+def create_demo_baseline(
+    method: str,
+    num_classes: int,
+    pretrained: bool | str | os.PathLike = True,
+    img_size: int = DEMO_SETTINGS["img_size"],
+    sha256: str | None = DEMO_WEIGHTS_SHA256,
+    **kwargs,
+):
+    """A baseline on the demo network, for comparing FPT with the usual methods offline.
+
+    The whole ImageNet EfficientNet-Lite0 (the weights of :func:`create_demo_backbone`, the adapter's projections
+    unused) with a new classifier, trained with one of the methods of
+    :class:`~fpt_monai.networks.baselines.CNNBaseline`: ``full`` (everything learns), ``linear`` (new head on the
+    globally average-pooled 1280-channel ``conv_head`` features, no gradient into the network), ``lora`` (rank 8
+    on all 32 pointwise convolutions), ``adapter`` (bottleneck 16, scale 0.1, beside each of the 16 MBConv blocks).
+    ``vpt`` raises ``ValueError``: VPT-deep needs transformer tokens. Inputs as for the demo backbone:
+    ``img_size`` (512), scaled to [0, 1], normalised with :data:`DEMO_SETTINGS` mean/std (0.5).
+
+    Args:
+        method: ``full``, ``linear``, ``lora`` or ``adapter``.
+        num_classes: number of output logits.
+        pretrained: ``True`` loads the shipped weights (hash-checked), a path loads that file (checked against
+            ``sha256``), ``False`` gives random weights (tests only, warned about).
+        img_size: input resolution.
+        sha256: expected hash of the weights file; ``None`` skips the check.
+        **kwargs: method settings of :class:`~fpt_monai.networks.baselines.CNNBaseline` (``lora_rank``,
+            ``lora_alpha``, ``adapter_bottleneck``, ``adapter_scale``).
+    """
+    from fpt_monai.networks.baselines import CNNBaseline, check_cnn_method
+
+    check_cnn_method(method)  # before any weights are read
+    model = _timm_model()
+    if pretrained is not False:
+        state = load_demo_weights(None if pretrained is True else pretrained, sha256=sha256)
+        model.load_state_dict({k: v for k, v in state.items() if not k.startswith("adapter.")}, strict=True)
+    else:
+        logger.warning("create_demo_baseline(pretrained=False): RANDOM CNN weights; use only for tests.")
+    return CNNBaseline(
+        model, method, num_classes, img_size=img_size, mean=DEMO_SETTINGS["mean"], std=DEMO_SETTINGS["std"], **kwargs
+    )

@@ -1,0 +1,193 @@
+"""Accuracy of FPT and the baselines on the bundle's sample task, every method with the same schedule.
+
+Every method trains and is tested through the bundle (:func:`fpt_monai.bundle.run_demo`): the same sample data
+(240 train / 90 val / 90 test fundus-like images, 3 grades), the same seed, optimizer (AdamW), learning rate,
+weight decay, cosine schedule, batch size, gradient clipping, epochs and augmentation; only the network (and,
+for FPT, its two-view input with preloaded keys/values) differs. The one ImageNet-pre-trained network available
+offline is the demo's EfficientNet-Lite0, so every method uses it
+(:func:`fpt_monai.pretrained.create_demo_baseline`, :func:`fpt_monai.pretrained.create_demo_fpt`):
+
+- ``full``: every weight of EfficientNet-Lite0 and a new head learn.
+- ``linear``: a new head on the frozen network's globally average-pooled ``conv_head`` features.
+- ``lora``: LoRA, rank 8, on every pointwise (1x1) convolution.
+- ``adapter``: AdaptFormer-style bottleneck (16, scale 0.1) beside every MBConv block.
+- ``vpt``: not run; VPT-deep needs transformer tokens, which a CNN does not have (the row says so).
+- ``fpt``: FPT with the frozen network behind the CNN adapter, side ViT at 112.
+
+Per method: the test metrics (macro one-vs-rest AUC, accuracy, macro F1, quadratic weighted kappa) of the best
+(validation AUC) and the final checkpoint, the learnable and frozen parameter counts, and the wall time of the
+whole run (training with validation every epoch, and testing both checkpoints; for FPT it includes preloading
+the keys/values of the 420 images).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["ACCURACY_LABELS", "ACCURACY_METHODS", "accuracy_markdown", "accuracy_table", "write_accuracy"]
+
+logger = logging.getLogger(__name__)
+
+#: The methods of the table, in order (``vpt`` gives an n/a row).
+ACCURACY_METHODS = ("full", "linear", "vpt", "lora", "adapter", "fpt")
+#: Row labels (the default method settings).
+ACCURACY_LABELS = {
+    "full": "full fine-tuning",
+    "linear": "linear probing (pooled conv_head features)",
+    "vpt": "VPT-deep prompt tuning",
+    "lora": "LoRA (r=8, every 1x1 convolution)",
+    "adapter": "AdaptFormer-style adapter (bottleneck 16, every MBConv block)",
+    "fpt": "FPT (frozen network at 512, side ViT at 112)",
+}
+
+
+def _parameter_counts(method: str, num_classes: int, network_kwargs: dict) -> dict:
+    """Learnable/frozen parameters of the network a run builds (random weights: the counts do not depend on them)."""
+    from fpt_monai.pretrained import create_demo_baseline, create_demo_fpt
+
+    level = logging.getLogger("fpt_monai").level
+    logging.getLogger("fpt_monai").setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if method == "fpt":
+                net = create_demo_fpt(num_classes, pretrained=False, **network_kwargs)
+            else:
+                net = create_demo_baseline(method, num_classes, pretrained=False, **network_kwargs)
+    finally:
+        logging.getLogger("fpt_monai").setLevel(level)
+    counts = net.parameter_counts()
+    total = counts["learnable"] + counts["frozen"]
+    return {"learnable": counts["learnable"], "frozen": counts["frozen"],
+            "learnable_percent": 100 * counts["learnable"] / total}
+
+
+def accuracy_table(
+    work_dir: str | os.PathLike = "fpt_accuracy",
+    methods: Sequence[str] = ACCURACY_METHODS,
+    num_epochs: int = 20,
+    dataset_dir: str | os.PathLike | None = None,
+    img_size: int | None = None,
+    side_img_size: int | None = None,
+    **overrides,
+) -> dict:
+    """Train and test every method on the sample task through the bundle, with the same settings.
+
+    Args:
+        work_dir: parent folder: the sample data (``data/fpt_sample``, made once and shared) and one bundle root
+            per method (``<work_dir>/<method>``: cache, checkpoints, reports, TensorBoard logs).
+        methods: out of :data:`ACCURACY_METHODS`; ``vpt`` gives a row with the reason instead of metrics.
+        num_epochs: training epochs of every method (the demo schedule has 20).
+        dataset_dir: a dataset folder to use instead of the sample data (``train/ val/ test/`` class folders).
+        img_size: input size of every network (default 512; smaller only for tests).
+        side_img_size: FPT's side-view size (default 112; smaller only for tests).
+        overrides: bundle config overrides given to every run, e.g. ``batch_size=8``, ``num_workers=0``,
+            ``pretrained=False`` (tests only).
+
+    Returns:
+        ``{"num_epochs", "dataset_dir", "overrides", "rows"}``; a row is ``{"method", "label", "learnable",
+        "frozen", "learnable_percent", "seconds", "best": {metric: value}, "final": {...}, "work_dir"}``, or
+        ``{"method", "label", "reason"}`` for a method that cannot run on the demo network.
+    """
+    from fpt_monai.bundle import config_files, demo_config_names, run_demo
+    from fpt_monai.config_check import check_overrides
+    from fpt_monai.data import dataset_classes, make_sample_dataset
+    from fpt_monai.networks.baselines import check_cnn_method
+
+    unknown = [m for m in methods if m not in ACCURACY_METHODS]
+    if unknown or not methods:
+        raise ValueError(f"methods must be a non-empty selection of {ACCURACY_METHODS}, got {list(methods)}.")
+    if int(num_epochs) < 1:
+        raise ValueError(f"num_epochs must be >= 1, got {num_epochs}.")
+    for key in ("method", "num_epochs", "dataset_dir", "bundle_root"):
+        if key in overrides:
+            raise ValueError(f"{key!r} is set by accuracy_table itself; pass it as its argument (or not at all).")
+    skipped: dict[str, str] = {}
+    runnable = []
+    for method in methods:
+        try:
+            if method != "fpt":
+                check_cnn_method(method)
+            runnable.append(method)
+        except ValueError as err:  # vpt: no tokens in a CNN
+            skipped[method] = str(err)
+
+    def network_kwargs(method: str) -> dict:
+        network = {"img_size": img_size} if img_size is not None else {}
+        if method == "fpt" and side_img_size is not None:
+            network["side_img_size"] = side_img_size
+        return network
+
+    if overrides.get("check_overrides", True):  # refuse typos before hours of training
+        for method in runnable:
+            check_overrides(config_files(*demo_config_names(method, evaluate=True)),
+                            {**overrides, **{f"network_def#{k}": v for k, v in network_kwargs(method).items()}})
+    work_dir = Path(work_dir).absolute()
+    if dataset_dir is None:
+        dataset_dir = make_sample_dataset(work_dir / "data" / "fpt_sample")  # demo.json's default dataset
+    dataset_dir = Path(dataset_dir).absolute()
+    num_classes = len(dataset_classes(str(dataset_dir)))
+    settings = {**overrides, "num_epochs": int(num_epochs), "dataset_dir": str(dataset_dir)}
+    rows = []
+    for method in methods:
+        label = ACCURACY_LABELS[method]
+        if method in skipped:
+            rows.append({"method": method, "label": label, "reason": skipped[method]})
+            continue
+        network = network_kwargs(method)
+        run_overrides = {**settings, **{f"network_def#{k}": v for k, v in network.items()}}
+        logger.info("accuracy: %s, %d epochs ...", method, int(num_epochs))
+        start = time.perf_counter()
+        metrics = run_demo(work_dir / method, method=method, **run_overrides)
+        seconds = time.perf_counter() - start
+        rows.append({
+            "method": method, "label": label, **_parameter_counts(method, num_classes, network),
+            "seconds": seconds, "best": metrics["best"], "final": metrics["final"], "work_dir": str(work_dir / method),
+        })
+        logger.info("accuracy: %s done in %.0f s: %s", method, seconds, metrics)
+    return {"num_epochs": int(num_epochs), "dataset_dir": str(dataset_dir), "num_classes": num_classes,
+            "img_size": img_size, "side_img_size": side_img_size, "overrides": overrides, "rows": rows}
+
+
+def accuracy_markdown(result: dict) -> str:
+    """The rows of :func:`accuracy_table` as a markdown table (metrics of the best and the final checkpoint)."""
+    lines = [
+        f"Test split of the sample task, {result['num_epochs']} epoch{'s' if result['num_epochs'] != 1 else ''} per "
+        "method, same schedule and seed; "
+        "best = the checkpoint of the best validation AUC.\n",
+        "| method | learnable | learnable % | test AUC (best) | test AUC (final) | accuracy (best) | accuracy (final) "
+        "| macro F1 (final) | kappa (final) | wall time (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    notes = []
+    for row in result["rows"]:
+        if "reason" in row:
+            lines.append(f"| {row['label']} | n/a | n/a | n/a | n/a | n/a | n/a | n/a | n/a | n/a |")
+            notes.append(f"{row['label']}: n/a. {row['reason']}")
+            continue
+        best, final = row["best"], row["final"]
+        lines.append(
+            f"| {row['label']} | {row['learnable']:,} | {row['learnable_percent']:.2f} | {best['test_auc']:.3f} | "
+            f"{final['test_auc']:.3f} | {best['test_accuracy']:.3f} | {final['test_accuracy']:.3f} | "
+            f"{final['test_f1']:.3f} | {final['test_kappa']:.3f} | {row['seconds']:.0f} |"
+        )
+    lines.append("")
+    lines += [f"- {note}" for note in notes]
+    return "\n".join(lines) + "\n"
+
+
+def write_accuracy(result: dict, output_dir: str | os.PathLike, command: str = "") -> str:
+    """Write ``accuracy.json`` and ``accuracy.md`` (with ``command``) to ``output_dir``; returns the markdown."""
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "accuracy.json").write_text(json.dumps({"command": command, **result}, indent=2))
+    header = "# Accuracy on the bundle's sample task\n\n" + (f"Command: `{command}`.\n\n" if command else "")
+    text = header + accuracy_markdown(result)
+    (output / "accuracy.md").write_text(text)
+    return text
