@@ -311,9 +311,16 @@ class Commands:
         print(export_bundle(output_dir, overwrite=overwrite))
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     """Console-script entry point."""
-    fire.Fire(Commands, name="fpt-monai")
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    # fire hands a plain ``--help`` to commands with ``**overrides`` (demo, accuracy) as an override, which would
+    # start a run; give fire's help flag form (after ``--``) instead, for every command alike
+    if "--" not in args and any(a in ("--help", "-h") for a in args):
+        args = [a for a in args if a not in ("--help", "-h")] + ["--", "--help"]
+    fire.Fire(Commands, command=args, name="fpt-monai")
 
 
 if __name__ == "__main__":

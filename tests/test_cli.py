@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +29,16 @@ def test_unknown_preset_is_named():
     result = run_cli("params", "--preset", "vit_huge")
     assert result.returncode != 0
     assert "vit_huge" in result.stderr and "fpt_plus" in result.stderr
+
+
+@pytest.mark.parametrize("command,argument", [("demo", "work_dir"), ("accuracy", "num_epochs"), ("params", "preset")])
+def test_help_documents_the_command_and_runs_nothing(command, argument, tmp_path):
+    # demo and accuracy take **overrides: a plain --help must not become an override that starts a run
+    result = subprocess.run([sys.executable, "-m", "fpt_monai", command, "--help"], capture_output=True, text=True,
+                            timeout=120, cwd=tmp_path, env={**os.environ, "PAGER": "cat"})
+    assert result.returncode == 0, result.stderr
+    assert argument in result.stdout + result.stderr  # fire writes help to stderr when not on a terminal
+    assert list(tmp_path.iterdir()) == []  # no sample data, cache or run folder made
 
 
 def test_presets_lists_all():
