@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import warnings
 from collections.abc import Sequence
 
 import fire
 import torch
 
 from fpt_monai.networks import PRESETS, create_backbone, create_fpt
+from fpt_monai.weights import random_weights_expected
 
 __all__ = ["Commands", "main"]
 
@@ -51,9 +51,7 @@ class Commands:
         if preset not in PRESETS:
             raise fire.core.FireError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}.")
         # Counting needs the architecture only; the random-weights warning would be noise here.
-        logging.getLogger("fpt_monai").setLevel(logging.ERROR)
-        with warnings.catch_warnings(), torch.device("meta"):
-            warnings.simplefilter("ignore")
+        with random_weights_expected(), torch.device("meta"):
             net = create_fpt(preset, num_classes=int(num_classes), pretrained=False)
         counts = net.parameter_counts()
         total = counts["learnable"] + counts["frozen"]

@@ -24,7 +24,8 @@ import operator
 import os
 import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +46,27 @@ __all__ = [
     "create_timm_vit",
     "resample_position_embedding",
     "load_monai_vit_weights",
+    "random_weights_expected",
 ]
 
 logger = logging.getLogger(__name__)
+
+
+@contextmanager
+def random_weights_expected() -> Iterator[None]:
+    """Silence the package's random-weights warnings (log records and ``warnings``) inside the block.
+
+    For code that builds networks whose weights do not matter: parameter counting, memory and speed benchmarks.
+    """
+    package_logger = logging.getLogger("fpt_monai")
+    level = package_logger.level
+    package_logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        package_logger.setLevel(level)
 
 _SAFETENSORS_SUFFIXES = (".safetensors",)
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin")

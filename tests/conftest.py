@@ -20,6 +20,15 @@ def tiny_timm_vit() -> VisionTransformer:
     return make_tiny_timm_vit()
 
 
+@pytest.fixture
+def random_weights_quiet():
+    """The package's random-weights warnings silenced for a test that builds networks on purpose without weights."""
+    from fpt_monai.weights import random_weights_expected
+
+    with random_weights_expected():
+        yield
+
+
 #: Bundle overrides that keep a training run to seconds: the ViT-Ti preset at 64 px (17 tokens), a 32 px side
 #: view, 2 epochs of batch 4 (global batch 4 in the multi-process tests too).
 TINY_BUNDLE = {

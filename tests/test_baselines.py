@@ -1,21 +1,12 @@
 """The baselines of the benchmark: parameter counts, what is frozen, identity at initialisation, gradient flow."""
 
-import logging
-import warnings
-
 import pytest
 import torch
 
 from fpt_monai.networks.baselines import BASELINE_METHODS, ViTBaseline, create_baseline
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        logging.getLogger("fpt_monai").setLevel(logging.ERROR)
-        yield
-        logging.getLogger("fpt_monai").setLevel(logging.NOTSET)
+pytestmark = pytest.mark.usefixtures("random_weights_quiet")  # the networks here have random weights
 
 
 def tiny(method, seed=0, **kwargs):

@@ -1,8 +1,5 @@
 """The baselines on the demo network (EfficientNet-Lite0), their bundle overlay, and the accuracy benchmark."""
 
-import logging
-import warnings
-
 import pytest
 import torch
 
@@ -10,13 +7,7 @@ from fpt_monai.networks.baselines import CNN_BASELINE_METHODS, CNNBaseline, LoRA
 from fpt_monai.pretrained import DEMO_SETTINGS, create_demo_baseline
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        logging.getLogger("fpt_monai").setLevel(logging.ERROR)
-        yield
-        logging.getLogger("fpt_monai").setLevel(logging.NOTSET)
+pytestmark = pytest.mark.usefixtures("random_weights_quiet")  # the networks here have random weights
 
 
 def demo(method, seed=0, **kwargs):

@@ -26,9 +26,10 @@ import json
 import logging
 import os
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
+
+from fpt_monai.weights import random_weights_expected
 
 __all__ = ["ACCURACY_LABELS", "ACCURACY_METHODS", "accuracy_markdown", "accuracy_table", "write_accuracy"]
 
@@ -51,17 +52,11 @@ def _parameter_counts(method: str, num_classes: int, network_kwargs: dict) -> di
     """Learnable/frozen parameters of the network a run builds (random weights: the counts do not depend on them)."""
     from fpt_monai.pretrained import create_demo_baseline, create_demo_fpt
 
-    level = logging.getLogger("fpt_monai").level
-    logging.getLogger("fpt_monai").setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if method == "fpt":
-                net = create_demo_fpt(num_classes, pretrained=False, **network_kwargs)
-            else:
-                net = create_demo_baseline(method, num_classes, pretrained=False, **network_kwargs)
-    finally:
-        logging.getLogger("fpt_monai").setLevel(level)
+    with random_weights_expected():
+        if method == "fpt":
+            net = create_demo_fpt(num_classes, pretrained=False, **network_kwargs)
+        else:
+            net = create_demo_baseline(method, num_classes, pretrained=False, **network_kwargs)
     counts = net.parameter_counts()
     total = counts["learnable"] + counts["frozen"]
     return {"learnable": counts["learnable"], "frozen": counts["frozen"],

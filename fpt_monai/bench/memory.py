@@ -33,14 +33,14 @@ FPT/FPT+ setups:
 
 from __future__ import annotations
 
-import logging
-import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from fpt_monai.weights import random_weights_expected
 
 __all__ = ["FPT_METHODS", "MEMORY_CATEGORIES", "METHODS", "measure_training_memory", "memory_table"]
 
@@ -163,14 +163,8 @@ def measure_training_memory(
         raise ValueError(f"kv_dtype must name a floating torch dtype, got {kv_dtype!r}.")
     is_fpt = method in FPT_METHODS
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the random-weights warning: no weights are needed to count bytes
-        level = logging.getLogger("fpt_monai").level
-        logging.getLogger("fpt_monai").setLevel(logging.ERROR)
-        try:
-            net, forward, input_specs = _build(method, preset, img_size, num_classes, setup, backbone_resident)
-        finally:
-            logging.getLogger("fpt_monai").setLevel(level)
+    with random_weights_expected():  # no weights are needed to count bytes
+        net, forward, input_specs = _build(method, preset, img_size, num_classes, setup, backbone_resident)
     _set_attention(net, attention)
     counts = net.parameter_counts()
 

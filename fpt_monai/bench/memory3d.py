@@ -36,9 +36,7 @@ side ViT) or ``"fused"`` (``scaled_dot_product_attention`` in both; MONAI's ``us
 
 from __future__ import annotations
 
-import logging
 import math
-import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
@@ -46,6 +44,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from fpt_monai.weights import random_weights_expected
 
 __all__ = ["MEMORY_PARTS", "measure_3d_memory", "markdown_table"]
 
@@ -289,12 +289,5 @@ def markdown_table(result: dict[str, Any]) -> str:
 
 def run(**kwargs) -> dict[str, Any]:
     """:func:`measure_3d_memory` without the random-weights warnings (the weights do not matter here)."""
-    logger = logging.getLogger("fpt_monai")
-    level = logger.level
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        logger.setLevel(logging.ERROR)
-        try:
-            return measure_3d_memory(**kwargs)
-        finally:
-            logger.setLevel(level)
+    with random_weights_expected():
+        return measure_3d_memory(**kwargs)

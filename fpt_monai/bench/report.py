@@ -23,13 +23,13 @@ import logging
 import math
 import os
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from fpt_monai.bench.memory import METHODS, memory_table
+from fpt_monai.weights import random_weights_expected
 
 __all__ = ["METHOD_LABELS", "cache_bytes", "check_targets", "parameter_table", "run_benchmarks", "write_markdown", "write_plot"]
 
@@ -53,21 +53,15 @@ def parameter_table(num_classes: int = 5, preset: str = "fpt") -> list[dict]:
     from fpt_monai.networks.baselines import create_baseline
 
     rows = []
-    with warnings.catch_warnings(), torch.device("meta"):
-        warnings.simplefilter("ignore")
-        level = logging.getLogger("fpt_monai").level
-        logging.getLogger("fpt_monai").setLevel(logging.ERROR)
-        try:
-            for method in METHODS:
-                if method in ("fpt", "fpt_plus"):
-                    net = create_fpt(method, num_classes, pretrained=False)
-                else:
-                    net = create_baseline(method, num_classes, preset=preset, pretrained=False)
-                counts = net.parameter_counts()
-                total = counts["learnable"] + counts["frozen"]
-                rows.append({"method": method, **counts, "learnable_percent": 100 * counts["learnable"] / total})
-        finally:
-            logging.getLogger("fpt_monai").setLevel(level)
+    with random_weights_expected(), torch.device("meta"):
+        for method in METHODS:
+            if method in ("fpt", "fpt_plus"):
+                net = create_fpt(method, num_classes, pretrained=False)
+            else:
+                net = create_baseline(method, num_classes, preset=preset, pretrained=False)
+            counts = net.parameter_counts()
+            total = counts["learnable"] + counts["frozen"]
+            rows.append({"method": method, **counts, "learnable_percent": 100 * counts["learnable"] / total})
     return rows
 
 
@@ -77,8 +71,7 @@ def cache_bytes() -> list[dict]:
 
     rows = []
     for preset in ("fpt", "fpt_plus"):
-        with warnings.catch_warnings(), torch.device("meta"):
-            warnings.simplefilter("ignore")
+        with random_weights_expected(), torch.device("meta"):
             shape = create_fpt(preset, 5, pretrained=False).backbone.shape
         for dtype in ("float32", "float16"):
             numel = math.prod(shape.kv_shape)

@@ -20,14 +20,14 @@ Weights are random (``pretrained=False``): speed does not depend on their values
 
 from __future__ import annotations
 
-import logging
 import statistics
 import time
-import warnings
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from fpt_monai.weights import random_weights_expected
 
 __all__ = ["inference_latency", "preload_throughput", "time_alternating", "training_throughput"]
 
@@ -47,15 +47,8 @@ def time_alternating(arms: dict[str, Callable[[], None]], repeats: int = 3, warm
 
 
 def _quiet_build(build: Callable):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the random-weights warning: speed does not depend on the values
-        logger = logging.getLogger("fpt_monai")
-        level = logger.level
-        logger.setLevel(logging.ERROR)
-        try:
-            return build()
-        finally:
-            logger.setLevel(level)
+    with random_weights_expected():  # speed does not depend on the weights' values
+        return build()
 
 
 def _bare(model: torch.nn.Module, images: torch.Tensor, fused: bool, per_image: bool = False) -> Callable[[], None]:
