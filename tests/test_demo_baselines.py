@@ -43,6 +43,18 @@ def test_what_each_method_wraps():
     assert [a.down.stride[0] for a in adapters].count(2) == 4  # the four stride-2 blocks
 
 
+@pytest.mark.parametrize("method", CNN_BASELINE_METHODS)
+def test_channels_last_layout_gives_the_plain_networks_output(method):
+    net = demo(method).eval()
+    assert net.model.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
+    plain = demo(method).eval()
+    plain.model.to(memory_format=torch.contiguous_format)
+    plain.load_state_dict(net.state_dict())
+    images = torch.randn(2, 3, 64, 64)  # default layout
+    with torch.no_grad():  # the timm model's own forward, default layout throughout
+        assert torch.allclose(net(images), plain.model(images), atol=1e-5)
+
+
 @pytest.mark.parametrize("method", ["lora", "adapter"])
 def test_lora_and_adapter_start_as_the_pretrained_network(method):
     images = torch.randn(2, 3, 64, 64)

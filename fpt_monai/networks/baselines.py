@@ -391,6 +391,14 @@ class CNNBaseline(_TimmBaseline):
         self.img_size = (int(img_size), int(img_size))
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
+        # Channels-last weights and inputs: oneDNN's depthwise and pointwise convolutions run much faster in that
+        # layout (a training step of EfficientNet-Lite0, batch 16 at 512, on 2 CPU cores: 12.5 vs 21-25 s full,
+        # 8.7-12.5 vs 14-20 s LoRA); cuDNN prefers it too. The state dict is unchanged.
+        self.model.to(memory_format=torch.channels_last)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) at the network's resolution, in any memory layout -> logits (B, num_classes)."""
+        return super().forward(images.contiguous(memory_format=torch.channels_last))
 
 
 def create_baseline(
