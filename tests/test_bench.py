@@ -88,3 +88,22 @@ def test_table_markdown_plot_and_targets(tmp_path):
     write_plot(results, tmp_path / "memory.png")
     assert (tmp_path / "memory.png").read_bytes()[:4] == b"\x89PNG"
     json.dumps(results)  # the results file is plain JSON
+
+
+def test_quick_arms_are_timed_over_repeated_calls():
+    import time
+
+    from fpt_monai.bench.speed import time_alternating
+
+    calls = {"quick": 0, "slow": 0}
+
+    def arm(name, seconds):
+        def run():
+            calls[name] += 1
+            time.sleep(seconds)
+        return run
+
+    result = time_alternating({"quick": arm("quick", 0.002), "slow": arm("slow", 0.05)}, repeats=2, min_seconds=0.04)
+    assert calls["slow"] == 3  # one warm-up call and one call per sample
+    assert calls["quick"] >= 1 + 2 * 5  # each sample repeats the quick call for about 0.04 s
+    assert 0.002 <= result["quick"] < 0.02 and 0.05 <= result["slow"] < 0.2  # seconds per call

@@ -14,12 +14,13 @@
   two bare-backbone arms.
 
 Timings alternate between the compared arms and report the median, so slow drifts of a shared machine hit
-both arms alike. Every network uses its default attention (PyTorch's fused attention where timm offers it).
+both arms alike; an arm quicker than a second (FPT's training step) repeats its call within each sample. Every network uses its default attention (PyTorch's fused attention where timm offers it).
 Weights are random (``pretrained=False``): speed does not depend on their values.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -32,17 +33,28 @@ from fpt_monai.weights import random_weights_expected
 __all__ = ["inference_latency", "preload_throughput", "time_alternating", "training_throughput"]
 
 
-def time_alternating(arms: dict[str, Callable[[], None]], repeats: int = 3, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call of each arm, calling the arms in turn ``repeats`` times after ``warmup`` rounds."""
+def time_alternating(
+    arms: dict[str, Callable[[], None]], repeats: int = 3, warmup: int = 1, min_seconds: float = 1.0
+) -> dict[str, float]:
+    """Median seconds per call of each arm, timing the arms in turn ``repeats`` times after ``warmup`` rounds.
+
+    A sample of an arm that is quicker than ``min_seconds`` (judged from its last warm-up call) repeats the call
+    until the sample lasts about that long: a 0.1 s training step timed once is at the mercy of one scheduler
+    hiccup, while the slow arms it is compared with average theirs over seconds.
+    """
+    calls = dict.fromkeys(arms, 1)
     for _ in range(warmup):
-        for run in arms.values():
+        for name, run in arms.items():
+            start = time.perf_counter()
             run()
+            calls[name] = max(1, math.ceil(min_seconds / max(time.perf_counter() - start, 1e-6)))
     seconds: dict[str, list[float]] = {name: [] for name in arms}
     for _ in range(repeats):
         for name, run in arms.items():
             start = time.perf_counter()
-            run()
-            seconds[name].append(time.perf_counter() - start)
+            for _ in range(calls[name]):
+                run()
+            seconds[name].append((time.perf_counter() - start) / calls[name])
     return {name: statistics.median(values) for name, values in seconds.items()}
 
 
