@@ -189,6 +189,7 @@ class Commands:
         accuracy: bool = False,
         accuracy_epochs: int = 20,
         accuracy_dir: str = "fpt_accuracy",
+        accuracy_img_size: int = 512,
         batch_size: int = 16,
         img_size: int = 512,
     ) -> None:
@@ -207,7 +208,7 @@ class Commands:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
         results = run_benchmarks(
             output_dir, batch_size=int(batch_size), img_size=int(img_size), speed=speed, accuracy=accuracy,
-            accuracy_epochs=int(accuracy_epochs), accuracy_dir=accuracy_dir,
+            accuracy_epochs=int(accuracy_epochs), accuracy_dir=accuracy_dir, accuracy_img_size=int(accuracy_img_size),
             command="fpt-monai " + " ".join(sys.argv[1:]),
         )
         print(write_markdown(results, f"{output_dir}/results.md"))

@@ -179,3 +179,16 @@ def test_accuracy_table_end_to_end(tmp_path):
     with pytest.raises(ConfigOverrideError, match="num_epoch"):
         accuracy_table(tmp_path / "typo", methods=("linear", "fpt"), num_epoch=3)
     assert not (tmp_path / "typo").exists()
+
+
+def test_accuracy_sample_data_follows_the_input_size(tmp_path):
+    """Without a dataset folder the sample task is rendered at the networks' input size (a stated smaller size)."""
+    from PIL import Image
+
+    from fpt_monai.bench.accuracy import accuracy_markdown, accuracy_table
+
+    result = accuracy_table(tmp_path, methods=("vpt",), num_epochs=1, img_size=64)
+    assert result["dataset_dir"] == str(tmp_path / "data" / "fpt_sample_64")
+    first = next((tmp_path / "data" / "fpt_sample_64" / "test").rglob("*.png"))
+    assert Image.open(first).size == (64, 64)
+    assert "images and networks at 64 px" in accuracy_markdown(result)

@@ -44,7 +44,7 @@ ACCURACY_LABELS = {
     "vpt": "VPT-deep prompt tuning",
     "lora": "LoRA (r=8, every 1x1 convolution)",
     "adapter": "AdaptFormer-style adapter (bottleneck 16, every MBConv block)",
-    "fpt": "FPT (frozen network at 512, side ViT at 112)",
+    "fpt": "FPT (frozen network at the input size, side ViT at 112)",
 }
 
 
@@ -80,7 +80,8 @@ def accuracy_table(
         methods: out of :data:`ACCURACY_METHODS`; ``vpt`` gives a row with the reason instead of metrics.
         num_epochs: training epochs of every method (the demo schedule has 20).
         dataset_dir: a dataset folder to use instead of the sample data (``train/ val/ test/`` class folders).
-        img_size: input size of every network (default 512; smaller only for tests).
+        img_size: input size of every network (default 512) and, without ``dataset_dir``, the size of the
+            generated sample images (whose lesions scale with it): 256 makes every epoch about 4x cheaper.
         side_img_size: FPT's side-view size (default 112; smaller only for tests).
         overrides: bundle config overrides given to every run, e.g. ``batch_size=8``, ``num_workers=0``,
             ``pretrained=False`` (tests only).
@@ -92,7 +93,7 @@ def accuracy_table(
     """
     from fpt_monai.bundle import config_files, demo_config_names, run_demo
     from fpt_monai.config_check import check_overrides
-    from fpt_monai.data import dataset_classes, make_sample_dataset
+    from fpt_monai.data import SampleFundusSpec, dataset_classes, make_sample_dataset
     from fpt_monai.networks.baselines import check_cnn_method
 
     unknown = [m for m in methods if m not in ACCURACY_METHODS]
@@ -124,8 +125,10 @@ def accuracy_table(
             check_overrides(config_files(*demo_config_names(method, evaluate=True)),
                             {**overrides, **{f"network_def#{k}": v for k, v in network_kwargs(method).items()}})
     work_dir = Path(work_dir).absolute()
-    if dataset_dir is None:
-        dataset_dir = make_sample_dataset(work_dir / "data" / "fpt_sample")  # demo.json's default dataset
+    if dataset_dir is None:  # demo.json's default dataset, or the same task rendered at the networks' input size
+        size = SampleFundusSpec().image_size if img_size is None else int(img_size)
+        folder = "fpt_sample" if size == SampleFundusSpec().image_size else f"fpt_sample_{size}"
+        dataset_dir = make_sample_dataset(work_dir / "data" / folder, image_size=size)
     dataset_dir = Path(dataset_dir).absolute()
     num_classes = len(dataset_classes(str(dataset_dir)))
     settings = {**overrides, "num_epochs": int(num_epochs), "dataset_dir": str(dataset_dir)}
@@ -153,8 +156,8 @@ def accuracy_table(
 def accuracy_markdown(result: dict) -> str:
     """The rows of :func:`accuracy_table` as a markdown table (metrics of the best and the final checkpoint)."""
     lines = [
-        f"Test split of the sample task, {result['num_epochs']} epoch{'s' if result['num_epochs'] != 1 else ''} per "
-        "method, same schedule and seed; "
+        f"Test split of the sample task, images and networks at {result.get('img_size') or 512} px, "
+        f"{result['num_epochs']} epoch{'s' if result['num_epochs'] != 1 else ''} per method, same schedule and seed; "
         "best = the checkpoint of the best validation AUC.\n",
         "| method | learnable | learnable % | test AUC (best) | test AUC (final) | accuracy (best) | accuracy (final) "
         "| macro F1 (final) | kappa (final) | wall time (s) |",

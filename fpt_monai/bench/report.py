@@ -225,13 +225,15 @@ def run_benchmarks(
     accuracy: bool = False,
     accuracy_epochs: int = 20,
     accuracy_dir: str | os.PathLike = "fpt_accuracy",
+    accuracy_img_size: int | None = None,
     methods: Sequence[str] = METHODS,
     command: str = "fpt-monai bench",
 ) -> dict:
     """Run every section and write ``results.json``, ``results.md`` and ``memory.png`` to ``output_dir``.
 
     ``accuracy=True`` adds the accuracy section: :func:`fpt_monai.bench.accuracy.accuracy_table` with
-    ``accuracy_epochs`` epochs per method, its runs under ``accuracy_dir``, also written to ``accuracy.json`` and
+    ``accuracy_epochs`` epochs per method at ``accuracy_img_size`` (default 512: the sample task as the demo has
+    it), its runs under ``accuracy_dir``, also written to ``accuracy.json`` and
     ``accuracy.md`` in ``output_dir``.
     """
     from fpt_monai.bench import speed as speed_bench
@@ -264,7 +266,7 @@ def run_benchmarks(
         from fpt_monai.bench.accuracy import accuracy_table, write_accuracy
 
         logger.info("accuracy on the sample task, %d epochs per method (this takes long on a CPU) ...", accuracy_epochs)
-        results["accuracy"] = accuracy_table(accuracy_dir, num_epochs=accuracy_epochs)
+        results["accuracy"] = accuracy_table(accuracy_dir, num_epochs=accuracy_epochs, img_size=accuracy_img_size)
         write_accuracy(results["accuracy"], output, command=command)
     results["targets"] = check_targets(results)
     results["seconds"] = time.time() - start
