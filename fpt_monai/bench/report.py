@@ -257,7 +257,8 @@ def run_benchmarks(
         logger.info("training throughput, preload throughput, inference latency (this takes minutes) ...")
         results["speed"] = {
             "settings": f"batch {speed_batch_size} for training and preload at {img_size}, random weights, "
-            f"median of {speed_repeats} (training) or {speed_repeats + 3} (preload, latency) alternating runs",
+            f"median of {speed_repeats} (training) or {speed_repeats + 3} (preload, latency) alternating samples, "
+            "a sample of an arm under 1 s repeating its call for about 1 s",
             "training_images_per_s": speed_bench.training_throughput(methods, batch_size=speed_batch_size, img_size=img_size, repeats=speed_repeats),
             "preload_images_per_s": speed_bench.preload_throughput(batch_size=speed_batch_size, img_size=img_size, repeats=speed_repeats + 3),
             "inference_latency_s": speed_bench.inference_latency(img_size=img_size, repeats=speed_repeats + 3),
