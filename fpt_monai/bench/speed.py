@@ -14,7 +14,8 @@
   two bare-backbone arms.
 
 Timings alternate between the compared arms and report the median, so slow drifts of a shared machine hit
-both arms alike; an arm quicker than a second (FPT's training step) repeats its call within each sample. Every network uses its default attention (PyTorch's fused attention where timm offers it).
+both arms alike; an arm quicker than a second (FPT's training step) repeats its call within each sample.
+Every network uses its default attention (PyTorch's fused attention where timm offers it).
 Weights are random (``pretrained=False``): speed does not depend on their values.
 """
 
