@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 __all__ = [
@@ -36,18 +37,26 @@ def folder_classes(dataset_dir: str | os.PathLike, split: str = "train") -> list
     return classes
 
 
-def folder_datalist(dataset_dir: str | os.PathLike, split: str, classes: list[str] | None = None) -> list[dict]:
+def folder_datalist(
+    dataset_dir: str | os.PathLike,
+    split: str,
+    classes: list[str] | None = None,
+    is_item: Callable[[Path], bool] = _is_image,
+    items_name: str = "images",
+) -> list[dict]:
     """``[{"image": path, "label": index}]`` from ``dataset_dir/split/<class>/<image files>``.
 
     Args:
         dataset_dir: root holding ``train/``, ``val/``, ``test/``.
         split: the sub-folder to list.
         classes: class names in label order; by default those of ``train/`` (so every split shares labels).
+        is_item: which entries of a class folder are listed (image files by default; volumes for 3D).
+        items_name: what those entries are called in error messages.
     """
     classes = classes if classes is not None else folder_classes(dataset_dir, "train")
     root = Path(dataset_dir) / split
     if not root.is_dir():
-        raise FileNotFoundError(f"no '{split}' folder in {dataset_dir} (expected {root}).")
+        raise FileNotFoundError(f"no '{split}' folder in {dataset_dir} (expected {root}/<class name>/<{items_name}>).")
     unknown = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in classes and not p.name.startswith("."))
     if unknown:
         raise ValueError(f"{root} has class folders {unknown} that train/ does not have ({classes}).")
@@ -56,7 +65,7 @@ def folder_datalist(dataset_dir: str | os.PathLike, split: str, classes: list[st
         for label, name in enumerate(classes)
         if (root / name).is_dir()
         for path in sorted((root / name).iterdir())
-        if _is_image(path)
+        if is_item(path)
     ]
 
 

@@ -44,7 +44,7 @@ from monai.transforms import (
 )
 from monai.utils import ensure_tuple_rep
 
-from fpt_monai.data.datalist import folder_classes, json_datalist
+from fpt_monai.data.datalist import folder_datalist, json_datalist
 from fpt_monai.data.transforms import SideViewd
 from fpt_monai.networks.backbones import FrozenViTBackbone
 from fpt_monai.preload import FrozenBackboneKVd
@@ -110,21 +110,9 @@ def volume_datalist(dataset_dir: str | os.PathLike, split: str, classes: list[st
         split: the sub-folder to list.
         classes: class names in label order; by default those of ``train/`` (so every split shares labels).
     """
-    classes = classes if classes is not None else folder_classes(dataset_dir, "train")
-    root = Path(dataset_dir) / split
-    if not root.is_dir():
-        raise FileNotFoundError(f"no '{split}' folder in {dataset_dir} (expected {root}/<class name>/<volumes>).")
-    unknown = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in classes and not _is_hidden(p))
-    if unknown:
-        raise ValueError(f"{root} has class folders {unknown} that train/ does not have ({classes}).")
-    items = [
-        {"image": str(path), "label": label}
-        for label, name in enumerate(classes)
-        if (root / name).is_dir()
-        for path in sorted((root / name).iterdir())
-        if _is_volume(path)
-    ]
+    items = folder_datalist(dataset_dir, split, classes, is_item=_is_volume, items_name="volumes")
     if not items:
+        root = Path(dataset_dir) / split
         raise ValueError(
             f"no volumes ({', '.join(VOLUME_SUFFIXES)} files or DICOM series folders) in {root}/<class name>/."
         )
