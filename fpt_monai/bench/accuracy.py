@@ -126,8 +126,9 @@ def accuracy_table(
                             {**overrides, **{f"network_def#{k}": v for k, v in network_kwargs(method).items()}})
     work_dir = Path(work_dir).absolute()
     if dataset_dir is None:  # demo.json's default dataset, or the same task rendered at the networks' input size
-        size = SampleFundusSpec().image_size if img_size is None else int(img_size)
-        folder = "fpt_sample" if size == SampleFundusSpec().image_size else f"fpt_sample_{size}"
+        default_size = SampleFundusSpec().image_size
+        size = default_size if img_size is None else int(img_size)
+        folder = "fpt_sample" if size == default_size else f"fpt_sample_{size}"
         dataset_dir = make_sample_dataset(work_dir / "data" / folder, image_size=size)
     dataset_dir = Path(dataset_dir).absolute()
     num_classes = len(dataset_classes(str(dataset_dir)))
