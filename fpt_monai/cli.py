@@ -249,6 +249,33 @@ class Commands:
         print(write_accuracy(result, output_dir, command="fpt-monai " + " ".join(sys.argv[1:])))
 
 
+    def accuracy_merge(self, *files: str, output_dir: str = "benchmarks/results") -> None:
+        """One accuracy table from the ``accuracy.json`` files of separate ``fpt-monai accuracy`` runs.
+
+        Run the methods one at a time (``--methods linear``, ... with the same ``--work_dir``, epochs and sizes), then
+        merge: the runs must share the task and schedule, and each method may appear once. Writes ``accuracy.json``
+        and ``accuracy.md`` to ``output_dir`` and prints the markdown.
+
+        Args:
+            files: ``accuracy.json`` files of the runs.
+            output_dir: where the merged ``accuracy.json`` and ``accuracy.md`` go.
+        """
+        import sys
+        from pathlib import Path
+
+        from fpt_monai.bench.accuracy import merge_accuracy, write_accuracy
+
+        if not files:
+            raise ValueError("give the accuracy.json files to merge, e.g. fpt-monai accuracy_merge a/accuracy.json b/accuracy.json")
+        results = []
+        for file in files:
+            try:
+                results.append(json.loads(Path(file).read_text()))
+            except (OSError, json.JSONDecodeError) as err:
+                raise ValueError(f"cannot read the accuracy results {file}: {err}") from err
+        merged = merge_accuracy(results, sources=list(files))
+        print(write_accuracy(merged, output_dir, command="fpt-monai " + " ".join(sys.argv[1:])))
+
     def sample_data(self, output_dir: str = "fpt_sample", num_train: int = 240, num_val: int = 90, num_test: int = 90,
                     image_size: int = 512, seed: int = 0) -> None:
         """Create the offline sample dataset (fundus photographs graded by counting tiny lesions).

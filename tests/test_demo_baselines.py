@@ -192,3 +192,61 @@ def test_accuracy_sample_data_follows_the_input_size(tmp_path):
     first = next((tmp_path / "data" / "fpt_sample_64" / "test").rglob("*.png"))
     assert Image.open(first).size == (64, 64)
     assert "images and networks at 64 px" in accuracy_markdown(result)
+
+
+def _accuracy_result(*methods, num_epochs=20, img_size=None, command=""):
+    """A result shaped like accuracy_table's, one metrics row per method (values made up: only the merge is tested)."""
+    rows = [
+        {"method": m, "label": m, "learnable": 10 + i, "frozen": 100, "learnable_percent": 9.0, "seconds": 1.0,
+         "best": dict.fromkeys(("test_auc", "test_accuracy", "test_f1", "test_kappa"), 0.5 + i / 10),
+         "final": dict.fromkeys(("test_auc", "test_accuracy", "test_f1", "test_kappa"), 0.4)}
+        for i, m in enumerate(methods)
+    ]
+    return {"command": command, "num_epochs": num_epochs, "dataset_dir": "/data/fpt_sample", "num_classes": 3,
+            "img_size": img_size, "side_img_size": None, "overrides": {}, "rows": rows}
+
+
+def test_merge_accuracy_joins_separate_runs_in_table_order():
+    from fpt_monai.bench.accuracy import accuracy_markdown, merge_accuracy
+
+    merged = merge_accuracy([_accuracy_result("fpt", command="fpt-monai accuracy --methods fpt"),
+                             _accuracy_result("lora", "linear", command="fpt-monai accuracy --methods lora,linear")])
+    assert [row["method"] for row in merged["rows"]] == ["linear", "lora", "fpt"]  # ACCURACY_METHODS order
+    assert merged["num_epochs"] == 20 and merged["merged_commands"][0] == "fpt-monai accuracy --methods fpt"
+    assert accuracy_markdown(merged).count("| linear |") == 1
+
+
+@pytest.mark.parametrize(
+    "other,message",
+    [
+        (_accuracy_result("lora", num_epochs=3), "num_epochs=3"),  # another schedule
+        (_accuracy_result("lora", img_size=256), "img_size=256"),  # another input size
+        (_accuracy_result("fpt"), "'fpt' appears in more than one result"),
+        ({"rows": "x"}, "not a result of accuracy_table"),
+    ],
+)
+def test_merge_accuracy_refuses_runs_that_do_not_share_a_table(other, message):
+    from fpt_monai.bench.accuracy import merge_accuracy
+
+    with pytest.raises(ValueError, match=message):
+        merge_accuracy([_accuracy_result("fpt"), other], sources=["a.json", "b.json"])
+    with pytest.raises(ValueError, match="at least one"):
+        merge_accuracy([])
+
+
+def test_accuracy_merge_command_writes_the_table(tmp_path, capsys):
+    import json
+
+    from fpt_monai.cli import Commands
+
+    files = []
+    for name, result in (("a", _accuracy_result("fpt", command="run a")), ("b", _accuracy_result("full", command="run b"))):
+        files.append(tmp_path / f"{name}.json")
+        files[-1].write_text(json.dumps(result))
+    Commands().accuracy_merge(*map(str, files), output_dir=str(tmp_path / "out"))
+    written = json.loads((tmp_path / "out" / "accuracy.json").read_text())
+    assert [row["method"] for row in written["rows"]] == ["full", "fpt"]
+    markdown = (tmp_path / "out" / "accuracy.md").read_text()
+    assert "- `run a`" in markdown and "- `run b`" in markdown and "| full |" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="cannot read the accuracy results .*missing.json"):
+        Commands().accuracy_merge(str(tmp_path / "missing.json"), output_dir=str(tmp_path / "out"))

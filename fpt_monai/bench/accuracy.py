@@ -31,7 +31,7 @@ from pathlib import Path
 
 from fpt_monai.weights import random_weights_expected
 
-__all__ = ["ACCURACY_LABELS", "ACCURACY_METHODS", "accuracy_markdown", "accuracy_table", "write_accuracy"]
+__all__ = ["ACCURACY_LABELS", "ACCURACY_METHODS", "accuracy_markdown", "accuracy_table", "merge_accuracy", "write_accuracy"]
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +154,51 @@ def accuracy_table(
             "img_size": img_size, "side_img_size": side_img_size, "overrides": overrides, "rows": rows}
 
 
+#: What must agree for runs of different methods to share one table: the same task and the same schedule.
+_SHARED_SETTINGS = ("num_epochs", "dataset_dir", "num_classes", "img_size", "side_img_size", "overrides")
+
+
+def merge_accuracy(results: Sequence[dict], sources: Sequence[str] | None = None) -> dict:
+    """One table from :func:`accuracy_table` results of separate runs (one method each, say, hours apart).
+
+    The runs must share the task and the schedule (epochs, dataset, input and side-view sizes, bundle overrides)
+    and give each method once; the rows come out in the order of :data:`ACCURACY_METHODS`.
+
+    Args:
+        results: results as :func:`accuracy_table` returns them or ``accuracy.json`` holds them.
+        sources: a name per result (e.g. its file) for the error messages; default ``result 0``, ``result 1``, ...
+
+    Raises:
+        ValueError: when the runs differ in a shared setting, a method appears twice, or nothing is given.
+    """
+    if not results:
+        raise ValueError("merge_accuracy needs at least one result.")
+    sources = list(sources) if sources is not None else [f"result {i}" for i in range(len(results))]
+    first = results[0]
+    rows: dict[str, dict] = {}
+    commands = []
+    for source, result in zip(sources, results):
+        if not isinstance(result, dict) or not isinstance(result.get("rows"), list):
+            raise ValueError(f"{source} is not a result of accuracy_table (no 'rows' list).")
+        for key in _SHARED_SETTINGS:
+            if result.get(key) != first.get(key):
+                raise ValueError(
+                    f"{source} has {key}={result.get(key)!r} but {sources[0]} has {first.get(key)!r}; only runs with "
+                    "the same task and schedule share a table."
+                )
+        for row in result["rows"]:
+            if row["method"] in rows:
+                raise ValueError(f"method {row['method']!r} appears in more than one result (again in {source}).")
+            rows[row["method"]] = row
+        if result.get("command"):
+            commands.append(result["command"])
+    merged = {key: first.get(key) for key in _SHARED_SETTINGS}
+    merged["rows"] = [rows[m] for m in ACCURACY_METHODS if m in rows]
+    if commands:
+        merged["merged_commands"] = commands
+    return merged
+
+
 def accuracy_markdown(result: dict) -> str:
     """The rows of :func:`accuracy_table` as a markdown table (metrics of the best and the final checkpoint)."""
     lines = [
@@ -187,6 +232,8 @@ def write_accuracy(result: dict, output_dir: str | os.PathLike, command: str = "
     output.mkdir(parents=True, exist_ok=True)
     (output / "accuracy.json").write_text(json.dumps({"command": command, **result}, indent=2))
     header = "# Accuracy on the bundle's sample task\n\n" + (f"Command: `{command}`.\n\n" if command else "")
+    if result.get("merged_commands"):
+        header += "Merged from the runs of:\n\n" + "".join(f"- `{c}`\n" for c in result["merged_commands"]) + "\n"
     text = header + accuracy_markdown(result)
     (output / "accuracy.md").write_text(text)
     return text
