@@ -2,21 +2,15 @@
 # per-head loop vs query chunks. Run: .venv/bin/python benchmarks/scripts/attention_per_block.py
 import time, torch
 import torch.nn.functional as F
+from fpt_monai.networks.backbones import FrozenViTBackbone
 torch.manual_seed(0)
 H, N, D = 12, 1025, 64
 q, k, v = (torch.randn(1, H, N, D) for _ in range(3))
 scale = D ** -0.5
 def fused():
     return F.scaled_dot_product_attention(q, k, v)
-def current():
-    qs = q * scale
-    att = qs.new_empty((N, N)); ctx = qs.new_empty(v.shape); imp = qs.new_empty(qs.shape[:3])
-    for h in range(H):
-        torch.mm(qs[0, h], k[0, h].T, out=att)
-        torch._softmax(att, -1, False, out=att)
-        torch.mm(att, v[0, h], out=ctx[0, h])
-        torch.sum(att, 0, out=imp[0, h])
-    return ctx, imp
+def current():  # the extraction's own per-head loop
+    return FrozenViTBackbone._attend_and_rank(q, k, v, scale)
 def chunked(c):
     def f():
         qs = q * scale
@@ -30,7 +24,7 @@ def chunked(c):
                 torch._softmax(a, -1, False, out=a)
                 torch.mm(a, v[0, h], out=ctx[0, h, s:e])
                 imp[0, h].add_(a.sum(0))
-        return ctx, imp
+        return ctx, imp.div_(N)
     return f
 def chunk_heads(c):
     # all heads at once, query chunks
@@ -45,7 +39,7 @@ def chunk_heads(c):
             torch._softmax(a, -1, False, out=a)
             torch.bmm(a, v[0], out=ctx[0, :, s:e])
             imp[0].add_(a.sum(1))
-        return ctx, imp
+        return ctx, imp.div_(N)
     return f
 ref = current()
 arms = {"fused": fused, "current": current, **{f"chunk{c}": chunked(c) for c in (64, 128, 256, 512)}, **{f"heads{c}": chunk_heads(c) for c in (16, 32, 64)}}
