@@ -192,6 +192,7 @@ class Commands:
         accuracy_img_size: int = 512,
         batch_size: int = 16,
         img_size: int = 512,
+        device: str | None = None,
     ) -> None:
         """All benchmarks side by side: parameters, training memory, cache bytes, speed, (accuracy), targets.
 
@@ -201,7 +202,8 @@ class Commands:
         on the bundle's sample task, ``--accuracy_epochs`` epochs each, images and networks at
         ``--accuracy_img_size`` (runs under ``--accuracy_dir``; see ``fpt-monai accuracy``, which runs that
         section alone). The whole table within 30 minutes on 2 CPU cores, at a smaller size for accuracy:
-        ``fpt-monai bench --accuracy True --accuracy_epochs 3 --accuracy_img_size 256``.
+        ``fpt-monai bench --accuracy True --accuracy_epochs 3 --accuracy_img_size 256``. ``--device`` sets where the
+        speed section runs (default: the GPU when there is one, else the CPU).
         """
         import sys
 
@@ -211,7 +213,7 @@ class Commands:
         results = run_benchmarks(
             output_dir, batch_size=int(batch_size), img_size=int(img_size), speed=speed, accuracy=accuracy,
             accuracy_epochs=int(accuracy_epochs), accuracy_dir=accuracy_dir, accuracy_img_size=int(accuracy_img_size),
-            command="fpt-monai " + " ".join(sys.argv[1:]),
+            command="fpt-monai " + " ".join(sys.argv[1:]), device=device,
         )
         print(write_markdown(results, f"{output_dir}/results.md"))
 

@@ -228,15 +228,19 @@ def run_benchmarks(
     accuracy_img_size: int | None = None,
     methods: Sequence[str] = METHODS,
     command: str = "fpt-monai bench",
+    device: str | None = None,
 ) -> dict:
     """Run every section and write ``results.json``, ``results.md`` and ``memory.png`` to ``output_dir``.
 
     ``accuracy=True`` adds the accuracy section: :func:`fpt_monai.bench.accuracy.accuracy_table` with
     ``accuracy_epochs`` epochs per method at ``accuracy_img_size`` (default 512: the sample task as the demo has
     it), its runs under ``accuracy_dir``, also written to ``accuracy.json`` and
-    ``accuracy.md`` in ``output_dir``.
+    ``accuracy.md`` in ``output_dir``. The speed section runs on ``device`` (default: the GPU when there is
+    one, else the CPU); the memory section is the CPU accounting of :mod:`fpt_monai.bench.memory` either way.
     """
     from fpt_monai.bench import speed as speed_bench
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
@@ -256,12 +260,15 @@ def run_benchmarks(
     if speed:
         logger.info("training throughput, preload throughput, inference latency (this takes minutes) ...")
         results["speed"] = {
-            "settings": f"batch {speed_batch_size} for training and preload at {img_size}, random weights, "
+            "settings": f"on {device}, batch {speed_batch_size} for training and preload at {img_size}, random weights, "
             f"median of {speed_repeats} (training) or {speed_repeats + 3} (preload, latency) alternating samples, "
             "a sample of an arm under 1 s repeating its call for about 1 s",
-            "training_images_per_s": speed_bench.training_throughput(methods, batch_size=speed_batch_size, img_size=img_size, repeats=speed_repeats),
-            "preload_images_per_s": speed_bench.preload_throughput(batch_size=speed_batch_size, img_size=img_size, repeats=speed_repeats + 3),
-            "inference_latency_s": speed_bench.inference_latency(img_size=img_size, repeats=speed_repeats + 3),
+            "training_images_per_s": speed_bench.training_throughput(
+                methods, batch_size=speed_batch_size, img_size=img_size, repeats=speed_repeats, device=device),
+            "preload_images_per_s": speed_bench.preload_throughput(
+                batch_size=speed_batch_size, img_size=img_size, repeats=speed_repeats + 3, device=device),
+            "inference_latency_s": speed_bench.inference_latency(
+                img_size=img_size, repeats=speed_repeats + 3, device=device),
         }
     if accuracy:
         from fpt_monai.bench.accuracy import accuracy_table, write_accuracy

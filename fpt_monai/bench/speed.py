@@ -17,6 +17,8 @@ Timings alternate between the compared arms and report the median, so slow drift
 both arms alike; an arm quicker than a second (FPT's training step) repeats its call within each sample.
 Every network uses its default attention (PyTorch's fused attention where timm offers it).
 Weights are random (``pretrained=False``): speed does not depend on their values.
+Every function takes a ``device``: on a GPU (``"cuda"``) networks and inputs live there and each timed sample
+ends with ``torch.cuda.synchronize()``, so the clock stops when the GPU's work is done.
 """
 
 from __future__ import annotations
@@ -35,28 +37,43 @@ __all__ = ["inference_latency", "preload_throughput", "time_alternating", "train
 
 
 def time_alternating(
-    arms: dict[str, Callable[[], None]], repeats: int = 3, warmup: int = 1, min_seconds: float = 1.0
+    arms: dict[str, Callable[[], None]],
+    repeats: int = 3,
+    warmup: int = 1,
+    min_seconds: float = 1.0,
+    synchronize: Callable[[], None] | None = None,
 ) -> dict[str, float]:
     """Median seconds per call of each arm, timing the arms in turn ``repeats`` times after ``warmup`` rounds.
 
     A sample of an arm that is quicker than ``min_seconds`` (judged from its last warm-up call) repeats the call
     until the sample lasts about that long: a 0.1 s training step timed once is at the mercy of one scheduler
-    hiccup, while the slow arms it is compared with average theirs over seconds.
+    hiccup, while the slow arms it is compared with average theirs over seconds. ``synchronize`` (e.g.
+    ``torch.cuda.synchronize``) runs before the clock starts and before it stops, so asynchronous work is timed.
     """
+    sync = synchronize or (lambda: None)
     calls = dict.fromkeys(arms, 1)
     for _ in range(warmup):
         for name, run in arms.items():
+            sync()
             start = time.perf_counter()
             run()
+            sync()
             calls[name] = max(1, math.ceil(min_seconds / max(time.perf_counter() - start, 1e-6)))
     seconds: dict[str, list[float]] = {name: [] for name in arms}
     for _ in range(repeats):
         for name, run in arms.items():
+            sync()
             start = time.perf_counter()
             for _ in range(calls[name]):
                 run()
+            sync()
             seconds[name].append((time.perf_counter() - start) / calls[name])
     return {name: statistics.median(values) for name, values in seconds.items()}
+
+
+def _synchronizer(device: str | torch.device) -> Callable[[], None] | None:
+    device = torch.device(device)
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
 
 
 def _quiet_build(build: Callable):
@@ -99,13 +116,14 @@ def training_throughput(
     preset: str = "fpt",
     repeats: int = 2,
     num_classes: int = 5,
+    device: str = "cpu",
 ) -> dict[str, float]:
     """Images per second of a training step (forward, backward, AdamW) per method, timed alternately."""
     from fpt_monai.networks import FPTNet, create_fpt
     from fpt_monai.networks.baselines import create_baseline
 
     torch.manual_seed(0)
-    labels = torch.randint(0, num_classes, (batch_size,))
+    labels = torch.randint(0, num_classes, (batch_size,), device=device)
     arms = {}
     for method in methods:
         if method.startswith("fpt"):
@@ -113,27 +131,30 @@ def training_throughput(
             net = FPTNet(
                 full.backbone.shape, num_classes, side_img_size=full.side_img_size, variant=full.fusion.variant
             ).train()
-            inputs = [torch.randn(batch_size, 3, *full.side_img_size),
-                      torch.randn(batch_size, *full.backbone.shape.kv_shape).half()]
+            inputs = [torch.randn(batch_size, 3, *full.side_img_size, device=device),
+                      torch.randn(batch_size, *full.backbone.shape.kv_shape, device=device).half()]
             forward = lambda n, x: n.forward_side(x[0], x[1])  # noqa: E731
             del full
         else:
             net = _quiet_build(lambda: create_baseline(method, num_classes, preset=preset, pretrained=False, img_size=img_size)).train()
-            inputs = [torch.randn(batch_size, 3, img_size, img_size)]
+            inputs = [torch.randn(batch_size, 3, img_size, img_size, device=device)]
             forward = lambda n, x: n(x[0])  # noqa: E731
+        net.to(device)
         optimizer = torch.optim.AdamW(net.trainable_parameters(), lr=1e-4)
         arms[method] = _training_step(net, optimizer, inputs, labels, forward)
-    seconds = time_alternating(arms, repeats=repeats, warmup=1)
+    seconds = time_alternating(arms, repeats=repeats, warmup=1, synchronize=_synchronizer(device))
     return {method: batch_size / s for method, s in seconds.items()}
 
 
-def preload_throughput(preset: str = "fpt", batch_size: int = 4, img_size: int = 512, repeats: int = 3) -> dict[str, float]:
+def preload_throughput(
+    preset: str = "fpt", batch_size: int = 4, img_size: int = 512, repeats: int = 3, device: str = "cpu"
+) -> dict[str, float]:
     """Images per second: K/V extraction of the preset's frozen backbone against bare ``forward_features``
     (fused and eager attention)."""
     from fpt_monai.networks import create_backbone
 
-    backbone = _quiet_build(lambda: create_backbone(preset, pretrained=False, img_size=img_size))
-    images = torch.randn(batch_size, 3, img_size, img_size)
+    backbone = _quiet_build(lambda: create_backbone(preset, pretrained=False, img_size=img_size)).to(device)
+    images = torch.randn(batch_size, 3, img_size, img_size, device=device)
     with torch.inference_mode():
         seconds = time_alternating(
             {
@@ -143,16 +164,19 @@ def preload_throughput(preset: str = "fpt", batch_size: int = 4, img_size: int =
                 "bare_backbone_per_image": _bare(backbone.model, images, fused=True, per_image=True),
             },
             repeats=repeats,
+            synchronize=_synchronizer(device),
         )
     return {name: batch_size / s for name, s in seconds.items()}
 
 
-def inference_latency(preset: str = "fpt", img_size: int = 512, repeats: int = 3, num_classes: int = 5) -> dict[str, float]:
+def inference_latency(
+    preset: str = "fpt", img_size: int = 512, repeats: int = 3, num_classes: int = 5, device: str = "cpu"
+) -> dict[str, float]:
     """Seconds for one image: the whole FPT network against the bare backbone (fused and eager attention)."""
     from fpt_monai.networks import create_fpt
 
-    net = _quiet_build(lambda: create_fpt(preset, num_classes, pretrained=False, img_size=img_size)).eval()
-    image = torch.randn(1, 3, img_size, img_size)
+    net = _quiet_build(lambda: create_fpt(preset, num_classes, pretrained=False, img_size=img_size)).eval().to(device)
+    image = torch.randn(1, 3, img_size, img_size, device=device)
     with torch.inference_mode():
         return time_alternating(
             {
@@ -161,4 +185,5 @@ def inference_latency(preset: str = "fpt", img_size: int = 512, repeats: int = 3
                 "bare_backbone_eager": _bare(net.backbone.model, image, fused=False),
             },
             repeats=repeats,
+            synchronize=_synchronizer(device),
         )
