@@ -250,7 +250,6 @@ class Commands:
         result = accuracy_table(work_dir, methods=methods, num_epochs=int(num_epochs), **overrides)
         print(write_accuracy(result, output_dir, command="fpt-monai " + " ".join(sys.argv[1:])))
 
-
     def accuracy_merge(self, *files: str, output_dir: str = "benchmarks/results") -> None:
         """One accuracy table from the ``accuracy.json`` files of separate ``fpt-monai accuracy`` runs.
 
