@@ -232,7 +232,9 @@ class Commands:
         schedule (VPT-deep: an n/a row, it needs transformer tokens). Runs go to ``work_dir/<method>``; writes
         ``accuracy.json`` and ``accuracy.md`` to ``output_dir`` and prints the markdown. ``--img_size 256`` renders
         the sample task and runs every network at 256 px (about 4x cheaper per epoch), ``--dataset_dir`` uses other
-        data; other options are bundle overrides for every run (``--batch_size 8``). See
+        data; other options are bundle overrides for every run (``--batch_size 8``). ``--resume True`` continues each
+        method from its newest resume checkpoint in ``work_dir/<method>/models`` (after a crash or a stop; the row
+        says after which epoch, and its wall time counts only the epochs run then). See
         :mod:`fpt_monai.bench.accuracy`.
 
         Args:

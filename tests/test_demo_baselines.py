@@ -194,6 +194,34 @@ def test_accuracy_sample_data_follows_the_input_size(tmp_path):
     assert "images and networks at 64 px" in accuracy_markdown(result)
 
 
+def test_accuracy_resume_continues_a_stopped_run_and_shares_its_table(tmp_path, monkeypatch):
+    """A run stopped after epoch 1 continues from its resume checkpoint; resuming is not a setting of the table."""
+    from fpt_monai.bench.accuracy import accuracy_markdown, accuracy_table, merge_accuracy
+    from fpt_monai.data import make_sample_dataset
+
+    data = make_sample_dataset(tmp_path / "data", num_train=6, num_val=3, num_test=3, image_size=64, progress=False)
+    common = {"methods": ("linear",), "dataset_dir": data, "img_size": 64, "batch_size": 3, "num_workers": 0}
+    accuracy_table(tmp_path / "runs", num_epochs=1, **common)  # the "stopped" run: its last checkpoint is epoch 1
+    import fpt_monai.engine
+
+    loaded = []  # what the bundle's trainer was set to resume from (train.json calls fpt_monai.engine.attach_resume)
+    attach = fpt_monai.engine.attach_resume
+    monkeypatch.setattr(fpt_monai.engine, "attach_resume", lambda *a, **k: loaded.append(attach(*a, **k)))
+    resumed = accuracy_table(tmp_path / "runs", num_epochs=2, resume=True, **common)
+    assert [path.name for path in loaded] == ["resume_checkpoint_epoch=1.pt"]
+    row = resumed["rows"][0]
+    assert row["resumed_after_epoch"] == 1 and resumed["overrides"] == {"batch_size": 3, "num_workers": 0}
+    assert (tmp_path / "runs" / "linear" / "models" / "resume_checkpoint_epoch=2.pt").exists()
+    text = accuracy_markdown(resumed)
+    assert "(epochs 2-2)" in text and "resumed after epoch 1" in text
+    # an uninterrupted run of another method merges with it: same task, same schedule
+    other = accuracy_table(tmp_path / "runs", num_epochs=2, **{**common, "methods": ("vpt",)})
+    assert [r["method"] for r in merge_accuracy([resumed, other])["rows"]] == ["linear", "vpt"]
+    # without a checkpoint there is nothing to resume from: the run starts over and the row says nothing
+    fresh = accuracy_table(tmp_path / "fresh", num_epochs=1, resume=True, **common)
+    assert "resumed_after_epoch" not in fresh["rows"][0]
+
+
 def _accuracy_result(*methods, num_epochs=20, img_size=None, command=""):
     """A result shaped like accuracy_table's, one metrics row per method (values made up: only the merge is tested)."""
     rows = [

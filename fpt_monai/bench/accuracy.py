@@ -70,6 +70,7 @@ def accuracy_table(
     dataset_dir: str | os.PathLike | None = None,
     img_size: int | None = None,
     side_img_size: int | None = None,
+    resume: bool = False,
     **overrides,
 ) -> dict:
     """Train and test every method on the sample task through the bundle, with the same settings.
@@ -83,17 +84,23 @@ def accuracy_table(
         img_size: input size of every network (default 512) and, without ``dataset_dir``, the size of the
             generated sample images (whose lesions scale with it): 256 makes every epoch about 4x cheaper.
         side_img_size: FPT's side-view size (default 112; smaller only for tests).
+        resume: continue each method's run from its newest resume checkpoint (``<work_dir>/<method>/models``)
+            instead of starting over, e.g. after a crash or a stop. The resumed epochs replay the uninterrupted
+            run's (see :mod:`fpt_monai.engine.resume`), so the result shares a table with uninterrupted runs; the
+            row records ``resumed_after_epoch``, and its ``seconds`` count only the epochs trained in this call.
         overrides: bundle config overrides given to every run, e.g. ``batch_size=8``, ``num_workers=0``,
             ``pretrained=False`` (tests only).
 
     Returns:
         ``{"num_epochs", "dataset_dir", "overrides", "rows"}``; a row is ``{"method", "label", "learnable",
-        "frozen", "learnable_percent", "seconds", "best": {metric: value}, "final": {...}, "work_dir"}``, or
+        "frozen", "learnable_percent", "seconds", "best": {metric: value}, "final": {...}, "work_dir"}`` (plus
+        ``"resumed_after_epoch"`` when ``resume`` found a checkpoint), or
         ``{"method", "label", "reason"}`` for a method that cannot run on the demo network.
     """
     from fpt_monai.bundle import config_files, demo_config_names, run_demo
     from fpt_monai.config_check import check_overrides
     from fpt_monai.data import SampleFundusSpec, dataset_classes, make_sample_dataset
+    from fpt_monai.engine.resume import latest_checkpoint
     from fpt_monai.networks.baselines import check_cnn_method
 
     unknown = [m for m in methods if m not in ACCURACY_METHODS]
@@ -141,14 +148,19 @@ def accuracy_table(
             continue
         network = network_kwargs(method)
         run_overrides = {**settings, **{f"network_def#{k}": v for k, v in network.items()}}
-        logger.info("accuracy: %s, %d epochs ...", method, int(num_epochs))
+        # the bundle's resume names the same file (its resume saver writes resume_checkpoint_epoch=N.pt to models/)
+        checkpoint = latest_checkpoint(work_dir / method / "models") if resume else None
+        logger.info("accuracy: %s, %d epochs%s ...", method, int(num_epochs),
+                    f", resuming from {checkpoint}" if checkpoint else "")
         start = time.perf_counter()
-        metrics = run_demo(work_dir / method, method=method, **run_overrides)
+        metrics = run_demo(work_dir / method, method=method, **run_overrides, **({"resume": True} if resume else {}))
         seconds = time.perf_counter() - start
         rows.append({
             "method": method, "label": label, **_parameter_counts(method, num_classes, network),
             "seconds": seconds, "best": metrics["best"], "final": metrics["final"], "work_dir": str(work_dir / method),
         })
+        if checkpoint is not None:
+            rows[-1]["resumed_after_epoch"] = int(checkpoint.stem.split("=")[-1])
         logger.info("accuracy: %s done in %.0f s: %s", method, seconds, metrics)
     return {"num_epochs": int(num_epochs), "dataset_dir": str(dataset_dir), "num_classes": num_classes,
             "img_size": img_size, "side_img_size": side_img_size, "overrides": overrides, "rows": rows}
@@ -216,10 +228,15 @@ def accuracy_markdown(result: dict) -> str:
             notes.append(f"{row['label']}: n/a. {row['reason']}")
             continue
         best, final = row["best"], row["final"]
+        seconds = f"{row['seconds']:.0f}"
+        if "resumed_after_epoch" in row:
+            seconds += f" (epochs {row['resumed_after_epoch'] + 1}-{result['num_epochs']})"
+            notes.append(f"{row['label']}: resumed after epoch {row['resumed_after_epoch']} from its resume "
+                         "checkpoint; the wall time counts only the epochs trained after it.")
         lines.append(
             f"| {row['label']} | {row['learnable']:,} | {row['learnable_percent']:.2f} | {best['test_auc']:.3f} | "
             f"{final['test_auc']:.3f} | {best['test_accuracy']:.3f} | {final['test_accuracy']:.3f} | "
-            f"{final['test_f1']:.3f} | {final['test_kappa']:.3f} | {row['seconds']:.0f} |"
+            f"{final['test_f1']:.3f} | {final['test_kappa']:.3f} | {seconds} |"
         )
     lines.append("")
     lines += [f"- {note}" for note in notes]

@@ -127,7 +127,8 @@ def training_throughput(
     arms = {}
     for method in methods:
         if method.startswith("fpt"):
-            full = _quiet_build(lambda: create_fpt(method, num_classes, pretrained=False, img_size=img_size))
+            with torch.device("meta"):  # only the backbone's shape is needed: no 86M weights allocated or drawn
+                full = _quiet_build(lambda: create_fpt(method, num_classes, pretrained=False, img_size=img_size))
             net = FPTNet(
                 full.backbone.shape, num_classes, side_img_size=full.side_img_size, variant=full.fusion.variant
             ).train()
