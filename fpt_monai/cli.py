@@ -222,12 +222,12 @@ class Commands:
         work_dir: str = "fpt_accuracy",
         output_dir: str = "benchmarks/results",
         num_epochs: int = 20,
-        methods: str | Sequence[str] = ("full", "linear", "vpt", "lora", "adapter", "fpt"),
+        methods: str | Sequence[str] = ("full", "linear", "vpt", "lora", "adapter", "fpt", "fpt_plus"),
         **overrides,
     ) -> None:
         """Accuracy of every method on the bundle's sample task, same schedule (the accuracy section of ``bench``).
 
-        Full fine-tuning, linear probing, LoRA, an AdaptFormer-style adapter and FPT, all on the demo network
+        Full fine-tuning, linear probing, LoRA, an AdaptFormer-style adapter, FPT and FPT+, all on the demo network
         (ImageNet EfficientNet-Lite0), trained and tested through the bundle with the same data, seed and
         schedule (VPT-deep: an n/a row, it needs transformer tokens). Runs go to ``work_dir/<method>``; writes
         ``accuracy.json`` and ``accuracy.md`` to ``output_dir`` and prints the markdown. ``--img_size 256`` renders
@@ -241,7 +241,7 @@ class Commands:
             work_dir: folder of the sample data and of the runs.
             output_dir: where ``accuracy.json`` and ``accuracy.md`` go.
             num_epochs: epochs of every method (20 in the demo schedule).
-            methods: comma-separated or a list, out of full, linear, vpt, lora, adapter, fpt.
+            methods: comma-separated or a list, out of full, linear, vpt, lora, adapter, fpt, fpt_plus.
         """
         import sys
 

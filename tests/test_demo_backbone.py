@@ -156,6 +156,22 @@ def test_demo_backbone_loads_weights_and_projections():
     assert net(torch.randn(1, 3, 64, 64)).shape == (1, 3)
 
 
+def test_demo_fpt_plus_mirrors_fpt_plus_on_the_cnn(lite0):
+    """FPT+ on the demo backbone: the later half of the blocks, a smaller side view, prompts at the backbone width."""
+    from fpt_monai.weights import random_weights_expected
+
+    with random_weights_expected():
+        fpt, plus = (create_demo_fpt(3, pretrained=False, variant=v) for v in ("fpt", "fpt_plus"))
+    assert plus.backbone.extracted_blocks == (8, 9, 10) and plus.side.depth == 3 and plus.side_img_size == (64, 64)
+    assert plus.fusion.prompt_dim == 384 and fpt.fusion.prompt_dim == 48
+    # side ViT: 3 blocks of 28,272 + patch embedding 36,912 + CLS 48 + 17 x 48 positions + norm 96 + head 147;
+    # prompts 3 x 16 x 384
+    assert plus.parameter_counts() == {"side": 122_835, "fusion": 37_680, "learnable": 160_515, "frozen": 3_371_008}
+    assert fpt.parameter_counts()["learnable"] == 251_139
+    with pytest.raises(ValueError, match="variant"):
+        create_demo_fpt(3, pretrained=False, variant="fpt+")
+
+
 def test_conversion_zips_tensors_by_position(tmp_path):
     """A .pth with foreign names in timm's order (as the PyPI file) converts to a loadable, deterministic file."""
     torch.manual_seed(1)

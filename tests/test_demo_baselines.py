@@ -151,19 +151,26 @@ def test_accuracy_table_end_to_end(tmp_path):
 
     data = make_sample_dataset(tmp_path / "data", num_train=6, num_val=3, num_test=3, image_size=64, progress=False)
     result = accuracy_table(
-        tmp_path / "runs", methods=("vpt", "lora", "fpt"), num_epochs=1, dataset_dir=data, img_size=64,
+        tmp_path / "runs", methods=("vpt", "lora", "fpt", "fpt_plus"), num_epochs=1, dataset_dir=data, img_size=64,
         side_img_size=32, batch_size=3, num_workers=0,
     )
     rows = {row["method"]: row for row in result["rows"]}
     assert "transformer tokens" in rows["vpt"]["reason"]
-    assert rows["lora"]["learnable"] == 186_115 and rows["fpt"]["learnable"] > 0
-    for method in ("lora", "fpt"):
+    assert rows["lora"]["learnable"] == 186_115 and rows["fpt"]["learnable"] > rows["fpt_plus"]["learnable"] > 0
+    for method in ("lora", "fpt", "fpt_plus"):
         for checkpoint in ("best", "final"):
             assert 0.0 <= rows[method][checkpoint]["test_accuracy"] <= 1.0
             assert set(rows[method][checkpoint]) >= {"test_auc", "test_accuracy", "test_f1", "test_kappa"}
         assert rows[method]["seconds"] > 0
     # the baseline ran from the image (no cache), FPT from preloaded keys/values
     assert not (tmp_path / "runs" / "lora" / "cache").exists() and (tmp_path / "runs" / "fpt" / "cache").exists()
+    # FPT+ trained from its own cache: keys/values of its 3 extracted blocks (FPT's has 6)
+    from safetensors import safe_open
+
+    for method, blocks in (("fpt", 6), ("fpt_plus", 3)):
+        entry = next((tmp_path / "runs" / method / "cache").rglob("*.safetensors"))
+        with safe_open(str(entry), framework="pt") as f:
+            assert f.get_slice("kv").get_shape()[0] == blocks
     text = write_accuracy(result, tmp_path / "out", command="test")
     assert "| VPT-deep prompt tuning | n/a |" in text and "186,115" in text
     assert json.loads((tmp_path / "out" / "accuracy.json").read_text())["rows"][0]["method"] == "vpt"

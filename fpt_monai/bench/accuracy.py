@@ -13,11 +13,13 @@ offline is the demo's EfficientNet-Lite0, so every method uses it
 - ``adapter``: AdaptFormer-style bottleneck (16, scale 0.1) beside every MBConv block.
 - ``vpt``: not run; VPT-deep needs transformer tokens, which a CNN does not have (the row says so).
 - ``fpt``: FPT with the frozen network behind the CNN adapter, side ViT at 112.
+- ``fpt_plus``: FPT+ on the same frozen network: its last three extracted blocks, side ViT at 64
+  (:data:`fpt_monai.pretrained.DEMO_PLUS_SETTINGS`).
 
 Per method: the test metrics (macro one-vs-rest AUC, accuracy, macro F1, quadratic weighted kappa) of the best
 (validation AUC) and the final checkpoint, the learnable and frozen parameter counts, and the wall time of the
-whole run (training with validation every epoch, and testing both checkpoints; for FPT it includes preloading
-the keys/values of the 420 images).
+whole run (training with validation every epoch, and testing both checkpoints; for FPT and FPT+ it includes
+preloading the keys/values of the 420 images).
 """
 
 from __future__ import annotations
@@ -35,8 +37,11 @@ __all__ = ["ACCURACY_LABELS", "ACCURACY_METHODS", "accuracy_markdown", "accuracy
 
 logger = logging.getLogger(__name__)
 
+#: The rows that are FPT networks (the bundle's FPT path, ``method=fpt``, with ``network_def#variant`` set).
+_FPT_VARIANTS = ("fpt", "fpt_plus")
+
 #: The methods of the table, in order (``vpt`` gives an n/a row).
-ACCURACY_METHODS = ("full", "linear", "vpt", "lora", "adapter", "fpt")
+ACCURACY_METHODS = ("full", "linear", "vpt", "lora", "adapter", "fpt", "fpt_plus")
 #: Row labels (the default method settings).
 ACCURACY_LABELS = {
     "full": "full fine-tuning",
@@ -45,6 +50,7 @@ ACCURACY_LABELS = {
     "lora": "LoRA (r=8, every 1x1 convolution)",
     "adapter": "AdaptFormer-style adapter (bottleneck 16, every MBConv block)",
     "fpt": "FPT (frozen network at the input size, side ViT at 112)",
+    "fpt_plus": "FPT+ (last 3 of FPT's 6 blocks, side ViT at 64)",
 }
 
 
@@ -53,7 +59,7 @@ def _parameter_counts(method: str, num_classes: int, network_kwargs: dict) -> di
     from fpt_monai.pretrained import create_demo_baseline, create_demo_fpt
 
     with random_weights_expected():
-        if method == "fpt":
+        if method in _FPT_VARIANTS:
             net = create_demo_fpt(num_classes, pretrained=False, **network_kwargs)
         else:
             net = create_demo_baseline(method, num_classes, pretrained=False, **network_kwargs)
@@ -61,6 +67,11 @@ def _parameter_counts(method: str, num_classes: int, network_kwargs: dict) -> di
     total = counts["learnable"] + counts["frozen"]
     return {"learnable": counts["learnable"], "frozen": counts["frozen"],
             "learnable_percent": 100 * counts["learnable"] / total}
+
+
+def _bundle_method(method: str) -> str:
+    """The bundle's ``method`` of a row: FPT+ is the bundle's FPT path with another network."""
+    return "fpt" if method in _FPT_VARIANTS else method
 
 
 def accuracy_table(
@@ -83,7 +94,7 @@ def accuracy_table(
         dataset_dir: a dataset folder to use instead of the sample data (``train/ val/ test/`` class folders).
         img_size: input size of every network (default 512) and, without ``dataset_dir``, the size of the
             generated sample images (whose lesions scale with it): 256 makes every epoch about 4x cheaper.
-        side_img_size: FPT's side-view size (default 112; smaller only for tests).
+        side_img_size: the side-view size of FPT and FPT+ (default 112 and 64; smaller only for tests).
         resume: continue each method's run from its newest resume checkpoint (``<work_dir>/<method>/models``)
             instead of starting over, e.g. after a crash or a stop. The resumed epochs replay the uninterrupted
             run's (see :mod:`fpt_monai.engine.resume`), so the result shares a table with uninterrupted runs; the
@@ -115,7 +126,7 @@ def accuracy_table(
     runnable = []
     for method in methods:
         try:
-            if method != "fpt":
+            if method not in _FPT_VARIANTS:
                 check_cnn_method(method)
             runnable.append(method)
         except ValueError as err:  # vpt: no tokens in a CNN
@@ -123,13 +134,15 @@ def accuracy_table(
 
     def network_kwargs(method: str) -> dict:
         network = {"img_size": img_size} if img_size is not None else {}
-        if method == "fpt" and side_img_size is not None:
+        if method == "fpt_plus":
+            network["variant"] = "fpt_plus"
+        if method in _FPT_VARIANTS and side_img_size is not None:
             network["side_img_size"] = side_img_size
         return network
 
     if overrides.get("check_overrides", True):  # refuse typos before hours of training
         for method in runnable:
-            check_overrides(config_files(*demo_config_names(method, evaluate=True)),
+            check_overrides(config_files(*demo_config_names(_bundle_method(method), evaluate=True)),
                             {**overrides, **{f"network_def#{k}": v for k, v in network_kwargs(method).items()}})
     work_dir = Path(work_dir).absolute()
     if dataset_dir is None:  # demo.json's default dataset, or the same task rendered at the networks' input size
@@ -153,7 +166,8 @@ def accuracy_table(
         logger.info("accuracy: %s, %d epochs%s ...", method, int(num_epochs),
                     f", resuming from {checkpoint}" if checkpoint else "")
         start = time.perf_counter()
-        metrics = run_demo(work_dir / method, method=method, **run_overrides, **({"resume": True} if resume else {}))
+        metrics = run_demo(work_dir / method, method=_bundle_method(method), **run_overrides,
+                           **({"resume": True} if resume else {}))
         seconds = time.perf_counter() - start
         rows.append({
             "method": method, "label": label, **_parameter_counts(method, num_classes, network),

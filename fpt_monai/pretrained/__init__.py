@@ -36,6 +36,7 @@ from fpt_monai.networks.cnn_backbone import FrozenCNNBackbone, orthonormal_proje
 
 __all__ = [
     "DEMO_MODEL_NAME",
+    "DEMO_PLUS_SETTINGS",
     "DEMO_SETTINGS",
     "DEMO_WEIGHTS",
     "DEMO_WEIGHTS_SHA256",
@@ -73,6 +74,15 @@ DEMO_SETTINGS: dict = {
     "variant": "fpt",
     "mean": (0.5, 0.5, 0.5),  # EfficientNet-Lite (TensorFlow) normalisation
     "std": (0.5, 0.5, 0.5),
+}
+
+#: What FPT+ changes on the demo backbone, mirroring what it changes on ViT-B/16 (blocks 6-11 of 12, side view
+#: 128 instead of 224, prompts at the backbone's width): the later half of the extracted blocks and a side view at
+#: about 128/224 of FPT's 112.
+DEMO_PLUS_SETTINGS: dict = {
+    "variant": "fpt_plus",
+    "blocks": (8, 9, 10),
+    "side_img_size": 64,  # 4 x 4 tokens of 16 px
 }
 
 _NUM_BLOCKS = 16  # MBConv/depthwise blocks of EfficientNet-Lite0
@@ -301,21 +311,29 @@ def create_demo_backbone(
 def create_demo_fpt(
     num_classes: int,
     pretrained: bool | str | os.PathLike = True,
-    side_img_size: int = DEMO_SETTINGS["side_img_size"],
+    side_img_size: int | None = None,
     fusion_dropout: float = 0.5,
     side_only: bool = False,
+    variant: str = DEMO_SETTINGS["variant"],
     **backbone_kwargs,
 ):
     """FPTNet on the demo backbone with :data:`DEMO_SETTINGS` (side ViT width 48, 6 blocks, 6 heads, at 112).
 
+    ``variant="fpt_plus"`` builds FPT+ instead (:data:`DEMO_PLUS_SETTINGS`: blocks 8-10, side ViT at 64, prompts
+    at the backbone's width); ``side_img_size`` and ``blocks`` override either variant's.
     ``side_only=True`` builds the ablation without the high-resolution branch (see :class:`FPTNet`).
     """
     from fpt_monai.networks.fpt import FPTNet
 
+    if variant not in ("fpt", "fpt_plus"):
+        raise ValueError(f"variant must be 'fpt' or 'fpt_plus', got {variant!r}.")
+    settings = DEMO_PLUS_SETTINGS if variant == "fpt_plus" else DEMO_SETTINGS
+    backbone_kwargs.setdefault("blocks", settings["blocks"])
     backbone = create_demo_backbone(pretrained, **backbone_kwargs)
     return FPTNet(
-        backbone, num_classes=num_classes, side_img_size=side_img_size, variant=DEMO_SETTINGS["variant"],
-        reduction=DEMO_SETTINGS["reduction"], fusion_dropout=fusion_dropout, side_only=side_only,
+        backbone, num_classes=num_classes, variant=variant, reduction=DEMO_SETTINGS["reduction"],
+        side_img_size=settings["side_img_size"] if side_img_size is None else side_img_size,
+        fusion_dropout=fusion_dropout, side_only=side_only,
     )
 
 
