@@ -249,6 +249,11 @@ def test_merge_accuracy_joins_separate_runs_in_table_order():
     assert [row["method"] for row in merged["rows"]] == ["linear", "lora", "fpt"]  # ACCURACY_METHODS order
     assert merged["num_epochs"] == 20 and merged["merged_commands"][0] == "fpt-monai accuracy --methods fpt"
     assert accuracy_markdown(merged).count("| linear |") == 1
+    # a resumed row says which epochs its wall time covers
+    merged["rows"][0]["resumed_after_epoch"] = 12
+    assert "| 1 (epochs 13-20) |" in accuracy_markdown(merged) and "resumed after epoch 12" in accuracy_markdown(merged)
+    merged["rows"][0]["resumed_after_epoch"] = 20
+    assert "| 1 (none left) |" in accuracy_markdown(merged)
 
 
 @pytest.mark.parametrize(

@@ -244,7 +244,8 @@ def accuracy_markdown(result: dict) -> str:
         best, final = row["best"], row["final"]
         seconds = f"{row['seconds']:.0f}"
         if "resumed_after_epoch" in row:
-            seconds += f" (epochs {row['resumed_after_epoch'] + 1}-{result['num_epochs']})"
+            after = row["resumed_after_epoch"]
+            seconds += f" (epochs {after + 1}-{result['num_epochs']})" if after < result["num_epochs"] else " (none left)"
             notes.append(f"{row['label']}: resumed after epoch {row['resumed_after_epoch']} from its resume "
                          "checkpoint; the wall time counts only the epochs trained after it.")
         lines.append(
