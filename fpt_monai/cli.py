@@ -222,7 +222,7 @@ class Commands:
         work_dir: str = "fpt_accuracy",
         output_dir: str = "benchmarks/results",
         num_epochs: int = 20,
-        methods: str | Sequence[str] = ("full", "linear", "vpt", "lora", "adapter", "fpt", "fpt_plus"),
+        methods: str | Sequence[str] | None = None,
         **overrides,
     ) -> None:
         """Accuracy of every method on the bundle's sample task, same schedule (the accuracy section of ``bench``).
@@ -241,13 +241,14 @@ class Commands:
             work_dir: folder of the sample data and of the runs.
             output_dir: where ``accuracy.json`` and ``accuracy.md`` go.
             num_epochs: epochs of every method (20 in the demo schedule).
-            methods: comma-separated or a list, out of full, linear, vpt, lora, adapter, fpt, fpt_plus.
+            methods: comma-separated or a list, out of full, linear, vpt, lora, adapter, fpt, fpt_plus (default: all).
         """
         import sys
 
-        from fpt_monai.bench.accuracy import accuracy_table, write_accuracy
+        from fpt_monai.bench.accuracy import ACCURACY_METHODS, accuracy_table, write_accuracy
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+        methods = ACCURACY_METHODS if methods is None else methods
         methods = [m for m in methods.split(",") if m] if isinstance(methods, str) else list(methods)
         result = accuracy_table(work_dir, methods=methods, num_epochs=int(num_epochs), **overrides)
         print(write_accuracy(result, output_dir, command="fpt-monai " + " ".join(sys.argv[1:])))

@@ -111,7 +111,7 @@ def accuracy_table(
     from fpt_monai.bundle import config_files, demo_config_names, run_demo
     from fpt_monai.config_check import check_overrides
     from fpt_monai.data import SampleFundusSpec, dataset_classes, make_sample_dataset
-    from fpt_monai.engine.resume import latest_checkpoint
+    from fpt_monai.engine.resume import checkpoint_epoch, latest_checkpoint
     from fpt_monai.networks.baselines import check_cnn_method
 
     unknown = [m for m in methods if m not in ACCURACY_METHODS]
@@ -174,7 +174,7 @@ def accuracy_table(
             "seconds": seconds, "best": metrics["best"], "final": metrics["final"], "work_dir": str(work_dir / method),
         })
         if checkpoint is not None:
-            rows[-1]["resumed_after_epoch"] = int(checkpoint.stem.split("=")[-1])
+            rows[-1]["resumed_after_epoch"] = checkpoint_epoch(checkpoint)
         logger.info("accuracy: %s done in %.0f s: %s", method, seconds, metrics)
     return {"num_epochs": int(num_epochs), "dataset_dir": str(dataset_dir), "num_classes": num_classes,
             "img_size": img_size, "side_img_size": side_img_size, "overrides": overrides, "rows": rows}

@@ -28,7 +28,7 @@ from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader
 from monai.utils import set_determinism
 
-__all__ = ["EpochSeeder", "attach_resume", "epoch_seed", "latest_checkpoint", "resume_objects"]
+__all__ = ["EpochSeeder", "attach_resume", "checkpoint_epoch", "epoch_seed", "latest_checkpoint", "resume_objects"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +64,11 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike, prefix: str = "resume", name:
     return max(found)[1] if found else None
 
 
+def checkpoint_epoch(path: str | os.PathLike) -> int:
+    """The epoch N of a ``<prefix>_<name>_epoch=N.pt`` checkpoint file."""
+    return int(Path(path).stem.split("=")[-1])
+
+
 def attach_resume(trainer: Engine, saver, map_location: str | None = "cpu", strict: bool = True) -> Path | None:
     """Make ``trainer`` resume from the newest resume checkpoint that ``saver`` wrote, if there is one.
 
@@ -89,7 +94,7 @@ def attach_resume(trainer: Engine, saver, map_location: str | None = "cpu", stri
             "resume: no %s_%s_epoch=N.pt in %s; training starts from the beginning.", prefix, name, saver.save_dir
         )
         return None
-    epoch = int(path.stem.split("=")[-1])
+    epoch = checkpoint_epoch(path)
     logger.info("resume: continuing after epoch %d from %s", epoch, path)
     CheckpointLoader(load_path=str(path), load_dict=dict(saver.save_dict), map_location=map_location,
                      strict=strict).attach(trainer)
