@@ -80,6 +80,11 @@ def state_dict_sha256(state: Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def _exporting() -> bool:
+    """Whether the forward is being traced, scripted, compiled or exported (the eager CPU loops are skipped)."""
+    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
+
+
 class FrozenViTBackbone(nn.Module):
     """Base class: a frozen ViT that returns the selected keys/values of its extracted blocks.
 
@@ -185,8 +190,8 @@ class FrozenViTBackbone(nn.Module):
         With ``v=None`` only the importance is computed (the context is ``None``).
         """
         q = q * scale
-        # batched on accelerators and while tracing (a traced loop would fix the batch size)
-        if q.device.type != "cpu" or torch.jit.is_tracing() or torch.jit.is_scripting():
+        # batched on accelerators and for export (a traced or exported loop would fix the batch size)
+        if q.device.type != "cpu" or _exporting():
             attention = (q @ k.transpose(-2, -1)).softmax(dim=-1)
             return (None if v is None else attention @ v), mean_received_attention(attention)
         # On the CPU one (image, head) at a time: its N x N matrix (4 MB at N=1025) stays in cache, which measured
@@ -218,12 +223,11 @@ class FrozenViTBackbone(nn.Module):
 
     def _run(self, images: torch.Tensor, all_blocks: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         self.check_input(images)
-        if type(images) is not torch.Tensor and not torch.jit.is_scripting():
+        if type(images) is not torch.Tensor and not _exporting():
             # a MONAI MetaTensor (or other subclass): its per-op metadata handling would be paid by every op of the
             # per-head loops below, and the keys/values carry no image metadata
             images = images.as_subclass(torch.Tensor)
-        scripted = torch.jit.is_tracing() or torch.jit.is_scripting()
-        if images.device.type == "cpu" and images.shape[0] > 1 and not scripted:
+        if images.device.type == "cpu" and images.shape[0] > 1 and not _exporting():
             # One image at a time on the CPU: a ViT-B/16 block's largest intermediates at 512 (the MLP's 4100 x 3072
             # activations, 50 MB at batch 4) are then 13 MB, small enough for the allocator to reuse instead of
             # mapping fresh, page-faulting memory on every call; measured 6.52 vs 7.30 s per batch of 4 (best of 5).

@@ -20,6 +20,7 @@ References:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -209,12 +210,47 @@ class FPTNet(nn.Module):
             return self.side(self.side_view(images))
         return self.forward_side(self.side_view(images), self.backbone(images))
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """What ``torch.jit.script`` compiles: a trace of ``forward(images)`` at the backbone's input size.
+
+        TorchScript is how MONAI's ``ckpt_export`` (and the Model Zoo's check) export a bundle's network. FPTNet's
+        control flow depends only on its fixed shapes (the backbone's ``img_size``, the side view's size, the
+        extracted blocks), never on values or the batch size, and what is Python-only (activation recomputation,
+        the fusion's memory-saving autograd function) runs in training alone; so a trace in eval mode is the
+        same graph scripting would compile, for any batch size. ``torch.export.export(network, (images,))`` needs
+        none of this and is the forward-looking export (TorchScript is deprecated).
+        """
+        if self.backbone is None:
+            raise RuntimeError("an FPTNet built from a BackboneShape has no backbone to export; build it with one.")
+        example = torch.zeros(2, self.shape.in_channels, *self.shape.img_size, device=self.prompts.prompts.device)
+        training = self.training
+        self.eval()
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                # shape-to-Python conversions of the fixed shapes above; the batch size stays symbolic
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                traced = torch.jit.trace(self, example, check_trace=False)
+        finally:
+            self.train(training)
+        return TracedNetwork(traced)
+
     def parameter_counts(self) -> dict[str, int]:
         """Parameter counts: side network, fusion (prompts included), learnable total, frozen backbone."""
         side = sum(p.numel() for p in self.side.parameters())
         fusion = sum(p.numel() for p in self.fusion.parameters()) + self.prompts.prompts.numel()
         frozen = 0 if self.backbone is None else sum(p.numel() for p in self.backbone.parameters())
         return {"side": side, "fusion": fusion, "learnable": side + fusion, "frozen": frozen}
+
+
+class TracedNetwork(nn.Module):
+    """A traced module behind a scriptable ``forward(images)``: what scripting an :class:`FPTNet` compiles."""
+
+    def __init__(self, traced: torch.jit.ScriptModule) -> None:
+        super().__init__()
+        self.traced = traced
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.traced(images)
 
 
 #: State-dict key of the frozen backbone's weights digest (SHA-256 bytes as uint8) that a checkpoint refers to.
