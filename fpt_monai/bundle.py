@@ -73,9 +73,8 @@ def run_demo(work_dir: str | os.PathLike = "fpt_demo", evaluate: bool = True, me
 
     The same runs as::
 
-        python -m monai.bundle run training --config_file "['configs/train.json','configs/demo.json']" \\
-            --bundle_root <work_dir>
-        python -m monai.bundle run evaluating \\
+        python -m monai.bundle run --config_file "['configs/train.json','configs/demo.json']" --bundle_root <work_dir>
+        python -m monai.bundle run \\
             --config_file "['configs/train.json','configs/evaluate.json','configs/demo.json']" --bundle_root <work_dir>
 
     with, for a baseline, the overlays of :func:`demo_config_names` and ``--method <method>``.
@@ -106,8 +105,8 @@ def run_demo(work_dir: str | os.PathLike = "fpt_demo", evaluate: bool = True, me
 
         check_overrides(config_files(*(evaluate_names if evaluate else train_names)), overrides)
     train = ConfigWorkflow(
-        config_file=config_files(*train_names), meta_file=meta, logging_file=logging_file,
-        run_id="training", workflow_type=None, **common,
+        config_file=config_files(*train_names), meta_file=meta, logging_file=logging_file, workflow_type="train",
+        **common,
     )
     train.initialize()
     train.run()
@@ -115,8 +114,8 @@ def run_demo(work_dir: str | os.PathLike = "fpt_demo", evaluate: bool = True, me
     if not evaluate:
         return {}
     evaluation = ConfigWorkflow(
-        config_file=config_files(*evaluate_names), meta_file=meta, logging_file=logging_file,
-        run_id="evaluating", workflow_type=None, **common,
+        config_file=config_files(*evaluate_names), meta_file=meta, logging_file=logging_file, workflow_type="train",
+        **common,
     )
     evaluation.initialize()
     results = evaluation.run()[0]
@@ -125,7 +124,7 @@ def run_demo(work_dir: str | os.PathLike = "fpt_demo", evaluate: bool = True, me
 
 
 #: Files and folders of the bundle that an export carries.
-_BUNDLE_CONTENT = ("configs", "docs", "schema", "LICENSE")
+_BUNDLE_CONTENT = ("configs", "docs", "schema", "LICENSE", "large_files.yml")
 
 _SCRIPTS_INIT = '''"""Custom code of this bundle: the fpt_monai package, carried with it (see docs/README.md)."""
 

@@ -266,7 +266,7 @@ def test_3d_overlays_parse():
     assert "make_sample_dataset_3d" in parser["dataset_dir"] and parser["preset"] == "fpt_3d_tiny"
     for key in ("train#preprocessing", "validate#preprocessing", "test#preprocessing"):
         assert "fpt_transforms_3d" in parser[key], key
-    assert "inference_transforms_3d" in parser["infer#preprocessing#transforms"]
+    assert "inference_transforms_3d" in parser["preprocessing#transforms"]
     assert parser["volume_reader"]["intensity_range"] == [-200, 600]
     assert parser["train#dataset#_target_"] == "fpt_monai.preload.KVCacheDataset"  # the rest of train.json stays
 

@@ -1,4 +1,9 @@
-"""The MONAI bundle end to end on a tiny run: config parsing, training, evaluation, inference, export."""
+"""The MONAI bundle end to end on a tiny run, as MONAI's tools and the Model Zoo's checks use it.
+
+Training, evaluation and inference run through ``ConfigWorkflow`` with MONAI's property checks (the Model Zoo's
+``check_workflow`` pattern: initialize, check, run, finalize); the zoo's CI commands (``verify_metadata``,
+``verify_net_in_out``, ``ckpt_export``) run on ``configs/inference.json``.
+"""
 
 from __future__ import annotations
 
@@ -17,18 +22,22 @@ from safetensors.torch import save_file
 
 from conftest import TINY_BUNDLE as TINY
 from fpt_monai.bundle import bundle_dir, config_files, export_bundle
-from fpt_monai.data import make_sample_dataset
+from fpt_monai.data import SAMPLE_CLASSES, make_sample_dataset
 from fpt_monai.networks.fpt import BACKBONE_REFERENCE_KEY
 
 BUNDLE = bundle_dir()
+META = config_files("metadata")[0]
+#: Overrides of inference.json for the tiny network (the standalone config has no img_size/epochs keys).
+TINY_INFER = {"preset": "fpt_tiny", "network_def#img_size": 64, "network_def#side_img_size": 32, "num_workers": 0}
 
 
-def run_workflow(names, run_id, **override):
+def check_workflow(names, workflow_type, **override):
+    """The Model Zoo's unit-test pattern: initialize, check the properties, run, finalize."""
     workflow = ConfigWorkflow(
-        config_file=config_files(*names), meta_file=config_files("metadata"), logging_file=False,
-        run_id=run_id, workflow_type=None, **override,
+        config_file=config_files(*names), meta_file=META, logging_file=False, workflow_type=workflow_type, **override
     )
     workflow.initialize()
+    assert workflow.check_properties() == []
     result = workflow.run()
     workflow.finalize()
     return result
@@ -43,27 +52,106 @@ def trained(tmp_path_factory):
     weights = root / "vit_tiny.safetensors"
     save_file(timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0).state_dict(), str(weights))
     override = {**TINY, "bundle_root": str(root), "dataset_dir": str(data), "pretrained": str(weights)}
-    run_workflow(["train"], "training", **override)
+    check_workflow(["train"], "train", **override)
     return root, override
 
 
-def test_configs_parse_and_name_every_workflow():
+def root_cause(error: BaseException) -> BaseException:
+    """The error a config expression raised (MONAI wraps it in ``RuntimeError("Failed to evaluate ...")``)."""
+    while str(error).startswith(("Failed to evaluate", "Failed to instantiate")) and error.__cause__ is not None:
+        error = error.__cause__
+    return error
+
+
+def infer_override(root: Path, weights: str, **extra) -> dict:
+    return {**TINY_INFER, "bundle_root": str(root), "pretrained": weights, **extra}
+
+
+# -- the configs as MONAI reads them ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("names", [["train"], ["train", "evaluate"], ["inference"]], ids="+".join)
+def test_every_workflow_has_monai_entry_points_and_the_legacy_alias(names):
     parser = ConfigParser()
-    parser.read_config(config_files("train", "evaluate", "inference"))
-    parser.read_meta(config_files("metadata"))
-    for key in ("training", "evaluating", "inferring", "train#trainer", "validate#evaluator", "test#evaluator",
-                "infer#evaluator", "network_def", "optimizer", "train#lr_scheduler"):
-        assert key in parser, key
-    assert parser["optimizer"]["weight_decay"] == "@weight_decay" and parser["weight_decay"] == 0.1
-    assert parser["grad_clip_norm"] == 1.0
-    demo = ConfigParser()
-    demo.read_config(config_files("train", "demo"))
-    assert demo["network_def"]["_target_"] == "fpt_monai.pretrained.create_demo_fpt" and demo["pretrained"] is True
-    assert "make_sample_dataset" in demo["dataset_dir"]
+    parser.read_config(config_files(*names))
+    parser.parse()
+    for key in ("initialize", "run", "finalize"):
+        assert isinstance(parser[key], list), key
+    alias = {"train": "training", "evaluate": "evaluating", "inference": "inferring"}[names[-1]]
+    assert parser[alias] == parser["run"]
+
+
+def test_preprocessing_is_written_out_as_transform_lists():
+    parser = ConfigParser()
+    parser.read_config(config_files("train", "evaluate"))
+    deterministic = parser["train#deterministic_transforms"]
+    assert all("_target_" in t for t in deterministic + parser["train#random_transforms"])
+    assert deterministic[-1]["_target_"] == "fpt_monai.preload.FrozenBackboneKVd"  # the cached part ends there
+    assert [t["_target_"] for t in parser["train#random_transforms"]].count("RandTorchVisiond") == 3
+    assert parser["train#preprocessing#transforms"] == "$@train#deterministic_transforms + @train#random_transforms"
+    # evaluation reuses the deterministic part by reference (the same K/V cache entries)
+    for split in ("validate", "test"):
+        assert "@train#deterministic_transforms" in parser[f"{split}#preprocessing#transforms"]
+    assert parser["train#datalist#datalist#split"] == "train" and parser["test#datalist#split"] == "test"
+
+
+def test_class_names_are_literals_shared_by_the_configs_and_the_metadata():
+    meta = json.loads(Path(META).read_text())
+    outputs = meta["network_data_format"]["outputs"]["pred"]
+    for name in ("train", "inference"):
+        parser = ConfigParser()
+        parser.read_config(config_files(name))
+        assert parser["class_names"] == list(SAMPLE_CLASSES) and parser["num_classes"] == len(SAMPLE_CLASSES)
+    assert list(outputs["channel_def"].values()) == list(SAMPLE_CLASSES)
+    assert outputs["num_channels"] == len(SAMPLE_CLASSES)
 
 
 def test_metadata_verifies_offline_against_the_shipped_schema():
-    verify_metadata(meta_file=config_files("metadata")[0], filepath=str(BUNDLE / "schema" / "meta_schema.json"))
+    verify_metadata(meta_file=META, filepath=str(BUNDLE / "schema" / "meta_schema.json"))
+
+
+def test_metadata_lists_every_package_the_bundle_imports():
+    """The exported bundle carries fpt_monai: its dependencies and the configs' imports must all be listed."""
+    import tomllib
+    from importlib.metadata import packages_distributions
+
+    meta = json.loads(Path(META).read_text())
+    listed = {name.lower() for name in meta["required_packages_version"]} | {"torch", "monai", "numpy"}
+    project = tomllib.loads((BUNDLE.parent.parent / "pyproject.toml").read_text())["project"]
+    required = {dep.split(">")[0].split("=")[0].split("<")[0].split("[")[0].strip().lower()
+                for dep in project["dependencies"]}
+    required -= {"matplotlib"}  # plotting of the benchmarks only
+    assert required <= listed, required - listed
+    distributions = packages_distributions()
+    for config in (BUNDLE / "configs").glob("*.json"):
+        content = json.loads(config.read_text())
+        imports = content.get("imports", []) if isinstance(content, dict) else []
+        for statement in imports:
+            module = statement.split()[1].split(".")[0]
+            if module in ("fpt_monai", "scripts") or module in sys.stdlib_module_names:
+                continue
+            assert {d.lower() for d in distributions[module]} & listed, (config.name, module)
+
+
+def test_large_files_parse_with_monais_reader_and_download_offline_when_present(tmp_path):
+    from monai.bundle import download_large_files
+
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE / "large_files.yml"))
+    entries = parser.get()["large_files"]
+    assert isinstance(entries, list)
+    for entry in entries:
+        assert not Path(entry["path"]).is_absolute() and ".." not in Path(entry["path"]).parts
+        assert entry["path"].startswith("models/") and entry["url"].startswith("https://")
+        assert entry.get("hash_type", "sha256") in ("md5", "sha1", "sha256", "sha512")
+    # the documented step, as the Model Zoo's check runs it on an exported bundle with its checkpoint in place
+    exported = export_bundle(tmp_path / "fpt_classification")
+    (exported / "models").mkdir()
+    (exported / "models" / "model.pt").write_bytes(b"a checkpoint")
+    download_large_files(bundle_path=str(exported))
+
+
+# -- training, evaluation, inference -------------------------------------------------------------------------------
 
 
 def test_training_writes_trainable_only_checkpoints_and_tensorboard(trained):
@@ -86,9 +174,18 @@ def test_training_writes_trainable_only_checkpoints_and_tensorboard(trained):
     assert {"train_loss", "learning_rate", "grad_norm", "val_auc", "val_accuracy", "val_f1", "val_kappa"} <= tags
 
 
+def test_training_refuses_a_dataset_whose_classes_differ_from_class_names(trained, tmp_path):
+    root, override = trained
+    workflow = ConfigWorkflow(config_file=config_files("train"), meta_file=META, logging_file=False,
+                              **{**override, "class_names": ["a", "b", "c"]})
+    with pytest.raises(RuntimeError) as error:
+        workflow.initialize()
+    assert isinstance(root_cause(error.value), ValueError) and "pass --class_names" in str(root_cause(error.value))
+
+
 def test_evaluation_reports_both_checkpoints(trained):
     root, override = trained
-    results = run_workflow(["train", "evaluate"], "evaluating", **override)[0]
+    results = check_workflow(["train", "evaluate"], "train", **override)[0]
     assert set(results) == {"best", "final"}
     for name in ("best", "final"):
         report = root / "eval" / name
@@ -103,58 +200,171 @@ def test_evaluation_reports_both_checkpoints(trained):
         assert (report / "confusion_matrix.csv").is_file()
 
 
-def test_inference_writes_probabilities_for_a_folder(trained):
+def test_standalone_inference_needs_only_the_checkpoint_and_images(trained, tmp_path):
     root, override = trained
+    run_root = tmp_path / "run"
+    (run_root / "models").mkdir(parents=True)
+    (run_root / "models" / "model.pt").write_bytes((root / "models" / "model.pt").read_bytes())
     images = root / "data" / "test"
-    run_workflow(["train", "inference"], "inferring", **override, input_dir=str(images))
-    with open(root / "eval" / "inference" / "predictions.csv") as f:
+    check_workflow(["inference"], "infer", **infer_override(run_root, override["pretrained"], input_dir=str(images)))
+    with open(run_root / "eval" / "inference" / "predictions.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 3 and "label" not in rows[0]
     assert {Path(r["filename"]).name for r in rows} == {p.name for p in images.rglob("*.png")}
+    assert [k for k in rows[0] if k.startswith("probability_")] == [f"probability_{c}" for c in SAMPLE_CLASSES]
 
 
-def test_ckpt_export_matches_the_eager_network_and_verifies(trained):
-    root, override = trained
-    target = root / "models" / "model.ts"
-    args = {k: v for k, v in override.items()}
-    ckpt_export(
-        net_id="network_def", filepath=str(target), ckpt_file=str(root / "models" / "model.pt"),
-        meta_file=config_files("metadata")[0], config_file=config_files("train"), use_trace=True,
-        input_shape=[1, 3, 64, 64], **args,
-    )
-    exported = torch.jit.load(str(target))
+# -- augmentation overrides and the K/V cache ------------------------------------------------------------------------
+
+
+def parsed(names, **override):
     parser = ConfigParser()
-    parser.read_config(config_files("train"))
+    parser.read_config(config_files(*names))
     for key, value in override.items():
         parser[key] = value
-    net = parser.get_parsed_content("network_def")
+    return parser
+
+
+def test_an_augmentation_changed_from_the_command_line_takes_effect(trained):
+    from monai.transforms import Compose
+
+    from fpt_monai.config_check import check_overrides
+
+    root, override = trained
+    flip = "train#random_transforms#4#p"
+    check_overrides(config_files("train"), {flip: 1.0})  # what `--train#random_transforms#4#p 1.0` passes
+    fixed = {"train#random_transforms#3#scale": [1.0, 1.0], "train#random_transforms#3#ratio": [1.0, 1.0],
+             "train#random_transforms#5#brightness": 0.0, "train#random_transforms#5#contrast": 0.0}
+    item = {"image": str(next((root / "data" / "train").rglob("*.png"))), "label": 0}
+    views = {}
+    for p in (0.0, 1.0):
+        parser = parsed(["train"], **override, **fixed, **{flip: p})
+        views[p] = Compose(parser.get_parsed_content("train#random_transforms"))(dict(item))["image"]
+    torch.testing.assert_close(views[1.0], views[0.0].flip(-1))
+
+
+def test_the_cache_fingerprint_changes_when_and_only_when_a_transform_before_the_kv_transform_changes(trained):
+    root, override = trained
+
+    def fingerprint(**change):
+        return parsed(["train"], **override, **change).get_parsed_content("train#dataset").fingerprint
+
+    reference = fingerprint()
+    assert fingerprint(**{"train#random_transforms#4#p": 1.0}) == reference  # augmentation: entries stay valid
+    assert fingerprint(**{"train#random_transforms#2#mode": "bicubic"}) == reference
+    assert fingerprint(**{"train#deterministic_transforms#4#mode": "bicubic"}) != reference  # high-res resizing
+    assert fingerprint(kv_dtype="float32") != reference
+
+
+# -- the Model Zoo's CI commands --------------------------------------------------------------------------------------
+
+
+def test_zoo_verify_net_in_out_on_inference_json(trained):
+    _, override = trained
+    verify_net_in_out(
+        net_id="network_def", meta_file=META, config_file=config_files("inference")[0], device="cpu",
+        **infer_override(BUNDLE, override["pretrained"]),
+        **{"_meta_#network_data_format#inputs#image#spatial_shape": [64, 64]},
+    )
+
+
+def test_zoo_ckpt_export_scripts_the_network_and_torch_export_matches(trained):
+    root, override = trained
+    target = root / "models" / "model.ts"
+    infer = infer_override(root, override["pretrained"])
+    ckpt_export(net_id="network_def", filepath=str(target), ckpt_file=str(root / "models" / "model.pt"),
+                meta_file=META, config_file=config_files("inference")[0], **infer)  # scripting, its default
+    exported = torch.jit.load(str(target))
+    net = parsed(["inference"], **infer).get_parsed_content("network_def")
     net.load_state_dict(torch.load(root / "models" / "model.pt", weights_only=True))
     net.eval()
     images = torch.rand(2, 3, 64, 64)
-    torch.testing.assert_close(exported(images), net(images), rtol=1e-4, atol=1e-5)
-    verify_net_in_out(
-        net_id="network_def", meta_file=config_files("metadata")[0], config_file=config_files("train"), device="cpu",
-        **args, **{"_meta_#network_data_format#inputs#image#spatial_shape": [64, 64]},
+    with torch.no_grad():
+        expected = net(images)
+        torch.testing.assert_close(exported(images), expected, rtol=1e-4, atol=1e-5)
+        program = torch.export.export(net, (images,), dynamic_shapes=({0: torch.export.Dim("batch", max=256)},))
+        torch.testing.assert_close(program.module()(images), expected, rtol=1e-4, atol=1e-5)
+
+
+# -- bad input ---------------------------------------------------------------------------------------------------------
+
+
+def test_an_unknown_run_id_is_a_one_line_error_naming_it():
+    workflow = ConfigWorkflow(config_file=config_files("inference"), meta_file=META, logging_file=False,
+                              workflow_type="infer", run_id="predicting")
+    with pytest.raises(ValueError, match="'predicting'"):
+        workflow.run()
+
+
+def test_inference_without_a_checkpoint_names_the_file_and_writes_nothing(trained, tmp_path):
+    _, override = trained
+    workflow = ConfigWorkflow(config_file=config_files("inference"), meta_file=META, logging_file=False,
+                              workflow_type="infer", **infer_override(tmp_path, override["pretrained"]))
+    with pytest.raises(RuntimeError) as error:
+        workflow.initialize()
+    assert isinstance(root_cause(error.value), FileNotFoundError)
+    assert str(tmp_path / "models" / "model.pt") in str(root_cause(error.value))
+    assert not (tmp_path / "eval").exists()
+
+
+def test_inference_refuses_a_checkpoint_of_another_class_count(trained, tmp_path):
+    root, override = trained
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "model.pt").write_bytes((root / "models" / "model.pt").read_bytes())
+    workflow = ConfigWorkflow(
+        config_file=config_files("inference"), meta_file=META, logging_file=False, workflow_type="infer",
+        **infer_override(tmp_path, override["pretrained"], class_names=["a", "b"], num_classes=2),
     )
+    with pytest.raises(RuntimeError) as error:
+        workflow.initialize()
+    assert isinstance(root_cause(error.value), ValueError)
+    assert "model.pt does not fit this network" in str(root_cause(error.value))
 
 
-def test_exported_bundle_runs_with_its_own_copy_of_the_package(trained, tmp_path):
+def test_inference_on_a_folder_without_images_names_the_folder(trained, tmp_path):
+    root, override = trained
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here")
+    with pytest.raises(RuntimeError) as error:
+        check_workflow(["inference"], "infer", **infer_override(root, override["pretrained"], input_dir=str(empty)))
+    assert isinstance(root_cause(error.value), ValueError) and str(empty) in str(root_cause(error.value))
+
+
+# -- the exported, self-contained bundle ---------------------------------------------------------------------------------
+
+
+def test_exported_bundle_runs_monai_bundle_commands_with_its_own_copy_of_the_package(trained, tmp_path):
     root, override = trained
     exported = export_bundle(tmp_path / "fpt_classification")
     train = json.loads((exported / "configs" / "train.json").read_text())
     assert train["imports"][0] == "$import scripts"
     assert (exported / "scripts" / "fpt_monai" / "networks" / "fpt.py").is_file()
-    assert (exported / "configs" / "metadata.json").is_file() and (exported / "LICENSE").is_file()
-    # the export's package shadows the installed one: run from the bundle folder, as the Model Zoo does
-    command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.json",
-               "--bundle_root", str(tmp_path / "run"), "--num_epochs", "1"]
-    for key, value in override.items():
-        if key not in ("bundle_root", "num_epochs"):
+    for name in ("configs/metadata.json", "configs/inference.json", "LICENSE", "large_files.yml", "docs/README.md"):
+        assert (exported / name).is_file(), name
+    env = {**os.environ, "PYTHONPATH": ""}
+
+    def monai_bundle_run(config_file, options):
+        # the export's package shadows the installed one: run from the bundle folder, as the Model Zoo does
+        command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_file]
+        for key, value in options.items():
             command += [f"--{key}", str(value)]
-    command += ["--training", "$[print('FPT_MONAI_FROM', fpt_monai.__file__), @train#trainer.run()]"]
-    result = subprocess.run(command, cwd=exported, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "PYTHONPATH": ""})
-    assert result.returncode == 0, result.stderr[-3000:]
+        result = subprocess.run(command, cwd=exported, capture_output=True, text=True, timeout=600, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result
+
+    run_root = tmp_path / "run"
+    options = {k: v for k, v in override.items() if k not in ("bundle_root", "num_epochs")}
+    result = monai_bundle_run("configs/train.json", {
+        **options, "bundle_root": run_root, "num_epochs": 1,
+        "run": "$[print('FPT_MONAI_FROM', fpt_monai.__file__), @train#trainer.run()]",
+    })
     line = next(line for line in result.stdout.splitlines() if line.startswith("FPT_MONAI_FROM"))
     assert str(exported / "scripts" / "fpt_monai") in line
-    assert (tmp_path / "run" / "models" / "model_final.pt").is_file()
+    assert (run_root / "models" / "model.pt").is_file()
+    images = root / "data" / "test"
+    monai_bundle_run("configs/inference.json", {
+        **infer_override(run_root, override["pretrained"]), "input_dir": images,
+    })
+    with open(run_root / "eval" / "inference" / "predictions.csv") as f:
+        assert len(list(csv.DictReader(f))) == 3

@@ -2,6 +2,7 @@
 
 from fpt_monai.data.datalist import (
     IMAGE_SUFFIXES,
+    check_class_names,
     dataset_classes,
     folder_classes,
     folder_datalist,
@@ -44,6 +45,7 @@ __all__ = [
     "ScaleToUnitd",
     "SideViewd",
     "ToRGBd",
+    "check_class_names",
     "dataset_classes",
     "image_datalist",
     "image_transforms",

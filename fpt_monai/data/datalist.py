@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 __all__ = [
@@ -177,3 +177,31 @@ def image_datalist(source: str | os.PathLike | list) -> list[dict]:
     if missing:
         raise FileNotFoundError(f"images not found: {missing}")
     return [{"image": str(p.absolute())} for p in paths]
+
+
+def check_class_names(
+    class_names: Sequence[str], num_classes: int, dataset_dir: str | os.PathLike | None = None
+) -> list[str]:
+    """Check a config's literal ``class_names`` against its ``num_classes`` and, given, the dataset's classes.
+
+    The bundle's configs state the classes (the network and the outputs are built from them without any data);
+    training checks that the dataset has exactly these classes, in label order.
+
+    Raises:
+        ValueError: naming the config keys to change and the classes found.
+    """
+    names = [str(c) for c in class_names]
+    if len(names) != num_classes:
+        raise ValueError(
+            f"class_names has {len(names)} entries {names} but num_classes is {num_classes}: make them agree."
+        )
+    if len(set(names)) != len(names):
+        raise ValueError(f"class_names has duplicate names: {names}.")
+    if dataset_dir is not None:
+        found = dataset_classes(dataset_dir)
+        if found != names:
+            raise ValueError(
+                f"the dataset {dataset_dir} has the classes {found}, but the config's class_names are {names}: "
+                f"pass --class_names \"{found}\" --num_classes {len(found)}."
+            )
+    return names

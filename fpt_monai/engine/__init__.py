@@ -2,7 +2,7 @@
 
 from fpt_monai.engine import distributed  # multi-process helpers, as fpt_monai.engine.distributed.*
 from fpt_monai.engine.checkpoint import AtomicDiskSaver, SafeCheckpointSaver
-from fpt_monai.engine.evaluation import evaluate_checkpoints
+from fpt_monai.engine.evaluation import evaluate_checkpoints, load_weights
 from fpt_monai.engine.guards import NonFiniteLossError, NonFiniteLossGuard
 from fpt_monai.engine.handlers import ClassificationReport, GradientNormClipping, ProgressBarHandler, write_training_scalars
 from fpt_monai.engine.metrics import (
@@ -32,6 +32,7 @@ __all__ = [
     "classification_output",
     "distributed",
     "evaluate_checkpoints",
+    "load_weights",
     "macro_f1",
     "quadratic_weighted_kappa",
     "write_training_scalars",

@@ -14,9 +14,40 @@ from monai.engines import Evaluator
 
 from fpt_monai.engine.handlers import ClassificationReport
 
-__all__ = ["evaluate_checkpoints"]
+__all__ = ["evaluate_checkpoints", "load_weights"]
 
 logger = logging.getLogger(__name__)
+
+
+def load_weights(network: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load a trained checkpoint into ``network`` (a DDP wrapper's module too) and return the network.
+
+    The file is read with ``torch.load(weights_only=True)`` (no arbitrary unpickling) and may be a bare state dict
+    or a training checkpoint holding one under ``"model"``.
+
+    Raises:
+        FileNotFoundError: no such file (the message says how a bundle gets its ``models/model.pt``).
+        ValueError: the checkpoint does not fit the network (another class count, preset or backbone), naming the
+            file and the first mismatches.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"checkpoint {path} not found: train the bundle first, or fetch a published one with "
+            "`python -m monai.bundle download_large_files --bundle_path <bundle>`."
+        )
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
+        state = state["model"]
+    target = network.module if hasattr(network, "module") else network
+    try:
+        target.load_state_dict(state)
+    except RuntimeError as err:
+        details = " ".join(line.strip() for line in str(err).splitlines()[1:4])
+        raise ValueError(
+            f"checkpoint {path} does not fit this network (another num_classes, preset or backbone?): {details}"
+        ) from err
+    return network
 
 
 def evaluate_checkpoints(
@@ -47,11 +78,7 @@ def evaluate_checkpoints(
         raise FileNotFoundError(f"checkpoint files not found: {missing}; train first or set the paths.")
     results = {}
     for name, path in checkpoints.items():
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
-            state = state["model"]
-        target = network.module if hasattr(network, "module") else network
-        target.load_state_dict(state)
+        load_weights(network, path)
         report.output_dir = Path(output_dir) / name
         report.extra = {"checkpoint": str(Path(path).resolve()), "checkpoint_name": name}
         evaluator.run()

@@ -35,6 +35,7 @@ from fpt_monai.networks.side import SideViT
 
 __all__ = [
     "BACKBONE_REFERENCE_KEY",
+    "DEMO_PRESETS",
     "FPTNet",
     "FPTPreset",
     "MonaiViTPreset",
@@ -362,9 +363,13 @@ PRESETS.update({
 })
 
 
+#: Presets on the offline demo backbone (ImageNet EfficientNet-Lite0, :mod:`fpt_monai.pretrained`) -> variant.
+DEMO_PRESETS: dict[str, str] = {"fpt_demo": "fpt", "fpt_plus_demo": "fpt_plus"}
+
+
 def _preset(preset: str, overrides: dict) -> FPTPreset:
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}.")
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted([*PRESETS, *DEMO_PRESETS])}.")
     return replace(PRESETS[preset], **overrides)
 
 
@@ -393,7 +398,9 @@ def create_fpt(
 
     Args:
         preset: one of :data:`PRESETS` (``fpt``, ``fpt_plus``, ``fpt_tiny``, ``fpt_plus_tiny``; on volumes
-            ``fpt_3d``, ``fpt_plus_3d``, ``fpt_3d_tiny``, whose backbone is a MONAI 3D ViT).
+            ``fpt_3d``, ``fpt_plus_3d``, ``fpt_3d_tiny``, whose backbone is a MONAI 3D ViT), or of
+            :data:`DEMO_PRESETS` (``fpt_demo``, ``fpt_plus_demo``: the offline demo backbone, see
+            :func:`fpt_monai.pretrained.create_demo_fpt`, which takes the ``overrides``).
         num_classes: number of output logits.
         pretrained: ``True`` loads the preset's timm hub weights (needs internet), a path loads a local
             ``.safetensors``/``.pth`` file in timm or Hugging Face ViT layout (MONAI ViT layout for the 3D
@@ -405,6 +412,11 @@ def create_fpt(
             ``blocks``, ``num_prompts``, ``reduction``, ``model_name``; for the 3D presets also any
             :class:`MonaiViTPreset` field: ``patch_size``, ``hidden_size``, ``num_layers``, ``mean``, ...).
     """
+    if preset in DEMO_PRESETS:
+        from fpt_monai.pretrained import create_demo_fpt
+
+        overrides.setdefault("variant", DEMO_PRESETS[preset])
+        return create_demo_fpt(num_classes, pretrained, fusion_dropout=fusion_dropout, side_only=side_only, **overrides)
     config = _preset(preset, overrides)
     backbone = create_backbone(preset, pretrained, **overrides)
     return FPTNet(
