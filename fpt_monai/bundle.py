@@ -21,15 +21,17 @@ __all__ = ["DEMO_METHODS", "bundle_dir", "config_files", "demo_config_names", "r
 logger = logging.getLogger(__name__)
 
 BUNDLE_NAME = "fpt_classification"
+#: Where the package finds the bundle (a link to ``bundles/fpt_classification`` in a clone).
+BUNDLE_FILES = "bundle_files"
 
 
 def bundle_dir() -> Path:
-    """The bundle folder of this checkout (``<repo>/bundles/fpt_classification``)."""
-    path = Path(fpt_monai.__file__).resolve().parent.parent / "bundles" / BUNDLE_NAME
+    """The bundle folder: ``bundles/fpt_classification`` of a clone, or its copy inside an installed wheel."""
+    # in a clone, fpt_monai/bundle_files links to bundles/fpt_classification; a wheel carries the files there
+    path = (Path(fpt_monai.__file__).parent / BUNDLE_FILES).resolve()
     if not (path / "configs" / "train.json").is_file():
         raise FileNotFoundError(
-            f"the bundle is not next to this fpt_monai installation (looked in {path}); "
-            "use a clone of the repository (pip install -e .) or an exported bundle."
+            f"the bundle files are missing from this fpt_monai installation (looked in {path}); reinstall fpt-monai."
         )
     return path
 
@@ -163,7 +165,9 @@ def export_bundle(output_dir: str | os.PathLike, overwrite: bool = False) -> Pat
         elif path.is_file():
             shutil.copy2(path, output_dir / name)
     package = Path(fpt_monai.__file__).resolve().parent
-    shutil.copytree(package, output_dir / "scripts" / "fpt_monai", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copytree(
+        package, output_dir / "scripts" / "fpt_monai", ignore=shutil.ignore_patterns("__pycache__", "*.pyc", BUNDLE_FILES)
+    )
     (output_dir / "scripts" / "__init__.py").write_text(_SCRIPTS_INIT)
     for config in sorted((output_dir / "configs").glob("*.json")):
         content = json.loads(config.read_text())

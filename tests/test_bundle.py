@@ -368,3 +368,63 @@ def test_exported_bundle_runs_monai_bundle_commands_with_its_own_copy_of_the_pac
     })
     with open(run_root / "eval" / "inference" / "predictions.csv") as f:
         assert len(list(csv.DictReader(f))) == 3
+    # the Model Zoo's commands, as the bundle's README shows them, on the export (tiny network and input size)
+    (exported / "models").mkdir()
+    (exported / "models" / "model.pt").write_bytes((run_root / "models" / "model.pt").read_bytes())
+    tiny = [f"--{k}={v}" for k, v in infer_override(exported, override["pretrained"]).items() if k != "num_workers"]
+    zoo = [
+        "verify_metadata --meta_file configs/metadata.json --filepath schema/meta_schema.json",
+        "verify_net_in_out --net_id network_def --meta_file configs/metadata.json --config_file configs/inference.json",
+        "ckpt_export --net_id network_def --filepath models/model.ts --ckpt_file models/model.pt "
+        "--meta_file configs/metadata.json --config_file configs/inference.json",
+    ]
+    shape = "--_meta_#network_data_format#inputs#image#spatial_shape=[64,64]"
+    for command in zoo:
+        extra = [] if command.startswith("verify_metadata") else [*tiny, shape]
+        result = subprocess.run([sys.executable, "-m", "monai.bundle", *command.split(), *extra], cwd=exported,
+                                capture_output=True, text=True, timeout=600, env=env)
+        assert result.returncode == 0, (command, result.stderr[-3000:])
+    assert torch.jit.load(str(exported / "models" / "model.ts"))(torch.rand(2, 3, 64, 64)).shape == (2, 3)
+
+
+def test_a_built_wheel_carries_the_bundle_and_exports_it_without_the_clone(tmp_path):
+    import zipfile
+
+    root = BUNDLE.parent.parent
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(root), "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path / "wheel")], check=True, capture_output=True, timeout=600)
+    wheel = next((tmp_path / "wheel").glob("fpt_monai-*.whl"))
+    zipfile.ZipFile(wheel).extractall(tmp_path / "site")
+    assert not (tmp_path / "site" / "fpt_monai" / "bundle_files").is_symlink()
+    code = ("import fpt_monai, fpt_monai.bundle as b; print(fpt_monai.__file__); "
+            f"b.export_bundle({str(tmp_path / 'exported')!r})")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith(str(tmp_path / "site"))
+    exported = tmp_path / "exported"
+    assert (exported / "configs" / "inference.json").read_text() != ""
+    assert not (exported / "scripts" / "fpt_monai" / "bundle_files").exists()
+
+
+#: The monai.bundle commands of the bundle's docs; each is run by a test above (with tiny-network overrides).
+TESTED_COMMANDS = {
+    "python -m monai.bundle run --config_file \"['configs/train.json','configs/demo.json']\"",
+    "python -m monai.bundle run --config_file configs/train.json --dataset_dir /data/my_dataset",
+    "python -m monai.bundle run --config_file \"['configs/train.json','configs/evaluate.json','configs/demo.json']\"",
+    "python -m monai.bundle run --config_file \"['configs/train.json','configs/evaluate.json']\" "
+    "--dataset_dir /data/my_dataset",
+    "python -m monai.bundle run --config_file configs/inference.json --input_dir /data/new_images",
+    "python -m monai.bundle download_large_files --bundle_path .",
+    "python -m monai.bundle verify_metadata --meta_file configs/metadata.json --filepath schema/meta_schema.json",
+    "python -m monai.bundle verify_net_in_out --net_id network_def --meta_file configs/metadata.json "
+    "--config_file configs/inference.json",
+    "python -m monai.bundle ckpt_export --net_id network_def --filepath models/model.ts --ckpt_file models/model.pt "
+    "--meta_file configs/metadata.json --config_file configs/inference.json",
+}
+
+
+def test_the_bundle_readme_shows_the_tested_commands():
+    lines = [line.strip() for line in (BUNDLE / "docs" / "README.md").read_text().splitlines()]
+    shown = {line for line in lines if line.startswith("python -m monai.bundle")}
+    assert shown == TESTED_COMMANDS
