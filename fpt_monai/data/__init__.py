@@ -10,7 +10,16 @@ from fpt_monai.data.datalist import (
     make_datalist,
 )
 from fpt_monai.data.pipeline import fpt_transforms, image_transforms, inference_transforms, make_fpt_dataset
-from fpt_monai.data.readers import DICOM_WINDOWS, ImageReadError, LoadImageRGBd, image_format, image_size, read_image
+from fpt_monai.data.readers import (
+    DICOM_WINDOWS,
+    ImageReadError,
+    LoadImageRGBd,
+    RGBImageReader,
+    image_format,
+    image_size,
+    is_dicom_file,
+    read_image,
+)
 from fpt_monai.data.sample import SAMPLE_CLASSES, SampleFundusSpec, make_sample_dataset
 from fpt_monai.data.sample3d import SAMPLE_3D_CLASSES, SampleVolumeSpec, make_sample_dataset_3d
 from fpt_monai.data.transforms import ScaleToUnitd, SideViewd, ToRGBd, load_and_normalize
@@ -33,8 +42,10 @@ __all__ = [
     "DatalistError",
     "ImageReadError",
     "LoadImageRGBd",
+    "RGBImageReader",
     "image_format",
     "image_size",
+    "is_dicom_file",
     "read_image",
     "validate_datalist",
     "IMAGE_SUFFIXES",

@@ -7,6 +7,8 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from fpt_monai.data.readers import IMAGE_SUFFIXES
+
 __all__ = [
     "IMAGE_SUFFIXES",
     "dataset_classes",
@@ -17,8 +19,6 @@ __all__ = [
     "make_datalist",
 ]
 
-#: File suffixes read as images from a folder layout (a DICOM file may also have no suffix in a JSON datalist).
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".nii", ".nii.gz")
 
 
 def _is_image(path: Path) -> bool:
