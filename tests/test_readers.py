@@ -6,6 +6,7 @@ uncompressed copy of the same image, through the same intensity scaling."""
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import JPEGLossless, JPEGLosslessSV1
 
 from fpt_monai.data import ImageReadError, LoadImageRGBd, RGBImageReader, read_image
+from fpt_monai.preload.fingerprint import describe
 
 HTJ2K_LOSSLESS = "1.2.840.10008.1.2.4.201"  # High-Throughput JPEG 2000: decoded by neither pydicom nor GDCM here
 
@@ -86,6 +88,9 @@ def test_load_image_rgbd_reports_the_readers_own_error(tmp_path):
     (tmp_path / "notes.png").write_text("not an image")
     load = LoadImageRGBd("image", dicom_window="stored")
     assert load.reader.dicom_window == "stored"
+    # the cache fingerprint describes this reader and its options, not the other readers MONAI has installed
+    description = json.dumps(describe(load))
+    assert '"dicom_window": "stored"' in description and "PILReader" not in description
     # a bare LoadImage would hand the file to its other readers after a failure and lose the reason
     with pytest.raises(ImageReadError, match="notes.png: not an image file"):
         load({"image": str(tmp_path / "notes.png")})

@@ -582,6 +582,9 @@ class LoadImageRGBd(LoadImaged):
     ) -> None:
         self.reader = RGBImageReader(volume_slice, volume_axis, dicom_window, value_range)
         super().__init__(keys, reader=self.reader, dtype=np.float32, image_only=True, allow_missing_keys=allow_missing_keys)
+        # this reader only: LoadImage also registers every installed reader, which would read what this one
+        # refuses and make a cache's fingerprint depend on which optional packages are installed
+        self._loader.readers = [self.reader]
 
     def __call__(self, data: Mapping[Hashable, Any], reader: ImageReader | None = None) -> dict:
         for key in self.key_iterator(dict(data)):
