@@ -21,7 +21,7 @@ from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import JPEGLossless, JPEGLosslessSV1
 
-from fpt_monai.data import ImageReadError, LoadImageRGBd, RGBImageReader, read_image
+from fpt_monai.data import ImageReadError, LoadImageRGBd, RGBImageReader, read_image, validate_datalist
 from fpt_monai.preload.fingerprint import describe
 
 HTJ2K_LOSSLESS = "1.2.840.10008.1.2.4.201"  # High-Throughput JPEG 2000: decoded by neither pydicom nor GDCM here
@@ -215,3 +215,12 @@ def test_a_transfer_syntax_no_decoder_has_is_named(tmp_path):
     message = str(raised.value)
     assert "htj2k.dcm: cannot decode the DICOM pixel data (transfer syntax High-Throughput JPEG 2000" in message
     assert "pydicom" in message and "ITK (GDCM)" in message
+
+
+def test_the_data_check_decodes_gdcm_files_from_several_threads(tmp_path):
+    items = []
+    for index in range(8):  # JPEG-LS: decoded by GDCM, from the check's thread pool
+        path = tmp_path / f"{index}.dcm"
+        path.write_bytes(Path(dicom("MR_small_jpeg_ls_lossless.dcm")).read_bytes())
+        items.append({"image": str(path), "label": index % 2})
+    assert validate_datalist(items, ["a", "b"], num_threads=4) == items

@@ -291,7 +291,8 @@ def _itk_dicom_pixels(ds: Any, path: Any) -> np.ndarray:
         values = (values - intercept) / slope
     if photometric == "MONOCHROME1":
         values = -values - 1.0 if signed else float(2 ** int(ds.get("BitsStored", bits_allocated)) - 1) - values
-    dtype = np.dtype(f"{'int' if signed else 'uint'}{bits_allocated}") if bits_allocated in (8, 16, 32, 64) else pixels.dtype
+    standard = bits_allocated in (8, 16, 32, 64)  # the dtype pydicom gives
+    dtype = np.dtype(f"{'int' if signed else 'uint'}{bits_allocated}") if standard else pixels.dtype
     return np.rint(values).astype(dtype)
 
 
@@ -581,7 +582,9 @@ class LoadImageRGBd(LoadImaged):
         allow_missing_keys: bool = False,
     ) -> None:
         self.reader = RGBImageReader(volume_slice, volume_axis, dicom_window, value_range)
-        super().__init__(keys, reader=self.reader, dtype=np.float32, image_only=True, allow_missing_keys=allow_missing_keys)
+        super().__init__(
+            keys, reader=self.reader, dtype=np.float32, image_only=True, allow_missing_keys=allow_missing_keys
+        )
         # this reader only: LoadImage also registers every installed reader, which would read what this one
         # refuses and make a cache's fingerprint depend on which optional packages are installed
         self._loader.readers = [self.reader]
