@@ -7,6 +7,7 @@ overrides (typos, wrong types), in Python and through ``python -m monai.bundle r
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import subprocess
@@ -95,11 +96,23 @@ def test_each_bad_item_is_named(good, tmp_path, case):
     assert validate_datalist(datalist, CLASSES, on_error="skip") == good
 
 
-def test_decode_catches_pixel_data_that_headers_do_not_show(good):
-    truncated = {"image": get_testdata_file("MR_truncated.dcm"), "label": 1}  # header fine, pixels cut short
-    assert validate_datalist(good + [truncated], CLASSES) == good + [truncated]
-    with pytest.raises(DatalistError, match=r"item 6 .*MR_truncated.dcm\): unreadable image: cannot decode"):
-        validate_datalist(good + [truncated], CLASSES, decode=True)
+def _truncated_jpeg(folder: Path) -> str:
+    noisy = np.random.default_rng(1).integers(0, 255, (96, 96, 3), dtype=np.uint8)
+    Image.fromarray(noisy).save(folder / "whole.jpg", quality=95)
+    raw = (folder / "whole.jpg").read_bytes()
+    return _write(folder / "cut.jpg", raw[: len(raw) // 2])
+
+
+def test_the_default_check_decodes_what_headers_cannot_vouch_for(good, tmp_path):
+    # headers fine, pixel data cut short: a DICOM and a JPEG (Pillow reads the JPEG header without complaint)
+    truncated = [{"image": get_testdata_file("MR_truncated.dcm"), "label": 1},
+                 {"image": _truncated_jpeg(tmp_path), "label": 2}]
+    assert validate_datalist(good + truncated, CLASSES, decode=False) == good + truncated  # headers only
+    with pytest.raises(DatalistError, match=r"2 of 8 items are bad") as raised:
+        validate_datalist(good + truncated, CLASSES)
+    problems = problems_of(raised.value)
+    assert problems[6].startswith("unreadable image: cannot decode the DICOM pixel data")
+    assert problems[7].startswith("unreadable image: damaged or unsupported image") and "truncated" in problems[7]
 
 
 def test_duplicates_within_a_split_and_across_splits(good, tmp_path):
@@ -109,6 +122,42 @@ def test_duplicates_within_a_split_and_across_splits(good, tmp_path):
     val = [{"image": good[4]["image"], "label": 1}, {"image": png(tmp_path / "v.png"), "label": 0}]
     with pytest.raises(DatalistError, match=r"item 0 .*4.png\): also in split 'train' \(item 4\)"):
         validate_datalist(val, CLASSES, split="val", require_every_class=False, disjoint_from={"train": good})
+
+
+def test_hard_links_are_the_same_file(good, tmp_path):
+    # a training image hard-linked under another label, and into the validation split
+    other_label = tmp_path / "img" / "other_name.png"
+    os.link(good[0]["image"], other_label)
+    with pytest.raises(DatalistError) as raised:
+        validate_datalist(good + [{"image": str(other_label), "label": 1}], CLASSES)
+    assert problems_of(raised.value) == {
+        6: f"duplicate of item 0 (same file: {good[0]['image']} and this path are hard links)"
+    }
+    val = [{"image": str(other_label), "label": 0}]
+    with pytest.raises(DatalistError, match=r"item 0 .*other_name.png\): also in split 'train' \(item 0 \(same file: "):
+        validate_datalist(val, CLASSES, split="val", require_every_class=False, disjoint_from={"train": good})
+
+
+def test_broken_symbolic_link_in_a_class_folder_is_named(tmp_path):
+    root = tmp_path / "data"
+    for label, name in enumerate(CLASSES):
+        png(root / "train" / name / "0.png", value=50 * label)
+    os.symlink(root / "train" / "mild" / "moved_away.png", root / "train" / "mild" / "1.png")
+    datalist = make_datalist(root, "train")
+    assert len(datalist) == 4  # the broken link is listed, not silently left out
+    with pytest.raises(DatalistError, match=r"1.png\): broken symbolic link: its target .*moved_away.png does not exist"):
+        validate_datalist(datalist, CLASSES)
+    assert len(validate_datalist(datalist, CLASSES, on_error="skip")) == 3
+
+
+def test_json_item_without_label_is_not_called_missing(tmp_path):
+    png(tmp_path / "imgs" / "x.png")
+    png(tmp_path / "imgs" / "y.png")
+    path = tmp_path / "datalist.json"
+    path.write_text(json.dumps({"train": [{"image": "imgs/x.png"}, {"image": "imgs/y.png", "label": 0}]}))
+    with pytest.raises(DatalistError) as raised:
+        validate_datalist(make_datalist(path, "train", strict=False), CLASSES, require_every_class=False)
+    assert problems_of(raised.value) == {0: "no 'label' key"}  # the file exists, relative to the JSON file
 
 
 def test_every_bad_item_is_named_at_once_and_skipping_writes_a_report(good, tmp_path):

@@ -11,11 +11,20 @@ from fpt_monai.data.datalist import (
     make_datalist,
 )
 from fpt_monai.data.pipeline import fpt_transforms, image_transforms, inference_transforms, make_fpt_dataset
-from fpt_monai.data.readers import DICOM_WINDOWS, ImageReadError, LoadImageRGBd, image_format, image_size, read_image
+from fpt_monai.data.readers import (
+    DICOM_WINDOWS,
+    ImageReadError,
+    LoadImageRGBd,
+    RGBImageReader,
+    image_format,
+    image_size,
+    is_dicom_file,
+    read_image,
+)
 from fpt_monai.data.sample import SAMPLE_CLASSES, SampleFundusSpec, make_sample_dataset
 from fpt_monai.data.sample3d import SAMPLE_3D_CLASSES, SampleVolumeSpec, make_sample_dataset_3d
 from fpt_monai.data.transforms import ScaleToUnitd, SideViewd, ToRGBd, load_and_normalize
-from fpt_monai.data.validation import BAD_ITEM_POLICIES, DatalistError, validate_datalist
+from fpt_monai.data.validation import BAD_ITEM_POLICIES, DatalistError, readable_datalist, validate_datalist
 from fpt_monai.data.volumes import (
     VOLUME_SUFFIXES,
     CheckVolumed,
@@ -34,9 +43,12 @@ __all__ = [
     "DatalistError",
     "ImageReadError",
     "LoadImageRGBd",
+    "RGBImageReader",
     "image_format",
     "image_size",
+    "is_dicom_file",
     "read_image",
+    "readable_datalist",
     "validate_datalist",
     "IMAGE_SUFFIXES",
     "SAMPLE_CLASSES",

@@ -7,6 +7,8 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from fpt_monai.data.readers import IMAGE_SUFFIXES
+
 __all__ = [
     "IMAGE_SUFFIXES",
     "dataset_classes",
@@ -17,13 +19,12 @@ __all__ = [
     "make_datalist",
 ]
 
-#: File suffixes read as images from a folder layout (a DICOM file may also have no suffix in a JSON datalist).
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".nii", ".nii.gz")
 
 
 def _is_image(path: Path) -> bool:
+    """An image file by its suffix; a broken symbolic link too, so that the data check names it."""
     name = path.name.lower()
-    return path.is_file() and not name.startswith(".") and name.endswith(IMAGE_SUFFIXES)
+    return (path.is_file() or path.is_symlink()) and not name.startswith(".") and name.endswith(IMAGE_SUFFIXES)
 
 
 def folder_classes(dataset_dir: str | os.PathLike, split: str = "train") -> list[str]:
@@ -105,13 +106,13 @@ def json_datalist(path: str | os.PathLike, split: str, strict: bool = True) -> l
         raise ValueError(f"datalist {path}: '{split}' must be a list of items, got a {type(content[split]).__name__}.")
     items, bad = [], []
     for index, item in enumerate(content[split]):
-        well_formed = isinstance(item, dict) and "label" in item and isinstance(item.get("image"), str) and item["image"]
-        if not well_formed:
+        has_image = isinstance(item, dict) and isinstance(item.get("image"), str) and bool(item["image"])
+        if has_image and "\x00" not in item["image"]:  # relative to the JSON file, even when the item is malformed
+            image = Path(item["image"])
+            item = {**item, "image": str(image if image.is_absolute() else path.parent / image)}
+        if not (has_image and "label" in item):
             bad.append(f"item {index}: expected {{'image': path, 'label': ...}}, got {item!r:.200}")
-            items.append(item)
-            continue
-        image = Path(item["image"])
-        items.append({**item, "image": str(image if image.is_absolute() else path.parent / image)})
+        items.append(item)
     if bad and strict:
         raise ValueError(f"datalist {path}, '{split}': " + "; ".join(bad))
     return items
@@ -161,7 +162,8 @@ def image_datalist(source: str | os.PathLike | list) -> list[dict]:
     """``[{"image": path}]`` of the images to classify: a folder (searched recursively), one file, or a list.
 
     Raises ``FileNotFoundError`` naming the path when a given file or folder does not exist, and ``ValueError``
-    when a folder holds no image.
+    when a folder holds no image. Broken symbolic links found in a folder are listed, for
+    :func:`~fpt_monai.data.readable_datalist` to name.
     """
     if isinstance(source, (list, tuple)):
         paths = [Path(p) for p in source]
@@ -171,8 +173,8 @@ def image_datalist(source: str | os.PathLike | list) -> list[dict]:
             paths = sorted(p for p in root.rglob("*") if _is_image(p))
             if not paths:
                 raise ValueError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {root}.")
-        else:
-            paths = [root]
+            return [{"image": str(p.absolute())} for p in paths]
+        paths = [root]
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         raise FileNotFoundError(f"images not found: {missing}")

@@ -1,8 +1,10 @@
 """Reading the files clinicians have: DICOM, NIfTI, PNG (8/16-bit), JPEG, TIFF, BMP -> float RGB in [0, 1].
 
-Every supported file becomes a ``float32`` array of shape ``(3, H, W)`` (rows first, as torchvision and the
-pre-trained backbones expect) with intensities in [0, 1]; grayscale is repeated to three channels and an
-alpha channel is dropped. How raw values are mapped to [0, 1] depends on the format:
+:class:`RGBImageReader` is a MONAI ``ImageReader``: ``LoadImaged(keys, reader=RGBImageReader(...))`` (or
+:class:`LoadImageRGBd`, which uses it and nothing else) reads every supported file as a ``float32`` array of
+shape ``(3, H, W)`` (rows first, as torchvision and the pre-trained backbones expect) with intensities in
+[0, 1]; grayscale is repeated to three channels and an alpha channel is dropped. How raw values are mapped to
+[0, 1] depends on the format:
 
 ==========================  =========================================================================================
 format                      intensity scaling
@@ -30,47 +32,77 @@ intensity projection along that axis. NIfTI planes are shown with the array's fi
 columns and the second along the rows (as MONAI and ITK lay out images); voxels are not reoriented, so give
 files of one dataset the same orientation. A multi-page TIFF gives its first page.
 
-Known limits: 16-bit-per-channel colour PNG/TIFF are reduced to 8 bits by Pillow; JPEG-LS and JPEG 2000
-compressed DICOMs need a decoder plugin for pydicom (``pip install pylibjpeg pylibjpeg-openjpeg
-pylibjpeg-libjpeg``); 12-bit JPEG files are not supported by Pillow.
+DICOM pixel data is decoded by pydicom where it has a decoder (uncompressed, deflate, RLE, JPEG baseline,
+JPEG 2000 through Pillow) and otherwise by ITK's GDCM: JPEG Lossless (process 14), JPEG-LS, 12-bit JPEG,
+and files without a File Meta header (no transfer syntax). Both give the same stored values, so the scaling
+above is the same whichever decoded the file.
+
+Known limits: 16-bit-per-channel colour PNG/TIFF are reduced to 8 bits by Pillow; 12-bit JPEG files (outside
+DICOM) are not supported by Pillow; transfer syntaxes neither pydicom nor GDCM decode (e.g. High-Throughput
+JPEG 2000 without ``pylibjpeg-openjpeg``) are refused with a message that names them.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Hashable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from monai.config import KeysCollection
-from monai.transforms import MapTransform
+from monai.data import ImageReader
+from monai.transforms import LoadImaged
+from monai.utils import ensure_tuple
 
 __all__ = [
     "DICOM_WINDOWS",
+    "IMAGE_SUFFIXES",
     "ImageReadError",
     "LoadImageRGBd",
+    "RGBImageReader",
     "image_format",
     "image_size",
+    "is_dicom_file",
     "read_image",
 ]
 
 #: Values of ``dicom_window``.
 DICOM_WINDOWS = ("auto", "stored", "minmax")
+#: File suffixes of 2D images (a DICOM file is also recognised without a suffix, by its ``DICM`` marker).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".nii", ".nii.gz")
 _PROJECTIONS = ("middle", "max", "mean")
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
 _DICOM_SUFFIXES = (".dcm", ".dicom")
+# ITK's lazily loaded modules and its reader objects are not meant for concurrent first use from threads
+_ITK_LOCK = threading.Lock()
 
 
 class ImageReadError(ValueError):
     """A file that cannot be read as an image; the message names the file and says why."""
 
 
-def image_format(path: str | os.PathLike) -> str:
-    """``"dicom"``, ``"nifti"`` or ``"pil"`` (everything Pillow opens), from the suffix and the DICOM magic.
+def _is_dicom_head(head: bytes) -> bool:
+    """A DICOM Part 10 ``DICM`` marker after the 128-byte preamble, or a data set written without preamble and
+    File Meta header: its first tag is in group 0x0002 (File Meta) or 0x0008 (identification), little or big
+    endian (no other supported format starts that way)."""
+    return head[128:132] == b"DICM" or head[:2] in (b"\x02\x00", b"\x08\x00", b"\x00\x08")
 
-    A DICOM file is recognised by its ``DICM`` marker whatever its name (DICOM files often have no suffix).
+
+def is_dicom_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds a DICOM file, whatever its name (see :func:`image_format`)."""
+    try:
+        with open(path, "rb") as f:
+            return _is_dicom_head(f.read(132))
+    except OSError:
+        return False
+
+
+def image_format(path: str | os.PathLike) -> str:
+    """``"dicom"``, ``"nifti"`` or ``"pil"`` (everything Pillow opens), from the suffix and the file's first bytes.
+
+    A DICOM file is recognised whatever its name (DICOM files often have no suffix): by its ``DICM`` marker, or,
+    written without preamble and File Meta header, by its first tag.
     """
     name = str(path).lower()
     if name.endswith(_NIFTI_SUFFIXES):
@@ -82,7 +114,7 @@ def image_format(path: str | os.PathLike) -> str:
             head = f.read(132)
     except OSError as err:
         raise ImageReadError(f"{path}: cannot open ({err.strerror or err}).") from err
-    return "dicom" if head[128:132] == b"DICM" else "pil"
+    return "dicom" if _is_dicom_head(head) else "pil"
 
 
 def _check_options(volume_slice: int | str, dicom_window: str, value_range: Sequence[float] | None) -> None:
@@ -209,6 +241,89 @@ def _dicom_stored_range(ds: Any) -> tuple[float, float]:
     return float(low), float(high)
 
 
+def _pydicom_decoder_missing(syntax: Any) -> str | None:
+    """Why pydicom cannot decode this transfer syntax here (``None`` when it has a decoder)."""
+    from pydicom.pixels import get_decoder
+
+    try:
+        decoder = get_decoder(syntax)
+    except NotImplementedError:
+        return f"pydicom has no decoder for {getattr(syntax, 'name', syntax)}"
+    if decoder.is_available:
+        return None
+    return f"pydicom's decoders for {syntax.name} need a plugin ({'; '.join(decoder.missing_dependencies)})"
+
+
+def _itk_error(err: Exception) -> str:
+    """The last line of an ITK exception (the lines before it name ITK's own source files)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    message = lines[-1] if lines else type(err).__name__
+    return message.split("): ", 1)[-1] if message.startswith("ITK ERROR") else message
+
+
+def _itk_dicom_pixels(ds: Any, path: Any) -> np.ndarray:
+    """The stored pixel values decoded by ITK's GDCM, laid out and typed as pydicom's ``pixel_array``.
+
+    GDCM hands out modality values: it inverts MONOCHROME1 stored values (signed: ``~v``, unsigned:
+    ``2**BitsStored - 1 - v``) and then applies Rescale Slope/Intercept. Both are undone here so that the
+    scaling of this module applies to the stored values, as for files pydicom decodes. PALETTE COLOR comes out
+    through its lookup table (RGB), colour YBR as RGB, like pydicom's.
+    """
+    import itk
+
+    with _ITK_LOCK:
+        image_io = itk.GDCMImageIO.New()
+        pixels = np.asarray(itk.array_from_image(itk.imread(os.fspath(path), imageio=image_io)))
+        slope, intercept = float(image_io.GetRescaleSlope()), float(image_io.GetRescaleIntercept())
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    photometric = str(ds.get("PhotometricInterpretation", "")).upper()
+    colour = int(ds.get("SamplesPerPixel", 1)) > 1 or photometric == "PALETTE COLOR"
+    if frames == 1 and pixels.ndim == (4 if colour else 3) and pixels.shape[0] == 1:
+        pixels = pixels[0]  # ITK reads a single frame as a volume of one slice
+    if colour:
+        return pixels
+    bits_allocated = int(ds.get("BitsAllocated", 8 * pixels.dtype.itemsize))
+    if bits_allocated == 1:  # GDCM expands single-bit images to 0/255
+        return (pixels > 0).astype(np.uint8)
+    signed = int(ds.get("PixelRepresentation", 0)) != 0
+    values = pixels.astype(np.float64)
+    if slope != 1.0 or intercept != 0.0:
+        values = (values - intercept) / slope
+    if photometric == "MONOCHROME1":
+        values = -values - 1.0 if signed else float(2 ** int(ds.get("BitsStored", bits_allocated)) - 1) - values
+    standard = bits_allocated in (8, 16, 32, 64)  # the dtype pydicom gives
+    dtype = np.dtype(f"{'int' if signed else 'uint'}{bits_allocated}") if standard else pixels.dtype
+    return np.rint(values).astype(dtype)
+
+
+def _dicom_pixels(ds: Any, path: Any) -> tuple[np.ndarray, str]:
+    """The decoded pixel data and its decoder (``"pydicom"`` or ``"itk"``).
+
+    pydicom decodes when it has a decoder for the transfer syntax; ITK's GDCM decodes the others (JPEG Lossless,
+    JPEG-LS, 12-bit JPEG, ...), files without a File Meta header (no transfer syntax), and files pydicom's
+    decoder fails on (e.g. its Pillow plugin and 12-bit JPEG). A file neither decodes is named with both reasons.
+    """
+    file_meta = getattr(ds, "file_meta", None)
+    syntax = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
+    if syntax is None:
+        pydicom_reason = "no transfer syntax (no File Meta header)"
+    else:
+        pydicom_reason = _pydicom_decoder_missing(syntax)
+        if pydicom_reason is None:
+            try:
+                return ds.pixel_array, "pydicom"  # decompressed; YBR colour converted to RGB
+            except Exception as err:  # damaged data, or a plugin that cannot handle this variant
+                pydicom_reason = f"pydicom: {err}".replace("\n", " ")
+    try:
+        return _itk_dicom_pixels(ds, path), "itk"
+    except Exception as err:
+        itk_reason = _itk_error(err)
+    what = f"transfer syntax {syntax.name}" if syntax is not None else "no transfer syntax"
+    raise ImageReadError(
+        f"{path}: cannot decode the DICOM pixel data ({what}): {pydicom_reason}; ITK (GDCM): {itk_reason}."
+    )
+
+
 def _read_dicom(
     path: Any, volume_slice: int | str, dicom_window: str, value_range: Sequence[float] | None
 ) -> np.ndarray:
@@ -220,14 +335,9 @@ def _read_dicom(
         raise ImageReadError(f"{path}: not a readable DICOM file ({err}).") from err
     if "PixelData" not in ds:
         raise ImageReadError(f"{path}: DICOM file without pixel data (no image).")
+    pixels, decoder = _dicom_pixels(ds, path)
     try:
-        pixels = ds.pixel_array  # decompressed; YBR colour converted to RGB
-    except Exception as err:
-        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-        hint = f" (transfer syntax {syntax.name}; a decoder plugin may be missing)" if syntax is not None else ""
-        raise ImageReadError(f"{path}: cannot decode the DICOM pixel data{hint}: {err}") from err
-    try:
-        return _dicom_to_unit_rgb(ds, pixels, volume_slice, dicom_window, value_range, path)
+        return _dicom_to_unit_rgb(ds, pixels, decoder, volume_slice, dicom_window, value_range, path)
     except ImageReadError:
         raise
     except Exception as err:  # inconsistent tags (bits, LUTs, windows) surface here
@@ -235,7 +345,13 @@ def _read_dicom(
 
 
 def _dicom_to_unit_rgb(
-    ds: Any, pixels: np.ndarray, volume_slice: int | str, dicom_window: str, value_range: Sequence[float] | None, path: Any
+    ds: Any,
+    pixels: np.ndarray,
+    decoder: str,
+    volume_slice: int | str,
+    dicom_window: str,
+    value_range: Sequence[float] | None,
+    path: Any,
 ) -> np.ndarray:
     from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_windowing
 
@@ -245,7 +361,8 @@ def _dicom_to_unit_rgb(
     if frames > 1:  # (frames, H, W[, C]): one frame or a projection over frames
         pixels = _take_slice(pixels, 0, volume_slice, path)
     if photometric == "PALETTE COLOR":
-        pixels = apply_color_lut(pixels, ds)
+        if decoder == "pydicom":  # ITK hands out the colours already
+            pixels = apply_color_lut(pixels, ds)
         return _to_rgb(_scale_pixels(pixels, value_range), path)
     if samples > 1:  # RGB (YBR already converted): scaled by the bits stored
         bits = int(ds.get("BitsStored", 8))
@@ -302,6 +419,70 @@ def _read_nifti(path: Any, volume_slice: int | str, volume_axis: int, value_rang
     return _to_rgb(scaled, path)
 
 
+class RGBImageReader(ImageReader):
+    """MONAI ``ImageReader`` of 2D images: DICOM, NIfTI, PNG, JPEG, TIFF, BMP -> ``float32`` RGB ``(3, H, W)`` in [0, 1].
+
+    Plug it into MONAI's loaders, ``LoadImaged(keys, reader=RGBImageReader(dicom_window="stored"))``, or by name
+    with its options, ``LoadImaged(keys, reader="fpt_monai.data.RGBImageReader", volume_slice="max")``. Every
+    format is scaled as the module docstring describes; a volume (3D NIfTI, multi-frame DICOM) gives one slice
+    or projection. Errors are :class:`ImageReadError` naming the file. (A ``LoadImage`` given several readers
+    tries the next one when a reader fails; :class:`LoadImageRGBd` uses this reader only, so that a damaged
+    file is reported with its reason rather than read by another library.)
+
+    Args:
+        volume_slice: for a 3D NIfTI or multi-frame DICOM: slice index, ``"middle"``, ``"max"`` or ``"mean"``.
+        volume_axis: the axis of a 3D NIfTI that ``volume_slice`` runs along.
+        dicom_window: ``"auto"``, ``"stored"`` or ``"minmax"`` (how grayscale DICOM values become [0, 1]).
+        value_range: ``(low, high)`` of raw values mapped to [0, 1] for every format, instead of the defaults.
+    """
+
+    def __init__(
+        self,
+        volume_slice: int | str = "middle",
+        volume_axis: int = 2,
+        dicom_window: str = "auto",
+        value_range: Sequence[float] | None = None,
+    ) -> None:
+        super().__init__()
+        _check_options(volume_slice, dicom_window, value_range)
+        self.volume_slice = volume_slice
+        self.volume_axis = int(volume_axis)
+        self.dicom_window = dicom_window
+        self.value_range = tuple(float(v) for v in value_range) if value_range is not None else None
+
+    def verify_suffix(self, filename: Sequence[str | os.PathLike] | str | os.PathLike) -> bool:
+        """One file with a 2D image suffix, or a DICOM file of any name."""
+        names = ensure_tuple(filename)
+        if len(names) != 1 or not isinstance(names[0], (str, os.PathLike)):
+            return False
+        return str(names[0]).lower().endswith(IMAGE_SUFFIXES) or is_dicom_file(names[0])
+
+    def read(self, data: Sequence[str | os.PathLike] | str | os.PathLike, **kwargs: Any) -> np.ndarray:
+        """The image of one file, ``float32`` ``(3, H, W)`` in [0, 1].
+
+        Raises:
+            ImageReadError: naming the file, when it is missing, damaged or not a supported image.
+        """
+        names = ensure_tuple(data)
+        if len(names) != 1:
+            raise ValueError(f"{type(self).__name__} reads one file at a time, got {len(names)}: {names!r:.200}.")
+        path = names[0]
+        if not isinstance(path, (str, os.PathLike)):
+            raise ImageReadError(f"expected an image file path, got {type(path).__name__} {path!r:.60}.")
+        if not os.path.isfile(path):
+            raise ImageReadError(f"{path}: file not found.")
+        kind = image_format(path)
+        if kind == "dicom":
+            return _read_dicom(path, self.volume_slice, self.dicom_window, self.value_range)
+        if kind == "nifti":
+            return _read_nifti(path, self.volume_slice, self.volume_axis, self.value_range)
+        return _to_rgb(_read_pil(path, self.value_range), path)
+
+    def get_data(self, img: np.ndarray) -> tuple[np.ndarray, dict]:
+        """The image and its metadata (channel first, spatial shape ``(H, W)``)."""
+        return img, {"original_channel_dim": 0, "spatial_shape": np.asarray(img.shape[1:])}
+
+
 def read_image(
     path: str | os.PathLike,
     volume_slice: int | str = "middle",
@@ -309,30 +490,18 @@ def read_image(
     dicom_window: str = "auto",
     value_range: Sequence[float] | None = None,
 ) -> np.ndarray:
-    """Read an image file as a ``float32`` RGB array ``(3, H, W)`` in [0, 1] (see the module docstring).
+    """Read an image file as a ``float32`` RGB array ``(3, H, W)`` in [0, 1] with :class:`RGBImageReader`.
 
     Args:
         path: a DICOM, NIfTI, PNG, JPEG, TIFF or BMP file.
-        volume_slice: for a 3D NIfTI or multi-frame DICOM: slice index, ``"middle"``, ``"max"`` or ``"mean"``.
-        volume_axis: the axis of a 3D NIfTI that ``volume_slice`` runs along.
-        dicom_window: ``"auto"``, ``"stored"`` or ``"minmax"`` (how grayscale DICOM values become [0, 1]).
-        value_range: ``(low, high)`` of raw values mapped to [0, 1] for every format, instead of the defaults.
+        volume_slice, volume_axis, dicom_window, value_range: the reader's options (see :class:`RGBImageReader`).
 
     Raises:
         ImageReadError: naming the file, when it is missing, damaged or not a supported image.
         ValueError: for invalid options.
     """
-    _check_options(volume_slice, dicom_window, value_range)
-    if not os.path.isfile(path):
-        raise ImageReadError(f"{path}: file not found.")
-    kind = image_format(path)
-    if kind == "dicom":
-        image = _read_dicom(path, volume_slice, dicom_window, value_range)
-    elif kind == "nifti":
-        image = _read_nifti(path, volume_slice, volume_axis, value_range)
-    else:
-        image = _to_rgb(_read_pil(path, value_range), path)
-    return image
+    reader = RGBImageReader(volume_slice, volume_axis, dicom_window, value_range)
+    return reader.get_data(reader.read(path))[0]
 
 
 def image_size(path: str | os.PathLike, volume_axis: int = 2) -> tuple[int, int]:
@@ -394,12 +563,13 @@ def _tifffile_size(path: Any, pil_error: Exception) -> tuple[int, int]:
     return int(shape[0]), int(shape[1])
 
 
-class LoadImageRGBd(MapTransform):
-    """Read image files (paths under ``keys``) as ``float32`` RGB tensors ``(3, H, W)`` in [0, 1].
+class LoadImageRGBd(LoadImaged):
+    """``LoadImaged`` with :class:`RGBImageReader`: image files (paths under ``keys``) as ``float32`` RGB ``(3, H, W)``
+    in [0, 1] (a ``MetaTensor`` with the file name in its metadata).
 
-    Replaces ``LoadImaged`` + scaling + channel handling for the 2D FPT pipeline; every option is an attribute,
-    so it enters a preloading cache's fingerprint. See :func:`read_image` for the options and the module
-    docstring for each format's intensity scaling.
+    The reader is the only one used (a failure is reported with its reason, never handed to another library).
+    The reader and its options are attributes, so they enter a preloading cache's fingerprint. See
+    :class:`RGBImageReader` for the options and the module docstring for each format's intensity scaling.
     """
 
     def __init__(
@@ -411,20 +581,16 @@ class LoadImageRGBd(MapTransform):
         value_range: Sequence[float] | None = None,
         allow_missing_keys: bool = False,
     ) -> None:
-        super().__init__(keys, allow_missing_keys)
-        _check_options(volume_slice, dicom_window, value_range)
-        self.volume_slice = volume_slice
-        self.volume_axis = int(volume_axis)
-        self.dicom_window = dicom_window
-        self.value_range = tuple(float(v) for v in value_range) if value_range is not None else None
+        self.reader = RGBImageReader(volume_slice, volume_axis, dicom_window, value_range)
+        super().__init__(
+            keys, reader=self.reader, dtype=np.float32, image_only=True, allow_missing_keys=allow_missing_keys
+        )
+        # this reader only: LoadImage also registers every installed reader, which would read what this one
+        # refuses and make a cache's fingerprint depend on which optional packages are installed
+        self._loader.readers = [self.reader]
 
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            path = d[key]
-            if not isinstance(path, (str, os.PathLike)):
-                raise ImageReadError(f"item key {key!r}: expected an image file path, got {type(path).__name__}.")
-            d[key] = torch.from_numpy(
-                read_image(Path(path), self.volume_slice, self.volume_axis, self.dicom_window, self.value_range)
-            )
-        return d
+    def __call__(self, data: Mapping[Hashable, Any], reader: ImageReader | None = None) -> dict:
+        for key in self.key_iterator(dict(data)):
+            if not isinstance(data[key], (str, os.PathLike)):
+                raise ImageReadError(f"item key {key!r}: expected an image file path, got {type(data[key]).__name__}.")
+        return super().__call__(data, reader or self.reader)

@@ -4,18 +4,24 @@
 
 - malformed items (not a dict, no ``"image"`` path, no ``"label"``);
 - labels that are not integer class indices (strings, floats, booleans) or lie outside the classes;
-- image files that are missing, not regular files, unreadable, damaged (header, and PNG checksums), or
-  smaller than ``min_size`` pixels on a side (optionally: every image fully decoded with the training reader);
-- duplicate entries (the same file twice in the split, or also in another split given as ``disjoint_from``);
+- image files that are missing (a broken symbolic link is named as such), not regular files, unreadable,
+  damaged, or smaller than ``min_size`` pixels on a side;
+- duplicate entries: the same file twice in the split, or also in another split given as ``disjoint_from``,
+  whatever its name (another spelling, a symbolic link, or a hard link: files are compared by device and inode);
 - classes without any item, and an empty split.
 
 With ``on_error="raise"`` (default) it raises :class:`DatalistError`, whose message lists every bad item with
-its index, file and problem; with ``on_error="skip"`` it drops the bad items, logs a warning and returns the
-rest. Either way ``report_path`` receives a JSON report of what was found. Problems of the split as a whole
-(an empty class, no items) cannot be skipped and always raise.
+its index, file and problem; with ``on_error="skip"`` it drops the bad items, logs a warning naming each of
+them and returns the rest. Either way ``report_path`` receives a JSON report of what was found. Problems of the
+split as a whole (an empty class, no items) cannot be skipped and always raise.
 
-Images are checked from their headers (sizes) without decoding, so a split of thousands of images is checked
-in seconds; ``decode=True`` reads every image with the training reader instead.
+Every image is decoded with the reader the pipeline uses (``decode=True``, the default): headers alone cannot
+vouch for the pixel data of a truncated JPEG or a compressed DICOM. Decoding costs milliseconds per image, a
+small fraction of preloading, which runs the frozen backbone on each image; ``decode=False`` reads headers
+only (sizes, PNG checksums).
+
+:func:`readable_datalist` applies the same image checks to unlabelled items (the images to classify): it keeps
+the readable ones, names every other one, and raises only when none is readable.
 """
 
 from __future__ import annotations
@@ -31,9 +37,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from fpt_monai.data.readers import ImageReadError, image_size, read_image
+from fpt_monai.data.readers import ImageReadError, RGBImageReader, image_size
 
-__all__ = ["BAD_ITEM_POLICIES", "DatalistError", "validate_datalist"]
+__all__ = ["BAD_ITEM_POLICIES", "DatalistError", "readable_datalist", "validate_datalist"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,11 +69,11 @@ def _label_problem(label: Any, num_classes: int, classes: Sequence[str]) -> str 
     return None
 
 
-def _image_problem(
-    path: str, min_size: int, decode: bool, reader: Mapping[str, Any], volume_axis: int
-) -> str | None:
+def _image_problem(path: str, min_size: int, decoder: RGBImageReader | None, volume_axis: int) -> str | None:
     """What is wrong with an image file, or ``None``."""
     if not os.path.exists(path):
+        if os.path.islink(path):
+            return f"broken symbolic link: its target {os.readlink(path)} does not exist"
         return "file not found"
     if not os.path.isfile(path):
         return "not a regular file"
@@ -77,8 +83,8 @@ def _image_problem(
         return "file is empty (0 bytes)"
     try:
         height, width = image_size(path, volume_axis=volume_axis)
-        if decode:
-            height, width = read_image(path, **reader).shape[-2:]
+        if decoder is not None:
+            height, width = decoder.get_data(decoder.read(path))[0].shape[-2:]
     except ImageReadError as err:
         return f"unreadable image: {str(err).removeprefix(f'{path}: ')}"
     except Exception as err:  # a reader failing in an unforeseen way is still a bad file, named
@@ -88,18 +94,31 @@ def _image_problem(
     return None
 
 
-def _key(path: str) -> str:
-    return os.path.normcase(os.path.realpath(path))
+def _file_identity(path: str) -> tuple:
+    """The file a path names: its device and inode (so hard links and symbolic links are the same file), or,
+    for a path that cannot be examined, its resolved spelling."""
+    try:
+        status = os.stat(path)
+    except (OSError, ValueError):
+        return ("path", os.path.normcase(os.path.realpath(path)))
+    return ("inode", status.st_dev, status.st_ino)
+
+
+def _same_file(index: int, path: str, other_path: str) -> str:
+    """``item i (same file)``, saying when the two paths are hard links of one file."""
+    if os.path.normcase(os.path.realpath(path)) == os.path.normcase(os.path.realpath(other_path)):
+        return f"item {index} (same file)"
+    return f"item {index} (same file: {other_path} and this path are hard links)"
 
 
 def validate_datalist(
     datalist: Sequence[Any],
-    classes: Sequence[str],
+    classes: Sequence[str] | None,
     split: str = "train",
     min_size: int = 32,
     on_error: str = "raise",
     report_path: str | os.PathLike | None = None,
-    decode: bool = False,
+    decode: bool = True,
     require_every_class: bool = True,
     disjoint_from: Mapping[str, Sequence[Any]] | None = None,
     reader: Mapping[str, Any] | None = None,
@@ -112,19 +131,20 @@ def validate_datalist(
     Args:
         datalist: the items (``{"image": path, "label": index, ...}``), e.g. from ``make_datalist(...,
             strict=False)``.
-        classes: class names in label order.
+        classes: class names in label order; ``None`` for unlabelled items (images to classify): no label or
+            class checks, no duplicate check, and a split where no image is readable is an error.
         split: the split's name, for messages and the report.
         min_size: smallest allowed image height and width, in pixels.
         on_error: ``"raise"``: raise :class:`DatalistError` if any item is bad; ``"skip"``: drop bad items.
         report_path: JSON file that receives the report (written whenever given, problems or not).
-        decode: read every image completely with the training reader (slower, catches damaged pixel data in
-            any format); by default only headers are read (and PNG checksums verified).
+        decode: read every image completely with the pipeline's reader (default; catches damaged pixel data in
+            any format); ``False`` reads headers only (sizes, PNG checksums).
         require_every_class: a class without any (good) item is an error.
         disjoint_from: other splits by name (``{"train": train_items}``); an image that is also there is a
             duplicate (split leakage).
-        reader: options of :func:`~fpt_monai.data.readers.read_image` (used with ``decode``; ``volume_axis`` also
-            for the header size of volumes).
-        num_threads: threads reading image headers (file access dominates).
+        reader: options of :class:`~fpt_monai.data.readers.RGBImageReader` (used with ``decode``; ``volume_axis``
+            also for the header size of volumes).
+        num_threads: threads reading images (file access and decoders that release the GIL dominate).
         image_key: the items' image path key.
         label_key: the items' label key.
 
@@ -144,10 +164,12 @@ def validate_datalist(
             f"datalist '{split}' must be a list of items, got a {type(datalist).__name__}.",
             [{"split": split, "index": None, "image": None, "problem": "not a list"}],
         )
-    classes = [str(c) for c in classes]
-    if not classes:
+    labelled = classes is not None
+    classes = [str(c) for c in classes] if labelled else []
+    if labelled and not classes:
         raise ValueError("classes must name at least one class.")
     reader = dict(reader or {})
+    decoder = RGBImageReader(**reader) if decode else None  # invalid options fail here, before any file is read
     volume_axis = int(reader.get("volume_axis", 2))
     start = time.perf_counter()
 
@@ -156,7 +178,8 @@ def validate_datalist(
     for index, item in enumerate(datalist):
         reasons = []
         if not isinstance(item, Mapping):
-            problems[index] = [f"not an {{'{image_key}': path, '{label_key}': index}} dict: {item!r:.80}"]
+            fields = f"'{image_key}': path, '{label_key}': index" if labelled else f"'{image_key}': path"
+            problems[index] = [f"not an {{{fields}}} dict: {item!r:.80}"]
             continue
         image = item.get(image_key)
         if image_key not in item:
@@ -165,7 +188,9 @@ def validate_datalist(
             reasons.append(f"'{image_key}' must be a file path, got {image!r:.60}")
         else:
             paths[index] = os.fspath(image)
-        if label_key not in item:
+        if not labelled:
+            pass
+        elif label_key not in item:
             reasons.append(f"no '{label_key}' key")
         else:
             reason = _label_problem(item[label_key], len(classes), classes)
@@ -174,31 +199,34 @@ def validate_datalist(
         if reasons:
             problems[index] = reasons
 
-    # duplicates: the same file twice here, or in another split
-    seen: dict[str, int] = {}
-    for index, path in paths.items():
-        key = _key(path)
-        if key in seen:
-            problems.setdefault(index, []).append(f"duplicate of item {seen[key]} (same file)")
+    # duplicates: the same file twice here, or in another split (labelled items only: classifying an image
+    # twice is harmless)
+    identities = {index: _file_identity(path) for index, path in paths.items()} if labelled else {}
+    seen: dict[tuple, int] = {}
+    for index, identity in identities.items():
+        if identity in seen:
+            first = seen[identity]
+            problems.setdefault(index, []).append(f"duplicate of {_same_file(first, paths[index], paths[first])}")
         else:
-            seen[key] = index
+            seen[identity] = index
     for other_split, other_items in (disjoint_from or {}).items():
-        other = {
-            _key(os.fspath(it[image_key])): i for i, it in enumerate(other_items)
-            if isinstance(it, Mapping) and isinstance(it.get(image_key), (str, os.PathLike))
-            and "\x00" not in os.fspath(it[image_key])
-        }
-        for index, path in paths.items():
-            if _key(path) in other:
-                problems.setdefault(index, []).append(f"also in split '{other_split}' (item {other[_key(path)]})")
+        other: dict[tuple, tuple[int, str]] = {}
+        for i, it in enumerate(other_items):
+            if isinstance(it, Mapping) and isinstance(it.get(image_key), (str, os.PathLike)):
+                other.setdefault(_file_identity(os.fspath(it[image_key])), (i, os.fspath(it[image_key])))
+        for index, identity in identities.items():
+            if identity in other:
+                i, other_path = other[identity]
+                where = _same_file(i, paths[index], other_path).replace(" (same file)", "")
+                problems.setdefault(index, []).append(f"also in split '{other_split}' ({where})")
 
-    # image files: checked concurrently (header reads are dominated by file access)
+    # image files: checked concurrently (file access and decoding)
     unique = {
         index: path for index, path in paths.items()
         if not any(reason.startswith("duplicate") for reason in problems.get(index, []))
     }
     with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
-        results = pool.map(lambda path: _image_problem(path, min_size, decode, reader, volume_axis), unique.values())
+        results = pool.map(lambda path: _image_problem(path, min_size, decoder, volume_axis), unique.values())
         checked = dict(zip(unique, results))
     for index, reason in checked.items():
         if reason:
@@ -212,6 +240,9 @@ def validate_datalist(
     split_problems = []
     if not datalist:
         split_problems.append("the split has no items")
+    elif not labelled:
+        if not good:
+            split_problems.append(f"none of the {len(datalist)} images can be read")
     elif require_every_class:
         counts = [0] * len(classes)
         for item in good:
@@ -229,8 +260,8 @@ def validate_datalist(
         "good": len(good),
         "bad": len(item_problems),
         "on_error": on_error,
-        "settings": {"min_size": min_size, "decode": decode, "require_every_class": require_every_class,
-                     "classes": classes},
+        "settings": {"min_size": min_size, "decode": decode, "require_every_class": require_every_class and labelled,
+                     "classes": classes if labelled else None},
         "problems": all_problems,
         "seconds": round(seconds, 3),
     }
@@ -245,6 +276,8 @@ def validate_datalist(
             header += f", {len(split_problems)} problem(s) with the split as a whole"
         if not datalist:
             advice = f"Check the dataset: its '{split}' split lists no image."
+        elif not labelled:
+            advice = "Check the input: no file of it can be read as an image (each reason above)."
         elif split_problems:
             advice = (
                 "A split needs items of every class (require_every_class=False, bundle: "
@@ -255,12 +288,50 @@ def validate_datalist(
         raise DatalistError(f"{header}{where}:\n" + "\n".join(lines) + f"\n{advice}", all_problems)
     if item_problems:
         logger.warning(
-            "datalist '%s': skipped %d bad items of %d%s: %s", split, len(item_problems), len(datalist), where,
-            "; ".join(f"item {p['index']}: {p['problem']}" for p in item_problems[:5])
-            + ("; ..." if len(item_problems) > 5 else ""),
+            "datalist '%s': skipped %d bad items of %d%s:\n%s", split, len(item_problems), len(datalist), where,
+            "\n".join(f"  item {p['index']} ({p['image'] or 'no file'}): {p['problem']}" for p in item_problems),
         )
     logger.info("datalist '%s': %d items checked in %.1f s, %d kept", split, len(datalist), seconds, len(good))
     return good
+
+
+def readable_datalist(
+    datalist: Sequence[Any],
+    report_path: str | os.PathLike | None = None,
+    min_size: int = 32,
+    decode: bool = True,
+    reader: Mapping[str, Any] | None = None,
+    num_threads: int = 8,
+    image_key: str = "image",
+    split: str = "inference",
+) -> list[dict]:
+    """The items whose images can be classified; every other one named, with its reason, in the log and report.
+
+    The image checks of training (:func:`validate_datalist`: missing files, broken links, damaged or unsupported
+    files, images decoded with the pipeline's reader, images below ``min_size``) on unlabelled items
+    (``{"image": path}``, e.g. from :func:`~fpt_monai.data.image_datalist`). Bad items are skipped; a run goes on
+    with the readable ones.
+
+    Args:
+        datalist: the items to classify.
+        report_path: JSON file that receives the report (every unreadable file and why; written whenever given).
+        min_size: smallest allowed image height and width, in pixels (use the training setting).
+        decode: decode every image (default); ``False`` reads headers only.
+        reader: options of :class:`~fpt_monai.data.readers.RGBImageReader` (the pipeline's ``reader``).
+        num_threads: threads reading images.
+        image_key: the items' image path key.
+        split: the name used in messages and the report.
+
+    Returns:
+        The readable items, in order.
+
+    Raises:
+        DatalistError: when no item is readable (or the list is empty), naming every file and its problem.
+    """
+    return validate_datalist(
+        datalist, None, split=split, min_size=min_size, on_error="skip", report_path=report_path, decode=decode,
+        reader=reader, num_threads=num_threads, image_key=image_key,
+    )
 
 
 def _write_report(path: Path, report: dict) -> None:

@@ -3,8 +3,9 @@
 FPT (Huang et al., MICCAI 2024) and FPT+ (IEEE TNNLS 2025) feed the frozen backbone an un-augmented
 high-resolution view and the side network an augmented low-resolution view. On CT/MR volumes:
 
-* high-resolution view (never augmented, so its keys/values can be preloaded): read the volume (NIfTI with
-  nibabel, a DICOM series folder or ``.mha``/``.nrrd`` with ITK, through MONAI's ``LoadImaged``), channel first,
+* high-resolution view (never augmented, so its keys/values can be preloaded): read the volume through MONAI's
+  ``LoadImaged`` (NIfTI with its ``NibabelReader``; a DICOM series folder, ``.mha``, ``.nrrd`` with its
+  ``ITKReader``, whose GDCM decodes compressed series as the 2D reader's does), channel first,
   optionally reoriented (``axcodes``) and resampled (``pixdim``), intensities scaled to [0, 1] (a fixed window
   such as CT Hounsfield units ``intensity_range=(-200, 600)``, or per-volume percentiles), resized to the
   backbone's input size, normalised with the backbone's mean/std ->
@@ -45,6 +46,7 @@ from monai.transforms import (
 from monai.utils import ensure_tuple_rep
 
 from fpt_monai.data.datalist import folder_datalist, json_datalist
+from fpt_monai.data.readers import is_dicom_file
 from fpt_monai.data.transforms import SideViewd
 from fpt_monai.networks.backbones import FrozenViTBackbone
 from fpt_monai.preload import FrozenBackboneKVd
@@ -73,14 +75,7 @@ def _is_hidden(path: Path) -> bool:
 
 
 def _looks_like_dicom(path: Path) -> bool:
-    if path.name.lower().endswith(_DICOM_SUFFIXES):
-        return True
-    try:  # DICOM Part 10 files carry "DICM" after a 128-byte preamble, whatever their name
-        with open(path, "rb") as f:
-            f.seek(128)
-            return f.read(4) == b"DICM"
-    except OSError:
-        return False
+    return path.name.lower().endswith(_DICOM_SUFFIXES) or is_dicom_file(path)
 
 
 def is_dicom_series(path: str | os.PathLike) -> bool:
