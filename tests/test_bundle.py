@@ -205,13 +205,21 @@ def test_standalone_inference_needs_only_the_checkpoint_and_images(trained, tmp_
     run_root = tmp_path / "run"
     (run_root / "models").mkdir(parents=True)
     (run_root / "models" / "model.pt").write_bytes((root / "models" / "model.pt").read_bytes())
-    images = root / "data" / "test"
+    # an archive as it comes: three readable images and two that cannot be classified
+    images = tmp_path / "archive"
+    for index, source in enumerate(sorted((root / "data" / "test").rglob("*.png"))):
+        (images / str(index)).mkdir(parents=True)
+        (images / str(index) / source.name).write_bytes(source.read_bytes())
+    (images / "notes.png").write_text("not an image")
+    (images / "cut.png").write_bytes(source.read_bytes()[:200])
     check_workflow(["inference"], "infer", **infer_override(run_root, override["pretrained"], input_dir=str(images)))
     with open(run_root / "eval" / "inference" / "predictions.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 3 and "label" not in rows[0]
-    assert {Path(r["filename"]).name for r in rows} == {p.name for p in images.rglob("*.png")}
+    assert {Path(r["filename"]).name for r in rows} == {p.name for p in (root / "data" / "test").rglob("*.png")}
     assert [k for k in rows[0] if k.startswith("probability_")] == [f"probability_{c}" for c in SAMPLE_CLASSES]
+    report = json.loads((run_root / "eval" / "inference" / "input_check.json").read_text())
+    assert sorted(Path(p["image"]).name for p in report["problems"]) == ["cut.png", "notes.png"]
 
 
 # -- augmentation overrides and the K/V cache ------------------------------------------------------------------------
