@@ -14,10 +14,10 @@ choosing the best checkpoint as an uninterrupted run would (see :mod:`fpt_monai.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,8 @@ import ignite.distributed as idist
 import torch
 from ignite.handlers import Checkpoint, DiskSaver
 from monai.handlers import CheckpointSaver
+
+from fpt_monai.utils import atomic_write
 
 __all__ = ["AtomicDiskSaver", "SafeCheckpointSaver"]
 
@@ -58,21 +60,14 @@ class AtomicDiskSaver(DiskSaver):
         self._superseded = []
 
     def _write(self, checkpoint: Mapping, path: Path) -> None:
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-        try:
-            with open(temporary, "wb") as f:
+        with atomic_write(path, what="checkpoint", fsync=True) as f:  # the old checkpoint or the whole new one
+            try:
                 torch.save(checkpoint, f, **self.kwargs)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(temporary, path)  # readers see the old checkpoint or the whole new one
-            os.chmod(path, os.stat(path).st_mode | stat.S_IRGRP | stat.S_IROTH)
-        except OSError as err:
-            temporary.unlink(missing_ok=True)
-            kept = "the previous checkpoint of that name is kept" if path.exists() else "no checkpoint was written"
-            raise OSError(err.errno, f"could not write checkpoint {path}: {err.strerror or err}; {kept}") from err
-        except BaseException:
-            temporary.unlink(missing_ok=True)
-            raise
+            except RuntimeError as err:
+                # torch's zip writer reports a failed write (a full disk) as a RuntimeError of its C++ code
+                # ("enforce fail at inline_container.cc", "PytorchStreamWriter failed writing file")
+                raise OSError(errno.EIO, f"{err} (is the disk full?)") from err
+        os.chmod(path, os.stat(path).st_mode | stat.S_IRGRP | stat.S_IROTH)
 
     def remove(self, filename: str) -> None:
         """Defer removal until the next checkpoint is written (a fixed file name is simply overwritten)."""
