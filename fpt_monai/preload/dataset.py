@@ -110,9 +110,10 @@ def _entry_checksum(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) 
 
 
 def _difference(stored: Any, current: Any, where: str = "") -> str:
-    """Where two identities first differ, e.g. ``label: 0 != 1`` (the stored value first)."""
+    """Where two identities first differ, e.g. ``label: 0 != 1`` (the stored value first; a file's path before
+    its size and modification time)."""
     if isinstance(stored, dict) and isinstance(current, dict):
-        for key in sorted(set(stored) | set(current), key=str):
+        for key in sorted(set(stored) | set(current), key=lambda k: (k != "path", str(k))):
             if stored.get(key) != current.get(key):
                 return _difference(stored.get(key), current.get(key), f"{where}.{key}" if where else str(key))
     elif isinstance(stored, list) and isinstance(current, list) and len(stored) == len(current):
