@@ -10,6 +10,10 @@ says the previous checkpoint is kept; no partial file remains.
 
 It also has a ``state_dict`` (the best-metric bookkeeping of ``save_key_metric``), so a resumed run keeps
 choosing the best checkpoint as an uninterrupted run would (see :mod:`fpt_monai.engine.resume`).
+
+Reading: :func:`load_checkpoint` reads a checkpoint without unpickling arbitrary objects and with errors that
+name the file and say what to do (a truncated or damaged file, a file holding pickled objects);
+:class:`SafeCheckpointLoader` is MONAI's ``CheckpointLoader`` reading through it.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import pickle
 import stat
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,11 +30,12 @@ from typing import Any
 import ignite.distributed as idist
 import torch
 from ignite.handlers import Checkpoint, DiskSaver
-from monai.handlers import CheckpointSaver
+from ignite.engine import Engine
+from monai.handlers import CheckpointLoader, CheckpointSaver
 
 from fpt_monai.utils import atomic_write
 
-__all__ = ["AtomicDiskSaver", "SafeCheckpointSaver"]
+__all__ = ["AtomicDiskSaver", "CheckpointReadError", "SafeCheckpointLoader", "SafeCheckpointSaver", "load_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -115,3 +121,99 @@ class SafeCheckpointSaver(CheckpointSaver):
         """Restore :meth:`state_dict`; the best checkpoint is then only replaced by a better one."""
         if self._key_metric_checkpoint is not None:
             self._key_metric_checkpoint.load_state_dict({"_saved": [tuple(item) for item in state_dict["saved"]]})
+
+
+class CheckpointReadError(RuntimeError):
+    """A checkpoint file that cannot be read: truncated, damaged, or not a PyTorch checkpoint."""
+
+
+def load_checkpoint(
+    path: str | os.PathLike, map_location: Any = "cpu", what: str = "checkpoint", advice: str | None = None
+) -> Any:
+    """``torch.load(path, weights_only=True)`` with errors that name the file and say what to do.
+
+    Args:
+        path: the checkpoint file.
+        map_location: where the tensors go.
+        what: what the file is, for messages (``"resume checkpoint"``, ...).
+        advice: what to do about a damaged file (default: restore it from a copy or train again).
+
+    Raises:
+        FileNotFoundError: no such file.
+        pickle.UnpicklingError: the file holds pickled objects other than tensors and plain containers; they
+            are refused, as unpickling them could run any code.
+        CheckpointReadError: the file is truncated or damaged.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist{' (it is a folder)' if path.is_dir() else ''}.")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch's message suggests weights_only=False, i.e. running the file's code: keep only its reason
+        reasons = [line.strip() for line in str(err).splitlines() if "WeightsUnpickler error" in line]
+        raise pickle.UnpicklingError(
+            f"{what} {path} was refused: it holds pickled objects other than tensors and plain containers "
+            f"({reasons[0] if reasons else 'not a weights-only checkpoint'}), and unpickling them could run any "
+            "code. Load only checkpoints this package wrote, or re-save a trusted one as a plain state dict "
+            "(torch.save(model.state_dict(), ...))."
+        ) from err
+    except Exception as err:  # torch raises RuntimeError (zip), EOFError, KeyError, ... for damaged files
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointReadError(
+            f"{what} {path} cannot be read ({type(err).__name__}: {reason}): the file is truncated or damaged "
+            f"(an interrupted copy, a full disk). {advice or 'Restore it from a copy, or train again.'}"
+        ) from err
+
+
+def _allow_missing_backbone_digest(objects: Mapping) -> None:
+    from fpt_monai.networks.fpt import FPTNet
+
+    for obj in objects.values():
+        for module in obj.modules() if isinstance(obj, torch.nn.Module) else ():
+            if isinstance(module, FPTNet):
+                module.allow_missing_backbone_digest = True
+
+
+class SafeCheckpointLoader(CheckpointLoader):
+    """MONAI ``CheckpointLoader`` (same arguments) whose errors name the checkpoint file and say what to do.
+
+    The file is first read with :func:`load_checkpoint` (a truncated or damaged file, or one holding pickled
+    objects, gives a clear error), and a failure to load it into the objects (another network, another
+    backbone) names the file too.
+
+    Args:
+        load_path, load_dict, name, map_location, strict, strict_shape: as ``CheckpointLoader``.
+        allow_missing_backbone_digest: accept a checkpoint of an :class:`~fpt_monai.networks.FPTNet` that has no
+            backbone digest (``backbone_sha256``): you vouch that it was trained with this backbone.
+        what: what the file is, for messages.
+        advice: what to do about a damaged file (see :func:`load_checkpoint`).
+    """
+
+    def __init__(
+        self,
+        load_path: str,
+        load_dict: dict,
+        name: str | None = None,
+        map_location: Any = None,
+        strict: bool = True,
+        strict_shape: bool = True,
+        allow_missing_backbone_digest: bool = False,
+        what: str = "checkpoint",
+        advice: str | None = None,
+    ) -> None:
+        super().__init__(load_path, load_dict, name=name, map_location=map_location, strict=strict,
+                         strict_shape=strict_shape)
+        self.allow_missing_backbone_digest = bool(allow_missing_backbone_digest)
+        self.what, self.advice = what, advice
+
+    def __call__(self, engine: Engine) -> None:
+        # read once here for the errors; MONAI's loader then reads the (small: what learns) file again
+        load_checkpoint(self.load_path, map_location="cpu", what=self.what, advice=self.advice)
+        if self.allow_missing_backbone_digest:
+            _allow_missing_backbone_digest(self.load_dict)
+        try:
+            super().__call__(engine)
+        except (RuntimeError, KeyError, ValueError) as err:  # another network or backbone, missing objects
+            error = ValueError if isinstance(err, ValueError) else RuntimeError
+            raise error(f"could not load {self.what} {self.load_path}: {err}") from err

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 from monai.engines import Evaluator
 
+from fpt_monai.engine.checkpoint import _allow_missing_backbone_digest, load_checkpoint
 from fpt_monai.engine.handlers import ClassificationReport
 
 __all__ = ["evaluate_checkpoints"]
@@ -25,11 +26,13 @@ def evaluate_checkpoints(
     checkpoints: Mapping[str, str | os.PathLike],
     report: ClassificationReport,
     output_dir: str | os.PathLike,
+    allow_missing_backbone_digest: bool = False,
 ) -> dict[str, dict[str, float]]:
     """Load each checkpoint into ``network``, run ``evaluator`` and write its report to ``output_dir/<name>/``.
 
-    Checkpoints are read with ``torch.load(weights_only=True)`` (no arbitrary unpickling) and may be a bare
-    state dict or a training checkpoint holding one under ``"model"``.
+    Checkpoints are read with :func:`~fpt_monai.engine.load_checkpoint` (``torch.load(weights_only=True)``: no
+    arbitrary unpickling; errors name the file) and may be a bare state dict or a training checkpoint holding
+    one under ``"model"``.
 
     Args:
         evaluator: a MONAI evaluator over the test data whose network is ``network``, with ``report`` attached.
@@ -38,6 +41,8 @@ def evaluate_checkpoints(
             file raises ``FileNotFoundError`` naming it.
         report: the :class:`ClassificationReport` attached to ``evaluator``.
         output_dir: parent folder of the per-checkpoint reports.
+        allow_missing_backbone_digest: accept FPT checkpoints without the frozen backbone's digest
+            (``backbone_sha256``), vouching that they were trained with this network's backbone.
 
     Returns:
         name -> the evaluator's scalar metrics.
@@ -45,13 +50,18 @@ def evaluate_checkpoints(
     missing = {name: str(path) for name, path in checkpoints.items() if not Path(path).is_file()}
     if missing:
         raise FileNotFoundError(f"checkpoint files not found: {missing}; train first or set the paths.")
+    target = network.module if hasattr(network, "module") else network
+    if allow_missing_backbone_digest:
+        _allow_missing_backbone_digest({"model": target})
     results = {}
     for name, path in checkpoints.items():
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_checkpoint(path, what=f"{name} checkpoint")
         if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
             state = state["model"]
-        target = network.module if hasattr(network, "module") else network
-        target.load_state_dict(state)
+        try:
+            target.load_state_dict(state)
+        except RuntimeError as err:  # another network or backbone
+            raise RuntimeError(f"could not load {name} checkpoint {path}: {err}") from err
         report.output_dir = Path(output_dir) / name
         report.extra = {"checkpoint": str(Path(path).resolve()), "checkpoint_name": name}
         evaluator.run()
