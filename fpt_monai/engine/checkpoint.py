@@ -22,6 +22,7 @@ import errno
 import logging
 import os
 import pickle
+import re
 import stat
 from collections.abc import Mapping
 from pathlib import Path
@@ -151,10 +152,10 @@ def load_checkpoint(
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         # torch's message suggests weights_only=False, i.e. running the file's code: keep only its reason
-        reasons = [line.strip() for line in str(err).splitlines() if "WeightsUnpickler error" in line]
+        found = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\s*\n|Check the documentation|$)", str(err), re.S)
         raise pickle.UnpicklingError(
             f"{what} {path} was refused: it holds pickled objects other than tensors and plain containers "
-            f"({reasons[0] if reasons else 'not a weights-only checkpoint'}), and unpickling them could run any "
+            f"({found.group(1) if found else 'not a weights-only checkpoint'}), and unpickling them could run any "
             "code. Load only checkpoints this package wrote, or re-save a trusted one as a plain state dict "
             "(torch.save(model.state_dict(), ...))."
         ) from err
