@@ -152,10 +152,11 @@ def load_checkpoint(
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         # torch's message suggests weights_only=False, i.e. running the file's code: keep only its reason
-        found = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\s*\n|Check the documentation|$)", str(err), re.S)
+        paragraphs = [p.strip() for p in re.split(r"\n\s*\n", str(err)) if p.strip()]
+        reason = " ".join(p for p in paragraphs[1:] if not p.startswith("Check the documentation"))
         raise pickle.UnpicklingError(
             f"{what} {path} was refused: it holds pickled objects other than tensors and plain containers "
-            f"({found.group(1) if found else 'not a weights-only checkpoint'}), and unpickling them could run any "
+            f"({reason or 'not a weights-only checkpoint'}), and unpickling them could run any "
             "code. Load only checkpoints this package wrote, or re-save a trusted one as a plain state dict "
             "(torch.save(model.state_dict(), ...))."
         ) from err
