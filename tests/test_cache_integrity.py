@@ -49,8 +49,8 @@ def test_entry_copied_over_another_items_entry_is_refused_and_recomputed(data, d
     before = evaluate(dataset, tmp_path / "before")
     victim = dataset.entry_path(data[1])
     shutil.copyfile(dataset.entry_path(data[0]), victim)
-    with pytest.warns(UserWarning, match=rf"{victim.name} was stored for another item .*path: '.*a/0001\.png' != '.*b/0001\.png'"), \
-            caplog.at_level(logging.WARNING):
+    refused = rf"{victim.name} was stored for another item .*path: '.*a/0001\.png' != '.*b/0001\.png'"
+    with pytest.warns(UserWarning, match=refused), caplog.at_level(logging.WARNING):
         item = dataset[1]
     assert str(victim) in caplog.text and "Recomputing it" in caplog.text
     assert item["filename"] == data[1]["filename"] and item["label"] == 1

@@ -30,8 +30,8 @@ from typing import Any
 
 import ignite.distributed as idist
 import torch
-from ignite.handlers import Checkpoint, DiskSaver
 from ignite.engine import Engine
+from ignite.handlers import Checkpoint, DiskSaver
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
 from fpt_monai.utils import atomic_write

@@ -6,9 +6,9 @@ as the final model. :class:`NonFiniteLossGuard` instead checks the loss as soon 
 it (``IterationEvents.LOSS_COMPLETED``), the gradients right after the backward pass
 (``IterationEvents.BACKWARD_COMPLETED``, without AMP, whose scaler handles overflowing gradients itself) and
 the learning rates before the optimizer step (an overflowing one would make the step non-finite, or make the
-optimizer fail with an overflow of its own), and raises :class:`NonFiniteLossError`: the step is never taken, every checkpoint on disk stays as it was (the
-best and the resume checkpoints of finished epochs), the process exits with an error that says where it
-happened and which images the batch held.
+optimizer fail with an overflow of its own), and raises :class:`NonFiniteLossError`: the step is never taken,
+every checkpoint on disk stays as it was (the best and the resume checkpoints of finished epochs), the process
+exits with an error that says where it happened and which images the batch held.
 """
 
 from __future__ import annotations
