@@ -9,7 +9,11 @@ traceback. :func:`check_overrides` compares overrides with the config files they
   names the key and suggests the closest existing one;
 - a literal value must have the type of the literal it replaces (``int`` for an ``int``, ``int`` or ``float``
   for a ``float``, ``bool``, ``str``, ``list``, ``dict``), with the exceptions given in ``extra_types`` (e.g.
-  ``pretrained`` takes ``true``/``false`` or a weights file path).
+  ``pretrained`` takes ``true``/``false`` or a weights file path);
+- a value must be one the key accepts (``value_checks``: ``num_epochs`` and ``batch_size`` at least 1, a
+  positive finite ``learning_rate``, a ``preset`` that exists);
+- a top-level key holding a literal must be used by the configs (referred to as ``@key``): an override of a
+  setting that nothing reads (e.g. ``--kv_dtype`` for a baseline, which preloads nothing) would have no effect.
 
 Every bad override is reported in one :class:`ConfigOverrideError`.
 
@@ -26,10 +30,11 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import math
 import os
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +46,36 @@ BUNDLE_RUN_ARGUMENTS = ("run_id", "init_id", "final_id", "meta_file", "config_fi
                         "args_file")
 #: Keys of the FPT bundle that accept more than the type of their default value.
 FPT_EXTRA_TYPES: dict[str, tuple[type, ...]] = {"pretrained": (bool, str)}
+
+
+def _at_least_one(value: Any) -> str | None:
+    return f"must be at least 1, got {value!r}" if isinstance(value, int) and value < 1 else None
+
+
+def _positive_finite(value: Any) -> str | None:
+    if isinstance(value, (int, float)) and not (math.isfinite(value) and value > 0):
+        return f"must be a positive finite number, got {value!r}"
+    return None
+
+
+def _known_preset(value: Any) -> str | None:
+    from fpt_monai.networks.fpt import DEMO_PRESETS, PRESETS
+
+    names = [*PRESETS, *DEMO_PRESETS]
+    if not isinstance(value, str) or value in names:
+        return None
+    close = difflib.get_close_matches(value, names, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"unknown preset {value!r} (the presets: {', '.join(names)}){hint}"
+
+
+#: Checks of the values of the FPT bundle's keys (after the type check): value -> problem or ``None``.
+FPT_VALUE_CHECKS: dict[str, Callable[[Any], str | None]] = {
+    "num_epochs": _at_least_one,
+    "batch_size": _at_least_one,
+    "learning_rate": _positive_finite,
+    "preset": _known_preset,
+}
 _SPECIAL_KEYS = ("_target_", "_disabled_", "_requires_", "_desc_", "_mode_")
 
 
@@ -124,7 +159,28 @@ def _argument_problem(component: Mapping, name: str) -> str | None:
     return f"{target} has no argument '{name}'{hint}"
 
 
-def _override_problem(config: Any, key: str, value: Any, extra_types: Mapping[str, tuple[type, ...]]) -> str | None:
+def _is_referenced(config: Any, key: str) -> bool:
+    """Whether any string of ``config`` refers to the top-level ``key`` (``@key``, ``@key#...``, ``$@key ...``)."""
+    pattern = re.compile(rf"@{re.escape(key)}(?![\w])")
+    stack = [config]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str) and pattern.search(node):
+            return True
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return False
+
+
+def _override_problem(
+    config: Any,
+    key: str,
+    value: Any,
+    extra_types: Mapping[str, tuple[type, ...]],
+    value_checks: Mapping[str, Callable[[Any], str | None]] | None = None,
+) -> str | None:
     parts = [p for p in str(key).replace("#", "::").split("::")]
     node, path = config, []
     for depth, part in enumerate(parts):
@@ -150,6 +206,13 @@ def _override_problem(config: Any, key: str, value: Any, extra_types: Mapping[st
     expected = extra_types.get("::".join(parts)) or _expected_types(node)
     if expected is not None and not _has_type(value, expected):
         return f"expects {_type_name(expected)} (the config has {node!r:.60}), got {type(value).__name__} {value!r:.60}"
+    check = (value_checks or {}).get("::".join(parts))
+    problem = check(value) if check is not None else None
+    if problem:
+        return problem
+    unused = len(parts) == 1 and not parts[0].startswith("_") and not _is_referenced(config, parts[0])
+    if unused and expected is not None:  # a literal setting that no component reads
+        return f"has no effect: nothing in these configs refers to @{parts[0]}"
     return None
 
 
@@ -158,8 +221,10 @@ def check_overrides(
     overrides: Mapping[str, Any],
     meta_file: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     extra_types: Mapping[str, tuple[type, ...]] | None = None,
+    value_checks: Mapping[str, Callable[[Any], str | None]] | None = None,
 ) -> None:
-    """Raise :class:`ConfigOverrideError` naming every override that the configs do not have or mistype.
+    """Raise :class:`ConfigOverrideError` naming every override that the configs do not have, do not use,
+    mistype, or give a value the key does not accept.
 
     Args:
         config_file: the config file(s) the overrides apply to, merged in order as ``monai.bundle`` does.
@@ -168,6 +233,8 @@ def check_overrides(
             file, when it exists.
         extra_types: key -> allowed types, beyond the type of the config's own value (default: the FPT bundle's,
             ``pretrained`` takes a bool or a path).
+        value_checks: key -> function of the value returning a problem or ``None`` (default:
+            :data:`FPT_VALUE_CHECKS`).
     """
     from monai.bundle import ConfigParser
 
@@ -182,11 +249,13 @@ def check_overrides(
     config = parser.get()
     extra_types = FPT_EXTRA_TYPES if extra_types is None else extra_types
     extra = {str(k).replace("#", "::"): tuple(v) for k, v in extra_types.items()}
+    value_checks = FPT_VALUE_CHECKS if value_checks is None else value_checks
+    checks = {str(k).replace("#", "::"): v for k, v in value_checks.items()}
     problems = {}
     for key, value in overrides.items():
         if str(key).startswith("_meta_") and meta_file is None:
             continue  # metadata not read here: cannot tell
-        problem = _override_problem(config, str(key), value, extra)
+        problem = _override_problem(config, str(key), value, extra, checks)
         if problem:
             problems[str(key)] = problem
     if problems:

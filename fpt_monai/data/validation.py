@@ -31,13 +31,13 @@ import logging
 import numbers
 import os
 import time
-import uuid
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from fpt_monai.data.readers import ImageReadError, RGBImageReader, image_size
+from fpt_monai.utils import atomic_write
 
 __all__ = ["BAD_ITEM_POLICIES", "DatalistError", "readable_datalist", "validate_datalist"]
 
@@ -337,10 +337,5 @@ def readable_datalist(
 def _write_report(path: Path, report: dict) -> None:
     """Write the report atomically (a temporary file renamed into place)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        temporary.write_text(json.dumps(report, indent=2, default=str) + "\n")
-        os.replace(temporary, path)
-    except OSError as err:
-        temporary.unlink(missing_ok=True)
-        raise OSError(err.errno, f"could not write the datalist report {path}: {err.strerror or err}") from err
+    with atomic_write(path, "w", what="datalist report") as f:
+        f.write(json.dumps(report, indent=2, default=str) + "\n")

@@ -1,7 +1,13 @@
 """Engines' companions: classification metrics, handlers and checkpoint evaluation for the bundle."""
 
 from fpt_monai.engine import distributed  # multi-process helpers, as fpt_monai.engine.distributed.*
-from fpt_monai.engine.checkpoint import AtomicDiskSaver, SafeCheckpointSaver
+from fpt_monai.engine.checkpoint import (
+    AtomicDiskSaver,
+    CheckpointReadError,
+    SafeCheckpointLoader,
+    SafeCheckpointSaver,
+    load_checkpoint,
+)
 from fpt_monai.engine.evaluation import evaluate_checkpoints, load_weights
 from fpt_monai.engine.guards import NonFiniteLossError, NonFiniteLossGuard
 from fpt_monai.engine.handlers import ClassificationReport, GradientNormClipping, ProgressBarHandler, write_training_scalars
@@ -16,9 +22,11 @@ from fpt_monai.engine.resume import EpochSeeder, attach_resume, epoch_seed, late
 
 __all__ = [
     "AtomicDiskSaver",
+    "CheckpointReadError",
     "EpochSeeder",
     "NonFiniteLossError",
     "NonFiniteLossGuard",
+    "SafeCheckpointLoader",
     "SafeCheckpointSaver",
     "attach_resume",
     "epoch_seed",
@@ -32,6 +40,7 @@ __all__ = [
     "classification_output",
     "distributed",
     "evaluate_checkpoints",
+    "load_checkpoint",
     "load_weights",
     "macro_f1",
     "quadratic_weighted_kappa",

@@ -10,24 +10,33 @@ says the previous checkpoint is kept; no partial file remains.
 
 It also has a ``state_dict`` (the best-metric bookkeeping of ``save_key_metric``), so a resumed run keeps
 choosing the best checkpoint as an uninterrupted run would (see :mod:`fpt_monai.engine.resume`).
+
+Reading: :func:`load_checkpoint` reads a checkpoint without unpickling arbitrary objects and with errors that
+name the file and say what to do (a truncated or damaged file, a file holding pickled objects);
+:class:`SafeCheckpointLoader` is MONAI's ``CheckpointLoader`` reading through it.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import pickle
+import re
 import stat
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import ignite.distributed as idist
 import torch
+from ignite.engine import Engine
 from ignite.handlers import Checkpoint, DiskSaver
-from monai.handlers import CheckpointSaver
+from monai.handlers import CheckpointLoader, CheckpointSaver
 
-__all__ = ["AtomicDiskSaver", "SafeCheckpointSaver"]
+from fpt_monai.utils import atomic_write
+
+__all__ = ["AtomicDiskSaver", "CheckpointReadError", "SafeCheckpointLoader", "SafeCheckpointSaver", "load_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,21 +67,14 @@ class AtomicDiskSaver(DiskSaver):
         self._superseded = []
 
     def _write(self, checkpoint: Mapping, path: Path) -> None:
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-        try:
-            with open(temporary, "wb") as f:
+        with atomic_write(path, what="checkpoint", fsync=True) as f:  # the old checkpoint or the whole new one
+            try:
                 torch.save(checkpoint, f, **self.kwargs)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(temporary, path)  # readers see the old checkpoint or the whole new one
-            os.chmod(path, os.stat(path).st_mode | stat.S_IRGRP | stat.S_IROTH)
-        except OSError as err:
-            temporary.unlink(missing_ok=True)
-            kept = "the previous checkpoint of that name is kept" if path.exists() else "no checkpoint was written"
-            raise OSError(err.errno, f"could not write checkpoint {path}: {err.strerror or err}; {kept}") from err
-        except BaseException:
-            temporary.unlink(missing_ok=True)
-            raise
+            except RuntimeError as err:
+                # torch's zip writer reports a failed write (a full disk) as a RuntimeError of its C++ code
+                # ("enforce fail at inline_container.cc", "PytorchStreamWriter failed writing file")
+                raise OSError(errno.EIO, f"{err} (is the disk full?)") from err
+        os.chmod(path, os.stat(path).st_mode | stat.S_IRGRP | stat.S_IROTH)
 
     def remove(self, filename: str) -> None:
         """Defer removal until the next checkpoint is written (a fixed file name is simply overwritten)."""
@@ -120,3 +122,100 @@ class SafeCheckpointSaver(CheckpointSaver):
         """Restore :meth:`state_dict`; the best checkpoint is then only replaced by a better one."""
         if self._key_metric_checkpoint is not None:
             self._key_metric_checkpoint.load_state_dict({"_saved": [tuple(item) for item in state_dict["saved"]]})
+
+
+class CheckpointReadError(RuntimeError):
+    """A checkpoint file that cannot be read: truncated, damaged, or not a PyTorch checkpoint."""
+
+
+def load_checkpoint(
+    path: str | os.PathLike, map_location: Any = "cpu", what: str = "checkpoint", advice: str | None = None
+) -> Any:
+    """``torch.load(path, weights_only=True)`` with errors that name the file and say what to do.
+
+    Args:
+        path: the checkpoint file.
+        map_location: where the tensors go.
+        what: what the file is, for messages (``"resume checkpoint"``, ...).
+        advice: what to do about a damaged file (default: restore it from a copy or train again).
+
+    Raises:
+        FileNotFoundError: no such file.
+        pickle.UnpicklingError: the file holds pickled objects other than tensors and plain containers; they
+            are refused, as unpickling them could run any code.
+        CheckpointReadError: the file is truncated or damaged.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist{' (it is a folder)' if path.is_dir() else ''}.")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch's message suggests weights_only=False, i.e. running the file's code: keep only its reason
+        paragraphs = [p.strip() for p in re.split(r"\n\s*\n", str(err)) if p.strip()]
+        reason = " ".join(p for p in paragraphs[1:] if not p.startswith("Check the documentation"))
+        raise pickle.UnpicklingError(
+            f"{what} {path} was refused: it holds pickled objects other than tensors and plain containers "
+            f"({reason or 'not a weights-only checkpoint'}), and unpickling them could run any "
+            "code. Load only checkpoints this package wrote, or re-save a trusted one as a plain state dict "
+            "(torch.save(model.state_dict(), ...))."
+        ) from err
+    except Exception as err:  # torch raises RuntimeError (zip), EOFError, KeyError, ... for damaged files
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointReadError(
+            f"{what} {path} cannot be read ({type(err).__name__}: {reason}): the file is truncated or damaged "
+            f"(an interrupted copy, a full disk). {advice or 'Restore it from a copy, or train again.'}"
+        ) from err
+
+
+def _allow_missing_backbone_digest(objects: Mapping) -> None:
+    from fpt_monai.networks.fpt import FPTNet
+
+    for obj in objects.values():
+        for module in obj.modules() if isinstance(obj, torch.nn.Module) else ():
+            if isinstance(module, FPTNet):
+                module.allow_missing_backbone_digest = True
+
+
+class SafeCheckpointLoader(CheckpointLoader):
+    """MONAI ``CheckpointLoader`` (same arguments) whose errors name the checkpoint file and say what to do.
+
+    The file is first read with :func:`load_checkpoint` (a truncated or damaged file, or one holding pickled
+    objects, gives a clear error), and a failure to load it into the objects (another network, another
+    backbone) names the file too.
+
+    Args:
+        load_path, load_dict, name, map_location, strict, strict_shape: as ``CheckpointLoader``.
+        allow_missing_backbone_digest: accept a checkpoint of an :class:`~fpt_monai.networks.FPTNet` that has no
+            backbone digest (``backbone_sha256``): you vouch that it was trained with this backbone.
+        what: what the file is, for messages.
+        advice: what to do about a damaged file (see :func:`load_checkpoint`).
+    """
+
+    def __init__(
+        self,
+        load_path: str,
+        load_dict: dict,
+        name: str | None = None,
+        map_location: Any = None,
+        strict: bool = True,
+        strict_shape: bool = True,
+        allow_missing_backbone_digest: bool = False,
+        what: str = "checkpoint",
+        advice: str | None = None,
+    ) -> None:
+        super().__init__(load_path, load_dict, name=name, map_location=map_location, strict=strict,
+                         strict_shape=strict_shape)
+        self.allow_missing_backbone_digest = bool(allow_missing_backbone_digest)
+        self.what, self.advice = what, advice
+
+    def __call__(self, engine: Engine) -> None:
+        # read once here for the errors; MONAI's loader then reads the (small: what learns) file again
+        load_checkpoint(self.load_path, map_location="cpu", what=self.what, advice=self.advice)
+        if self.allow_missing_backbone_digest:
+            _allow_missing_backbone_digest(self.load_dict)
+        try:
+            super().__call__(engine)
+        except (RuntimeError, KeyError, ValueError) as err:  # another network or backbone, missing objects
+            error = ValueError if isinstance(err, ValueError) else RuntimeError
+            raise error(f"could not load {self.what} {self.load_path}: {err}") from err

@@ -25,6 +25,8 @@ import torch.nn as nn
 from monai.data import DistributedSampler
 from torch.nn.parallel import DistributedDataParallel
 
+from fpt_monai.utils import weights_digest
+
 __all__ = [
     "TORCHRUN_VARIABLES",
     "barrier",
@@ -238,14 +240,6 @@ def distributed_sampler(dataset, shuffle: bool, even_divisible: bool, seed: int 
     )
 
 
-def _weights_digest(module: nn.Module) -> str:
-    if hasattr(module, "weights_digest"):  # FrozenViTBackbone caches it
-        return module.weights_digest()
-    from fpt_monai.networks.backbones import state_dict_sha256
-
-    return state_dict_sha256(module.state_dict())
-
-
 def wrap_ddp(
     network: nn.Module,
     device: torch.device | str | None = None,
@@ -289,7 +283,7 @@ def wrap_ddp(
             )
         ignored += [f"{name}.{n}" for n, _ in module.named_parameters()]
         ignored += [f"{name}.{n}" for n, _ in module.named_buffers()]
-        digests[name] = _weights_digest(module)
+        digests[name] = weights_digest(module)
     every_rank: list = [None] * dist.get_world_size()
     dist.all_gather_object(every_rank, digests)
     differing = sorted({name for other in every_rank for name in digests if other.get(name) != digests[name]})

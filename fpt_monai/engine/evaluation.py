@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 from monai.engines import Evaluator
 
+from fpt_monai.engine.checkpoint import _allow_missing_backbone_digest, load_checkpoint
 from fpt_monai.engine.handlers import ClassificationReport
 
 __all__ = ["evaluate_checkpoints", "load_weights"]
@@ -19,11 +20,20 @@ __all__ = ["evaluate_checkpoints", "load_weights"]
 logger = logging.getLogger(__name__)
 
 
-def load_weights(network: nn.Module, path: str | os.PathLike) -> nn.Module:
+def load_weights(
+    network: nn.Module, path: str | os.PathLike, allow_missing_backbone_digest: bool = False
+) -> nn.Module:
     """Load a trained checkpoint into ``network`` (a DDP wrapper's module too) and return the network.
 
-    The file is read with ``torch.load(weights_only=True)`` (no arbitrary unpickling) and may be a bare state dict
-    or a training checkpoint holding one under ``"model"``.
+    The file is read with :func:`~fpt_monai.engine.load_checkpoint` (``torch.load(weights_only=True)``: no
+    arbitrary unpickling; errors name the file) and may be a bare state dict or a training checkpoint holding
+    one under ``"model"``.
+
+    Args:
+        network: the network the checkpoint belongs to.
+        path: the checkpoint file.
+        allow_missing_backbone_digest: accept an FPT checkpoint without the frozen backbone's digest
+            (``backbone_sha256``), vouching that it was trained with this network's backbone.
 
     Raises:
         FileNotFoundError: no such file (the message says how a bundle gets its ``models/model.pt``).
@@ -36,14 +46,16 @@ def load_weights(network: nn.Module, path: str | os.PathLike) -> nn.Module:
             f"checkpoint {path} not found: train the bundle first, or fetch a published one with "
             "`python -m monai.bundle download_large_files --bundle_path <bundle>`."
         )
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_checkpoint(path)
     if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
         state = state["model"]
     target = network.module if hasattr(network, "module") else network
+    if allow_missing_backbone_digest:
+        _allow_missing_backbone_digest({"model": target})
     try:
         target.load_state_dict(state)
     except RuntimeError as err:
-        details = " ".join(line.strip() for line in str(err).splitlines()[1:4])
+        details = " ".join(line.strip() for line in str(err).splitlines()[1:4]) or str(err)
         raise ValueError(
             f"checkpoint {path} does not fit this network (another num_classes, preset or backbone?): {details}"
         ) from err
@@ -56,11 +68,13 @@ def evaluate_checkpoints(
     checkpoints: Mapping[str, str | os.PathLike],
     report: ClassificationReport,
     output_dir: str | os.PathLike,
+    allow_missing_backbone_digest: bool = False,
 ) -> dict[str, dict[str, float]]:
     """Load each checkpoint into ``network``, run ``evaluator`` and write its report to ``output_dir/<name>/``.
 
-    Checkpoints are read with ``torch.load(weights_only=True)`` (no arbitrary unpickling) and may be a bare
-    state dict or a training checkpoint holding one under ``"model"``.
+    Checkpoints are read with :func:`~fpt_monai.engine.load_checkpoint` (``torch.load(weights_only=True)``: no
+    arbitrary unpickling; errors name the file) and may be a bare state dict or a training checkpoint holding
+    one under ``"model"``.
 
     Args:
         evaluator: a MONAI evaluator over the test data whose network is ``network``, with ``report`` attached.
@@ -69,6 +83,8 @@ def evaluate_checkpoints(
             file raises ``FileNotFoundError`` naming it.
         report: the :class:`ClassificationReport` attached to ``evaluator``.
         output_dir: parent folder of the per-checkpoint reports.
+        allow_missing_backbone_digest: accept FPT checkpoints without the frozen backbone's digest
+            (``backbone_sha256``), vouching that they were trained with this network's backbone.
 
     Returns:
         name -> the evaluator's scalar metrics.
@@ -78,7 +94,7 @@ def evaluate_checkpoints(
         raise FileNotFoundError(f"checkpoint files not found: {missing}; train first or set the paths.")
     results = {}
     for name, path in checkpoints.items():
-        load_weights(network, path)
+        load_weights(network, path, allow_missing_backbone_digest)
         report.output_dir = Path(output_dir) / name
         report.extra = {"checkpoint": str(Path(path).resolve()), "checkpoint_name": name}
         evaluator.run()

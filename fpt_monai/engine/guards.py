@@ -3,11 +3,12 @@
 ignite's ``TerminateOnNan`` runs after the optimizer step (the weights are already NaN) and ends the run
 quietly through ``COMPLETED``, where MONAI's ``CheckpointSaver(save_final=True)`` then writes those NaN weights
 as the final model. :class:`NonFiniteLossGuard` instead checks the loss as soon as MONAI's trainer has computed
-it (``IterationEvents.LOSS_COMPLETED``) and the gradients right after the backward pass
-(``IterationEvents.BACKWARD_COMPLETED``, without AMP, whose scaler handles overflowing gradients itself), and
-raises :class:`NonFiniteLossError`: the step is never taken, every checkpoint on disk stays as it was (the
-best and the resume checkpoints of finished epochs), the process exits with an error that says where it
-happened and which images the batch held.
+it (``IterationEvents.LOSS_COMPLETED``), the gradients right after the backward pass
+(``IterationEvents.BACKWARD_COMPLETED``, without AMP, whose scaler handles overflowing gradients itself) and
+the learning rates before the optimizer step (an overflowing one would make the step non-finite, or make the
+optimizer fail with an overflow of its own), and raises :class:`NonFiniteLossError`: the step is never taken,
+every checkpoint on disk stays as it was (the best and the resume checkpoints of finished epochs), the process
+exits with an error that says where it happened and which images the batch held.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class NonFiniteLossGuard:
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(IterationEvents.LOSS_COMPLETED, self.check_loss)
+        engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self.check_learning_rate)
         if self.check_gradients:
             engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self.check_grads)
 
@@ -75,6 +77,20 @@ class NonFiniteLossGuard:
         if not torch.isfinite(value).all():
             shown = value.item() if value.numel() == 1 else value.flatten()[:4].tolist()
             self._stop(engine, f"the loss is {shown}")
+
+    def check_learning_rate(self, engine: Engine) -> None:
+        """Stop before a step whose size overflows the parameters' dtype (or is not finite)."""
+        optimizer = getattr(engine, "optimizer", None)
+        for group in optimizer.param_groups if optimizer is not None else ():
+            lr, params = group.get("lr"), [p for p in group["params"] if p.is_floating_point()]
+            if not isinstance(lr, (int, float)) or not params:
+                continue
+            # Adam-like optimizers divide the rate by the first moment's bias correction, >= 1 - beta1
+            betas = group.get("betas")
+            step = float(lr) / (1.0 - float(betas[0])) if betas and float(betas[0]) < 1 else float(lr)
+            dtype = params[0].dtype
+            if not math.isfinite(step) or abs(step) > torch.finfo(dtype).max:
+                self._stop(engine, f"the learning rate {lr} makes the optimizer step overflow {dtype}")
 
     def check_grads(self, engine: Engine) -> None:
         if getattr(engine, "amp", False):

@@ -21,6 +21,7 @@ from monai.engines import IterationEvents
 from monai.utils import CommonKeys
 
 from fpt_monai.engine.metrics import classification_output
+from fpt_monai.utils import atomic_write
 
 __all__ = ["GradientNormClipping", "ProgressBarHandler", "write_training_scalars", "ClassificationReport"]
 
@@ -186,18 +187,17 @@ class ClassificationReport:
             predicted = max(range(n), key=lambda c: row["probabilities"][c])
             line = [row["filename"]] + ([self.class_names[row["label"]]] if "label" in row else [])
             table.append(line + [self.class_names[predicted]] + [f"{p:.6f}" for p in row["probabilities"]])
-        _atomic_write(self.output_dir / "predictions.csv", lambda f: _write_csv(f, header, table))
+        with atomic_write(self.output_dir / "predictions.csv", "w", what="report", fsync=True, newline="") as f:
+            _write_csv(f, header, table)
         if not rows or "label" not in rows[0]:
             logger.info("predictions for %d images written to %s", len(rows), self.output_dir / "predictions.csv")
             return
         confusion = torch.zeros(n, n, dtype=torch.long)
         for row in rows:
             confusion[row["label"], max(range(n), key=lambda c: row["probabilities"][c])] += 1
-        _atomic_write(
-            self.output_dir / "confusion_matrix.csv",
-            lambda f: _write_csv(f, ["true \\ predicted", *self.class_names],
-                                 [[name, *confusion[i].tolist()] for i, name in enumerate(self.class_names)]),
-        )
+        with atomic_write(self.output_dir / "confusion_matrix.csv", "w", what="report", fsync=True, newline="") as f:
+            _write_csv(f, ["true \\ predicted", *self.class_names],
+                       [[name, *confusion[i].tolist()] for i, name in enumerate(self.class_names)])
         metrics = {
             name: float(value) for name, value in engine.state.metrics.items()
             # numbers.Real: numpy scalars too (MONAI's ROCAUC gives a numpy.float32, not a float)
@@ -210,7 +210,8 @@ class ClassificationReport:
             "confusion_matrix": confusion.tolist(),
             **self.extra,
         }
-        _atomic_write(self.output_dir / "metrics.json", lambda f: f.write(json.dumps(summary, indent=2) + "\n"))
+        with atomic_write(self.output_dir / "metrics.json", "w", what="report", fsync=True) as f:
+            f.write(json.dumps(summary, indent=2) + "\n")
         logger.info("evaluation report (%d images) written to %s", len(rows), self.output_dir)
 
 
@@ -218,16 +219,3 @@ def _write_csv(f, header: list, rows: list) -> None:
     writer = csv.writer(f)
     writer.writerow(header)
     writer.writerows(rows)
-
-
-def _atomic_write(path: Path, write: Callable) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(temporary, "w", newline="") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise

@@ -4,7 +4,8 @@ Two parts:
 
 - :func:`attach_resume` loads the newest resume checkpoint (``<prefix>_checkpoint_epoch=N.pt``: network,
   optimizer, scheduler, trainer, best-metric bookkeeping) with MONAI's ``CheckpointLoader`` when the trainer
-  starts, read with ``torch.load(weights_only=True)`` (nothing arbitrary is unpickled). Training continues
+  starts, read with ``torch.load(weights_only=True)`` (nothing arbitrary is unpickled); a damaged or refused
+  file stops the run with an error naming it. Training continues
   with epoch N + 1; a run killed in the middle of an epoch repeats that epoch from its start.
 - :class:`EpochSeeder` reseeds every random generator at the start of each epoch from (seed, epoch, rank).
   Without it, epoch N + 1's shuffling, augmentation and dropout would depend on the random numbers drawn in
@@ -25,8 +26,9 @@ from pathlib import Path
 import ignite.distributed as idist
 import numpy as np
 from ignite.engine import Engine, Events
-from monai.handlers import CheckpointLoader
 from monai.utils import set_determinism
+
+from fpt_monai.engine.checkpoint import SafeCheckpointLoader, SafeCheckpointSaver
 
 __all__ = ["EpochSeeder", "attach_resume", "checkpoint_epoch", "epoch_seed", "latest_checkpoint", "resume_objects"]
 
@@ -39,8 +41,6 @@ def resume_objects(network, optimizer, lr_scheduler, trainer, validation_handler
     with a key metric among ``validation_handlers`` (when there is one), so that a resumed run replaces the best
     checkpoint only with a better one, as the uninterrupted run would.
     """
-    from fpt_monai.engine.checkpoint import SafeCheckpointSaver
-
     objects = {"model": network, "optimizer": optimizer, "lr_scheduler": lr_scheduler, "trainer": trainer}
     savers = [h for h in validation_handlers or () if isinstance(h, SafeCheckpointSaver) and h.tracks_key_metric]
     if len(savers) > 1:
@@ -96,8 +96,12 @@ def attach_resume(trainer: Engine, saver, map_location: str | None = "cpu", stri
         return None
     epoch = checkpoint_epoch(path)
     logger.info("resume: continuing after epoch %d from %s", epoch, path)
-    CheckpointLoader(load_path=str(path), load_dict=dict(saver.save_dict), map_location=map_location,
-                     strict=strict).attach(trainer)
+    advice = (
+        "Delete it (or restore it from a copy): resuming then continues from the newest older resume checkpoint "
+        f"in {path.parent}, or starts from the beginning when there is none."
+    )
+    SafeCheckpointLoader(load_path=str(path), load_dict=dict(saver.save_dict), map_location=map_location,
+                         strict=strict, what="resume checkpoint", advice=advice).attach(trainer)
     if interval is not None:  # this file is the saver's latest: n_saved then removes it in due course
         interval.load_state_dict({"_saved": [(epoch, path.name)]})
     return path

@@ -14,10 +14,8 @@ backbone's own output is unchanged by the extraction.
 
 from __future__ import annotations
 
-import hashlib
-
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +23,7 @@ import torch.nn as nn
 from monai.utils import ensure_tuple_rep
 
 from fpt_monai.networks.selection import mean_received_attention, num_selected_tokens, select_important_tokens
+from fpt_monai.utils import state_dict_sha256
 
 __all__ = ["BackboneShape", "FrozenViTBackbone", "TimmViTBackbone", "MonaiViTBackbone", "state_dict_sha256"]
 
@@ -68,16 +67,6 @@ class BackboneShape:
     def kv_shape(self) -> tuple[int, int, int, int, int]:
         """Shape of the selected keys/values of one image: (blocks, 2, heads, selected tokens, head dim)."""
         return (len(self.blocks), 2, self.num_heads, self.num_selected_tokens, self.head_dim)
-
-
-def state_dict_sha256(state: Mapping[str, torch.Tensor]) -> str:
-    """SHA-256 of a state dict: names, dtypes, shapes and bytes of every tensor, in order."""
-    digest = hashlib.sha256()
-    for name, tensor in state.items():
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data if tensor.numel() else b"")
-    return digest.hexdigest()
 
 
 def _exporting() -> bool:

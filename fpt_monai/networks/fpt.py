@@ -78,7 +78,8 @@ class FPTNet(nn.Module):
     Checkpoints hold only what learns: ``state_dict()`` leaves the frozen backbone's tensors out and records
     their SHA-256 under ``"backbone_sha256"`` instead (1.6 M instead of 88 M values for the ``fpt`` preset).
     ``load_state_dict`` keeps the backbone the network was built with, and refuses a checkpoint whose digest
-    names other backbone weights. Set ``backbone_in_state_dict = True`` for a state dict with everything.
+    names other backbone weights, or that has no digest (unless ``allow_missing_backbone_digest`` is set). Set
+    ``backbone_in_state_dict = True`` for a state dict with everything.
 
     Args:
         backbone: a :class:`FrozenViTBackbone`, or only its :class:`BackboneShape` to build a network that
@@ -159,6 +160,8 @@ class FPTNet(nn.Module):
             self.prompts.requires_grad_(False)
         #: Whether ``state_dict`` includes the frozen backbone's weights (off: checkpoints hold only what learns).
         self.backbone_in_state_dict = False
+        #: Whether a strict ``load_state_dict`` accepts a checkpoint without the backbone digest (off: refused).
+        self.allow_missing_backbone_digest = False
         self.register_state_dict_post_hook(_reference_frozen_backbone)
         self.register_load_state_dict_pre_hook(_check_and_keep_frozen_backbone)
 
@@ -284,6 +287,15 @@ def _check_and_keep_frozen_backbone(
                 f"network's backbone has {actual[:16]}...: build the network with the same backbone weights "
                 "(the same preset and `pretrained` file) as in training."
             )
+    elif strict and not module.allow_missing_backbone_digest and not any(
+        k.startswith(prefix + "backbone.") for k in state_dict  # a full state dict brings its backbone along
+    ):
+        error_msgs.append(
+            f"the checkpoint has no '{BACKBONE_REFERENCE_KEY}': nothing says which frozen backbone weights it was "
+            "trained with, so it is refused. If you know it was trained with this network's backbone (the same "
+            "preset and `pretrained` file), load it with allow_missing_backbone_digest=True (bundle: "
+            "--allow_missing_backbone_digest True)."
+        )
     for name, tensor in module.backbone.state_dict(prefix=prefix + "backbone.", keep_vars=True).items():
         state_dict.setdefault(name, tensor.detach())
 

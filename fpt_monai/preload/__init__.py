@@ -1,6 +1,13 @@
 """Preloading: the frozen backbone's selected keys/values, computed once per image and kept on disk."""
 
-from fpt_monai.preload.dataset import CorruptCacheEntryError, KVCacheDataset, item_digest, read_entry, write_entry
+from fpt_monai.preload.dataset import (
+    CorruptCacheEntryError,
+    KVCacheDataset,
+    item_digest,
+    item_identity,
+    read_entry,
+    write_entry,
+)
 from fpt_monai.preload.fingerprint import CACHE_FORMAT_VERSION, cache_fingerprint, describe, weights_digest
 from fpt_monai.preload.handler import PreloadHandler, preload_all_ranks
 from fpt_monai.preload.transform import STORAGE_DTYPES, FrozenBackboneKVd, storage_dtype
@@ -15,6 +22,7 @@ __all__ = [
     "cache_fingerprint",
     "describe",
     "item_digest",
+    "item_identity",
     "preload_all_ranks",
     "read_entry",
     "storage_dtype",

