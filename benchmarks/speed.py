@@ -6,9 +6,9 @@
 - Preload throughput: the frozen backbone's K/V extraction (what ``preload()`` computes per image) against the
   bare backbone's inference (timm ``forward_features``) on the same batch, with timm's fused attention
   (``bare_backbone``), with eager attention (``bare_backbone_eager``) and with fused attention one image at a
-  time (``bare_backbone_per_image``; on the CPU the extraction itself runs one image at a time, see
-  ``FrozenViTBackbone._run``). The extraction needs every attention matrix (token importance is the attention
-  each token receives), so it computes attention eagerly, but skips what the last extracted block does not need.
+  time (``bare_backbone_per_image``; on the CPU the extraction itself runs one image at a time). The extraction
+  needs every attention matrix (token importance is the attention each token receives), so it computes attention
+  eagerly, but skips what the last extracted block does not need.
   The report's target compares with the fastest bare arm.
 - Inference latency of one image: ``FPTNet(image)`` (backbone, selection, fusion, side ViT) against the same
   two bare-backbone arms.
@@ -119,8 +119,7 @@ def training_throughput(
     device: str = "cpu",
 ) -> dict[str, float]:
     """Images per second of a training step (forward, backward, AdamW) per method, timed alternately."""
-    from fpt_monai.networks import FPTNet, create_fpt
-    from fpt_monai.networks.baselines import create_baseline
+    from fpt_monai.networks import FPTNet, create_baseline, create_fpt
 
     torch.manual_seed(0)
     labels = torch.randint(0, num_classes, (batch_size,), device=device)
