@@ -159,6 +159,22 @@ class Commands:
             result["latency_ratio"] = latency["fpt_network"] / min(v for k, v in latency.items() if k.startswith("bare"))
         print(json.dumps(result, indent=2))
 
+    def profile_extraction(self, preset: str = "fpt", img_size: int = 512, calls: int = 3, top: int = 30) -> None:
+        """Per-operator CPU time of one image: the K/V extraction against bare ``forward_features`` (a table; a minute).
+
+        From PyTorch's profiler (:func:`benchmarks.speed.extraction_profile`). On glibc, compare with
+        ``MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736`` in the environment: the page faults
+        of freshly mapped memory show up as GELU and copy time.
+        """
+        from benchmarks.speed import extraction_profile
+
+        rows = extraction_profile(preset, img_size=int(img_size), calls=int(calls), top=int(top))
+        print(f"{'operator':<55} {'extraction ms':>13} {'calls':>6} {'bare ms':>9} {'calls':>6}")
+        for row in rows:
+            calls_a = "" if row["kv_extraction_calls"] is None else row["kv_extraction_calls"]
+            calls_b = "" if row["bare_backbone_calls"] is None else row["bare_backbone_calls"]
+            print(f"{row['op'][:55]:<55} {row['kv_extraction_ms']:13.1f} {calls_a:>6} {row['bare_backbone_ms']:9.1f} {calls_b:>6}")
+
     def accuracy(
         self,
         work_dir: str = "fpt_accuracy",

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from fpt_monai.weights import random_weights_expected
 
-__all__ = ["inference_latency", "preload_throughput", "time_alternating", "training_throughput"]
+__all__ = ["extraction_profile", "inference_latency", "preload_throughput", "time_alternating", "training_throughput"]
 
 
 def time_alternating(
@@ -187,3 +187,37 @@ def inference_latency(
             repeats=repeats,
             synchronize=_synchronizer(device),
         )
+
+
+def extraction_profile(preset: str = "fpt", img_size: int = 512, calls: int = 3, top: int = 30) -> list[dict]:
+    """Where one image's time goes: per-operator CPU milliseconds of the K/V extraction and of bare timm
+    ``forward_features`` (PyTorch's profiler, mean over ``calls`` after two warm-up calls), the ``top`` operators
+    by the larger of the two, plus a ``total`` row."""
+    from torch.profiler import profile
+
+    from fpt_monai.networks import create_backbone
+
+    torch.manual_seed(0)
+    backbone = _quiet_build(lambda: create_backbone(preset, pretrained=False, img_size=img_size))
+    image = torch.randn(1, 3, img_size, img_size)
+
+    def per_op(run: Callable[[], object]) -> dict[str, tuple[float, int]]:
+        with torch.inference_mode():
+            run()
+            run()
+            with profile() as prof:
+                for _ in range(calls):
+                    run()
+        return {e.key: (e.self_cpu_time_total / 1000 / calls, e.count // calls) for e in prof.key_averages()}
+
+    extraction = per_op(lambda: backbone(image))
+    bare = per_op(lambda: backbone.model.forward_features(image))
+    names = sorted(set(extraction) | set(bare), key=lambda k: -max(extraction.get(k, (0, 0))[0], bare.get(k, (0, 0))[0]))
+    rows = [
+        {"op": name, "kv_extraction_ms": extraction.get(name, (0.0, 0))[0], "kv_extraction_calls": extraction.get(name, (0, 0))[1],
+         "bare_backbone_ms": bare.get(name, (0.0, 0))[0], "bare_backbone_calls": bare.get(name, (0, 0))[1]}
+        for name in names[:top]
+    ]
+    rows.append({"op": "total", "kv_extraction_ms": sum(v[0] for v in extraction.values()), "kv_extraction_calls": None,
+                 "bare_backbone_ms": sum(v[0] for v in bare.values()), "bare_backbone_calls": None})
+    return rows

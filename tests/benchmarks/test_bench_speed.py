@@ -49,3 +49,12 @@ def test_speed_functions_run_every_arm():
     assert set(preload) == {"kv_extraction", "bare_backbone", "bare_backbone_eager", "bare_backbone_per_image"}
     assert set(latency) == {"fpt_network", "bare_backbone", "bare_backbone_eager"}
     assert all(v > 0 for result in (training, preload, latency) for v in result.values())
+
+
+def test_extraction_profile_compares_both_paths_per_operator():
+    from benchmarks.speed import extraction_profile
+
+    rows = extraction_profile("fpt_tiny", img_size=64, calls=1, top=5)
+    assert len(rows) == 6 and rows[-1]["op"] == "total"
+    assert rows[-1]["kv_extraction_ms"] > 0 and rows[-1]["bare_backbone_ms"] > 0
+    assert any(row["kv_extraction_calls"] for row in rows[:-1])
