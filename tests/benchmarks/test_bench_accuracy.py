@@ -15,7 +15,7 @@ def test_accuracy_table_end_to_end(tmp_path):
     data = make_sample_dataset(tmp_path / "data", num_train=6, num_val=3, num_test=3, image_size=64, progress=False)
     result = accuracy_table(
         tmp_path / "runs", methods=("vpt", "lora", "fpt", "fpt_plus"), num_epochs=1, dataset_dir=data, img_size=64,
-        side_img_size=32, batch_size=3, num_workers=0,
+        side_img_size=32, batch_size=3, num_workers=0, pretrained=False,  # the table's mechanics, not transfer
     )
     rows = {row["method"]: row for row in result["rows"]}
     assert "transformer tokens" in rows["vpt"]["reason"]
@@ -70,7 +70,8 @@ def test_accuracy_resume_continues_a_stopped_run_and_shares_its_table(tmp_path, 
     from fpt_monai.data import make_sample_dataset
 
     data = make_sample_dataset(tmp_path / "data", num_train=6, num_val=3, num_test=3, image_size=64, progress=False)
-    common = {"methods": ("linear",), "dataset_dir": data, "img_size": 64, "batch_size": 3, "num_workers": 0}
+    common = {"methods": ("linear",), "dataset_dir": data, "img_size": 64, "batch_size": 3, "num_workers": 0,
+              "pretrained": False}
     accuracy_table(tmp_path / "runs", num_epochs=1, **common)  # the "stopped" run: its last checkpoint is epoch 1
     import fpt_monai.engine
 
@@ -80,7 +81,7 @@ def test_accuracy_resume_continues_a_stopped_run_and_shares_its_table(tmp_path, 
     resumed = accuracy_table(tmp_path / "runs", num_epochs=2, resume=True, **common)
     assert [path.name for path in loaded] == ["resume_checkpoint_epoch=1.pt"]
     row = resumed["rows"][0]
-    assert row["resumed_after_epoch"] == 1 and resumed["overrides"] == {"batch_size": 3, "num_workers": 0}
+    assert row["resumed_after_epoch"] == 1 and resumed["overrides"] == {"batch_size": 3, "num_workers": 0, "pretrained": False}
     assert (tmp_path / "runs" / "linear" / "models" / "resume_checkpoint_epoch=2.pt").exists()
     text = accuracy_markdown(resumed)
     assert "(epochs 2-2)" in text and "resumed after epoch 1" in text
