@@ -264,7 +264,8 @@ def write_accuracy(result: dict, output_dir: str | os.PathLike, command: str = "
     output.mkdir(parents=True, exist_ok=True)
     date = result.get("date") or time.strftime("%Y-%m-%d", time.gmtime())
     (output / "accuracy.json").write_text(json.dumps({"command": command, **result, "date": date}, indent=2))
-    header = "# Accuracy on the bundle's sample task\n\n" + (f"Command: `{command}`. " if command else "") + f"Date: {date}.\n\n"
+    header = "# Accuracy on the bundle's sample task\n\n" + (f"Command: `{command}`. " if command else "")
+    header += f"Date: {date}.\n\n"
     if result.get("merged_commands"):
         header += "Merged from the runs of:\n\n" + "".join(f"- `{c}`\n" for c in result["merged_commands"]) + "\n"
     text = header + accuracy_markdown(result)

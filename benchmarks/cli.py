@@ -100,7 +100,7 @@ class Commands:
     def memory3d(self, img_size: int = 128, side_img_size: int = 64, batch_size: int = 4, variant: str = "fpt",
                  attention: str = "fused", kv_dtype: str = "float16", fake: bool = True, table: bool = False,
                  **vit) -> None:
-        """Training memory of FPT on volumes vs full fine-tuning of the same MONAI 3D ViT-B/16 (JSON, seconds).
+        """Training memory of FPT on volumes vs full fine-tuning of the same MONAI 3D ViT-B/16 (JSON; minutes on a CPU).
 
         The same accounting as ``memory`` (:mod:`benchmarks.memory`). ``--variant fpt_plus`` extracts blocks 6-11
         unless ``--blocks`` is given; other MONAI ViT settings pass through (``--hidden_size``, ``--num_layers``,
@@ -116,8 +116,9 @@ class Commands:
         if table:
             print(markdown_table_3d(result))
 
-    def speed(self, sections: str | Sequence[str] = ("training", "preload", "latency"), methods: str | Sequence[str] = ("full", "fpt"),
-              batch_size: int = 4, img_size: int = 512, repeats: int = 5, device: str | None = None) -> None:
+    def speed(self, sections: str | Sequence[str] = ("training", "preload", "latency"),
+              methods: str | Sequence[str] = ("full", "fpt"), batch_size: int = 4, img_size: int = 512, repeats: int = 5,
+              device: str | None = None) -> None:
         """The speed section alone, or parts of it, with the ratios its targets bound (JSON; minutes on a CPU).
 
         ``training``: images/s of a training step of ``methods`` (FPT from the float16 cache) and FPT's multiple of
@@ -152,11 +153,13 @@ class Commands:
             preload = speed_bench.preload_throughput(batch_size=int(batch_size), img_size=int(img_size),
                                                      repeats=int(repeats), device=device)
             result["preload_images_per_s"] = preload
-            result["preload_ratio"] = preload["kv_extraction"] / max(v for k, v in preload.items() if k.startswith("bare"))
+            fastest = max(v for k, v in preload.items() if k.startswith("bare"))
+            result["preload_ratio"] = preload["kv_extraction"] / fastest
         if "latency" in sections:
             latency = speed_bench.inference_latency(img_size=int(img_size), repeats=int(repeats), device=device)
             result["inference_latency_s"] = latency
-            result["latency_ratio"] = latency["fpt_network"] / min(v for k, v in latency.items() if k.startswith("bare"))
+            fastest = min(v for k, v in latency.items() if k.startswith("bare"))
+            result["latency_ratio"] = latency["fpt_network"] / fastest
         print(json.dumps(result, indent=2))
 
     def profile_extraction(self, preset: str = "fpt", img_size: int = 512, calls: int = 3, top: int = 30) -> None:
@@ -173,7 +176,8 @@ class Commands:
         for row in rows:
             calls_a = "" if row["kv_extraction_calls"] is None else row["kv_extraction_calls"]
             calls_b = "" if row["bare_backbone_calls"] is None else row["bare_backbone_calls"]
-            print(f"{row['op'][:55]:<55} {row['kv_extraction_ms']:13.1f} {calls_a:>6} {row['bare_backbone_ms']:9.1f} {calls_b:>6}")
+            print(f"{row['op'][:55]:<55} {row['kv_extraction_ms']:13.1f} {calls_a:>6} "
+                  f"{row['bare_backbone_ms']:9.1f} {calls_b:>6}")
 
     def accuracy(
         self,

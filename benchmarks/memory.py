@@ -309,20 +309,21 @@ def memory_table(
     setup (backbone run in every step) is added with ``online=True``; it takes minutes on a CPU, since the
     backbone's per-head attention loop is traced op by op.
     """
+
+    def measure(method: str, attn: str, **settings) -> dict:
+        return measure_training_memory(method, batch_size, img_size, attn, **settings, **kwargs)
+
     rows = []
     for attn in attention:
-        full = measure_training_memory("full", batch_size, img_size, attn, **kwargs)
+        full = measure("full", attn)
         for method in methods:
             if method not in FPT_METHODS:
-                runs = [full] if method == "full" else [measure_training_memory(method, batch_size, img_size, attn, **kwargs)]
+                runs = [full if method == "full" else measure(method, attn)]
             else:
-                runs = [
-                    measure_training_memory(method, batch_size, img_size, attn, kv_dtype=d, backbone_resident=r, **kwargs)
-                    for d in kv_dtypes
-                    for r in (False, True)
-                ]
+                runs = [measure(method, attn, kv_dtype=dtype, backbone_resident=resident)
+                        for dtype in kv_dtypes for resident in (False, True)]
                 if online:
-                    runs.append(measure_training_memory(method, batch_size, img_size, attn, setup="online", **kwargs))
+                    runs.append(measure(method, attn, setup="online"))
             for row in runs:
                 rows.append({**row, "ratio_to_full": row["total_bytes"] / full["total_bytes"]})
     return rows
@@ -391,23 +392,26 @@ def measure_3d_memory(
         full = ViT(**vit, classification=True, num_classes=num_classes, post_activation=None)
         model = ViT(**vit, classification=True)
         model.classification_head = nn.Identity()  # FPT never uses it (as in the 3D presets)
-        online = FPTNet(MonaiViTBackbone(model, img_size, patch_size, blocks=blocks, token_ratio=token_ratio), **fpt_args)
+        backbone = MonaiViTBackbone(model, img_size, patch_size, blocks=blocks, token_ratio=token_ratio)
+        online = FPTNet(backbone, **fpt_args)
         shape = online.shape
         preloaded = FPTNet(shape, **fpt_args)  # the backbone's weights not resident
     volume = ((in_channels, *(img_size,) * 3), torch.float32)
     side_view = ((in_channels, *(side_img_size,) * 3), torch.float32)
     cases = {
         "full_finetuning": (full, lambda n, x: n(x[0])[0], [volume]),
-        "fpt_preloaded": (preloaded, lambda n, x: n.forward_side(x[0], x[1]), [side_view, (tuple(shape.kv_shape), dtype)]),
+        "fpt_preloaded": (preloaded, lambda n, x: n.forward_side(x[0], x[1]),
+                          [side_view, (tuple(shape.kv_shape), dtype)]),
         "fpt_online": (online, lambda n, x: n(x[0]), [volume]),
     }
     methods: dict[str, dict] = {}
-    backbone_parameters = sum(p.numel() for p in online.backbone.parameters())
+    backbone_parameters = sum(p.numel() for p in backbone.parameters())
     for name, (net, forward, specs) in cases.items():
         set_attention(net, attention)
         figures = step_memory(net, forward, specs, batch_size, num_classes, fake=fake)
         # FPT's learnable share is of learnable + the frozen backbone, whether or not the backbone is resident
-        whole = figures["learnable_parameters"] + (backbone_parameters if name == "fpt_preloaded" else figures["frozen_parameters"])
+        frozen = backbone_parameters if name == "fpt_preloaded" else figures["frozen_parameters"]
+        whole = figures["learnable_parameters"] + frozen
         methods[name] = {**figures, "learnable_percent": round(100 * figures["learnable_parameters"] / whole, 3)}
     full_total = methods["full_finetuning"]["total_bytes"]
     return {

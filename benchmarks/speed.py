@@ -212,10 +212,11 @@ def extraction_profile(preset: str = "fpt", img_size: int = 512, calls: int = 3,
 
     extraction = per_op(lambda: backbone(image))
     bare = per_op(lambda: backbone.model.forward_features(image))
-    names = sorted(set(extraction) | set(bare), key=lambda k: -max(extraction.get(k, (0, 0))[0], bare.get(k, (0, 0))[0]))
+    never = (0.0, 0)
+    names = sorted(set(extraction) | set(bare), key=lambda k: -max(extraction.get(k, never)[0], bare.get(k, never)[0]))
     rows = [
-        {"op": name, "kv_extraction_ms": extraction.get(name, (0.0, 0))[0], "kv_extraction_calls": extraction.get(name, (0, 0))[1],
-         "bare_backbone_ms": bare.get(name, (0.0, 0))[0], "bare_backbone_calls": bare.get(name, (0, 0))[1]}
+        {"op": name, "kv_extraction_ms": extraction.get(name, never)[0], "kv_extraction_calls": extraction.get(name, never)[1],
+         "bare_backbone_ms": bare.get(name, never)[0], "bare_backbone_calls": bare.get(name, never)[1]}
         for name in names[:top]
     ]
     rows.append({"op": "total", "kv_extraction_ms": sum(v[0] for v in extraction.values()), "kv_extraction_calls": None,

@@ -12,7 +12,8 @@ REPOSITORY = Path(__file__).resolve().parents[2]
 
 
 def run_benchmarks(*args, cwd=REPOSITORY):
-    env = {**os.environ, "PAGER": "cat", "PYTHONPATH": os.pathsep.join([str(REPOSITORY), os.environ.get("PYTHONPATH", "")])}
+    path = os.pathsep.join([str(REPOSITORY), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PAGER": "cat", "PYTHONPATH": path}  # benchmarks/ is not installed
     return subprocess.run([sys.executable, "-m", "benchmarks", *args], capture_output=True, text=True, timeout=300,
                           cwd=cwd, env=env)
 
