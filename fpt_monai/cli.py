@@ -17,7 +17,7 @@ import torch
 from fpt_monai.networks import PRESETS, create_backbone, create_fpt
 from fpt_monai.weights import random_weights_expected
 
-__all__ = ["Commands", "main"]
+__all__ = ["Commands", "main", "run_commands"]
 
 
 class Commands:
@@ -135,151 +135,6 @@ class Commands:
         result["kv_bytes"] = math.prod(backbone.shape.kv_shape) * torch.empty(0, dtype=getattr(torch, dtype)).element_size()
         print(json.dumps(result, indent=2))
 
-    def bench_cache_dtype(self, train_size: int = 256, test_size: int = 256, epochs: int = 8, seeds: int = 5) -> None:
-        """Measure what float16/bfloat16 storage of the K/V cache does to accuracy (JSON; about a minute on CPU).
-
-        See :mod:`fpt_monai.bench.cache_dtype` for the protocol.
-        """
-        from fpt_monai.bench.cache_dtype import run
-
-        print(json.dumps(run(train_size, test_size, epochs, seeds), indent=2))
-
-    def memory(
-        self,
-        method: str = "fpt",
-        batch_size: int = 16,
-        img_size: int = 512,
-        attention: str = "eager",
-        kv_dtype: str = "float16",
-        backbone_resident: bool = False,
-        setup: str = "preloaded",
-        fake: bool = True,
-    ) -> None:
-        """Peak training memory of one method as one JSON object, with ``ratio_to_full`` (under a minute on CPU).
-
-        Full fine-tuning is measured in the same run, with the same batch, size and attention. The protocol and
-        the categories are documented in :mod:`fpt_monai.bench.memory`.
-
-        Args:
-            method: full, linear, vpt, lora, adapter, fpt, fpt_plus.
-            batch_size: images per step.
-            img_size: backbone input size.
-            attention: eager or fused.
-            kv_dtype: FPT cache dtype (float16 as the bundle stores it, or float32).
-            backbone_resident: FPT: keep the frozen backbone's weights in memory too.
-            setup: FPT: preloaded (train from the cache) or online (backbone runs every step; minutes on CPU).
-            fake: fake tensors (exact bytes, no compute); False runs the step for real.
-        """
-        from fpt_monai.bench.memory import measure_training_memory
-
-        kwargs = {"batch_size": int(batch_size), "img_size": int(img_size), "attention": attention, "fake": fake}
-        device = "cuda" if torch.cuda.is_available() and not fake else "cpu"
-        result = measure_training_memory(
-            method, kv_dtype=kv_dtype, backbone_resident=backbone_resident, setup=setup, device=device, **kwargs
-        )
-        full = result if method == "full" else measure_training_memory("full", device=device, **kwargs)
-        result["full_total_bytes"] = full["total_bytes"]
-        result["ratio_to_full"] = result["total_bytes"] / full["total_bytes"]
-        print(json.dumps(result, indent=2))
-
-    def bench(
-        self,
-        output_dir: str = "benchmarks/results",
-        speed: bool = True,
-        accuracy: bool = False,
-        accuracy_epochs: int = 20,
-        accuracy_dir: str = "fpt_accuracy",
-        accuracy_img_size: int = 512,
-        batch_size: int = 16,
-        img_size: int = 512,
-        device: str | None = None,
-    ) -> None:
-        """All benchmarks side by side: parameters, training memory, cache bytes, speed, (accuracy), targets.
-
-        Writes ``results.json``, ``results.md`` and ``memory.png`` to ``output_dir`` and prints the markdown.
-        About 12.5 minutes on a 2-core CPU (the speed section runs ViT-B/16 training steps at 512);
-        ``--speed False`` leaves it out (about 4 minutes). ``--accuracy True`` also trains and tests every method
-        on the bundle's sample task, ``--accuracy_epochs`` epochs each, images and networks at
-        ``--accuracy_img_size`` (runs under ``--accuracy_dir``; see ``fpt-monai accuracy``, which runs that
-        section alone). The whole table within 30 minutes on 2 CPU cores, at a smaller size for accuracy:
-        ``fpt-monai bench --accuracy True --accuracy_epochs 3 --accuracy_img_size 256``. ``--device`` sets where the
-        speed section runs (default: the GPU when there is one, else the CPU).
-        """
-        import sys
-
-        from fpt_monai.bench.report import run_benchmarks, write_markdown
-
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-        results = run_benchmarks(
-            output_dir, batch_size=int(batch_size), img_size=int(img_size), speed=speed, accuracy=accuracy,
-            accuracy_epochs=int(accuracy_epochs), accuracy_dir=accuracy_dir, accuracy_img_size=int(accuracy_img_size),
-            command="fpt-monai " + " ".join(sys.argv[1:]), device=device,
-        )
-        print(write_markdown(results, f"{output_dir}/results.md"))
-
-    def accuracy(
-        self,
-        work_dir: str = "fpt_accuracy",
-        output_dir: str = "benchmarks/results",
-        num_epochs: int = 20,
-        methods: str | Sequence[str] | None = None,
-        **overrides,
-    ) -> None:
-        """Accuracy of every method on the bundle's sample task, same schedule (the accuracy section of ``bench``).
-
-        Full fine-tuning, linear probing, LoRA, an AdaptFormer-style adapter, FPT and FPT+, all on the demo network
-        (ImageNet EfficientNet-Lite0), trained and tested through the bundle with the same data, seed and
-        schedule (VPT-deep: an n/a row, it needs transformer tokens). Runs go to ``work_dir/<method>``; writes
-        ``accuracy.json`` and ``accuracy.md`` to ``output_dir`` and prints the markdown. ``--img_size 256`` renders
-        the sample task and runs every network at 256 px (about 4x cheaper per epoch), ``--dataset_dir`` uses other
-        data; other options are bundle overrides for every run (``--batch_size 8``). ``--resume True`` continues each
-        method from its newest resume checkpoint in ``work_dir/<method>/models`` (after a crash or a stop; the row
-        says after which epoch, and its wall time counts only the epochs run then). See
-        :mod:`fpt_monai.bench.accuracy`.
-
-        Args:
-            work_dir: folder of the sample data and of the runs.
-            output_dir: where ``accuracy.json`` and ``accuracy.md`` go.
-            num_epochs: epochs of every method (20 in the demo schedule).
-            methods: comma-separated or a list, out of full, linear, vpt, lora, adapter, fpt, fpt_plus (default: all).
-        """
-        import sys
-
-        from fpt_monai.bench.accuracy import ACCURACY_METHODS, accuracy_table, write_accuracy
-
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-        methods = ACCURACY_METHODS if methods is None else methods
-        methods = [m for m in methods.split(",") if m] if isinstance(methods, str) else list(methods)
-        result = accuracy_table(work_dir, methods=methods, num_epochs=int(num_epochs), **overrides)
-        print(write_accuracy(result, output_dir, command="fpt-monai " + " ".join(sys.argv[1:])))
-
-    def accuracy_merge(self, *files: str, output_dir: str = "benchmarks/results") -> None:
-        """One accuracy table from the ``accuracy.json`` files of separate ``fpt-monai accuracy`` runs.
-
-        Run the methods one at a time (``--methods linear``, ... with the same ``--work_dir``, epochs and sizes), then
-        merge: the runs must share the task and schedule, and each method may appear once. Writes ``accuracy.json``
-        and ``accuracy.md`` to ``output_dir`` and prints the markdown.
-
-        Args:
-            files: ``accuracy.json`` files of the runs.
-            output_dir: where the merged ``accuracy.json`` and ``accuracy.md`` go.
-        """
-        import sys
-        from pathlib import Path
-
-        from fpt_monai.bench.accuracy import merge_accuracy, write_accuracy
-
-        if not files:
-            raise ValueError("give the accuracy.json files to merge, e.g. fpt-monai accuracy_merge a/accuracy.json b/accuracy.json")
-        results = []
-        for file in files:
-            try:
-                results.append(json.loads(Path(file).read_text()))
-            except (OSError, json.JSONDecodeError) as err:
-                raise ValueError(f"cannot read the accuracy results {file}: {err}") from err
-        merged = merge_accuracy(results, sources=list(files))
-        print(write_accuracy(merged, output_dir, command="fpt-monai " + " ".join(sys.argv[1:])))
-
     def sample_data(self, output_dir: str = "fpt_sample", num_train: int = 240, num_val: int = 90, num_test: int = 90,
                     image_size: int = 512, seed: int = 0) -> None:
         """Create the offline sample dataset (fundus photographs graded by counting tiny lesions).
@@ -306,25 +161,6 @@ class Commands:
                                       volume_size=volume_size, seed=seed)
         print(path)
 
-    def memory3d(self, img_size: int = 128, side_img_size: int = 64, batch_size: int = 4, variant: str = "fpt",
-                 attention: str = "fused", kv_dtype: str = "float16", fake: bool = True, table: bool = False,
-                 **vit) -> None:
-        """Training memory of FPT on volumes vs full fine-tuning of the same MONAI 3D ViT-B/16 (JSON, seconds).
-
-        See :mod:`fpt_monai.bench.memory3d` for the protocol. ``--variant fpt_plus`` extracts blocks 6-11 unless
-        ``--blocks`` is given; other MONAI ViT settings pass through (``--hidden_size``, ``--num_layers``,
-        ``--patch_size``, ...). ``--table`` prints a Markdown table after the JSON.
-        """
-        from fpt_monai.bench.memory3d import markdown_table, run
-
-        if variant == "fpt_plus" and "blocks" not in vit:
-            vit["blocks"] = list(range(int(vit.get("num_layers", 12)) // 2, int(vit.get("num_layers", 12))))
-        result = run(img_size=int(img_size), side_img_size=int(side_img_size), batch_size=int(batch_size),
-                     variant=variant, attention=attention, kv_dtype=kv_dtype, fake=fake, **vit)
-        print(json.dumps(result, indent=2))
-        if table:
-            print(markdown_table(result))
-
     def demo(self, work_dir: str = "fpt_demo", method: str = "fpt", **overrides) -> None:
         """Train FPT on the offline sample dataset with the MONAI bundle, evaluate it, print the test metrics.
 
@@ -345,16 +181,21 @@ class Commands:
         print(export_bundle(output_dir, overwrite=overwrite))
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Console-script entry point."""
+def run_commands(commands: type, name: str, argv: Sequence[str] | None = None) -> None:
+    """Run the `fire` command line of the class ``commands`` (one command per public method) on ``argv``."""
     import sys
 
     args = list(sys.argv[1:] if argv is None else argv)
-    # fire hands a plain ``--help`` to commands with ``**overrides`` (demo, accuracy) as an override, which would
-    # start a run; give fire's help flag form (after ``--``) instead, for every command alike
+    # fire hands a plain ``--help`` to commands with ``**overrides`` (demo) as an override, which would start a
+    # run; give fire's help flag form (after ``--``) instead, for every command alike
     if "--" not in args and any(a in ("--help", "-h") for a in args):
         args = [a for a in args if a not in ("--help", "-h")] + ["--", "--help"]
-    fire.Fire(Commands, command=args, name="fpt-monai")
+    fire.Fire(commands(), command=args, name=name)  # an instance: the help lists the commands
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console-script entry point."""
+    run_commands(Commands, "fpt-monai", argv)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """FPT on volumes: 3D presets and weights, the 3D sample dataset, 3D transforms and preloading, the 3D bundle
-overlays end to end, and the 3D memory measurement."""
+overlays end to end."""
 
 from __future__ import annotations
 
@@ -297,51 +297,11 @@ def test_3d_bundle_trains_and_evaluates_end_to_end(sample3d, weights_file, tmp_p
     assert metrics["num_images"] == 3 and "test_auc" in metrics["metrics"]
 
 
-# -- memory ---------------------------------------------------------------------------------------------------------
-
-SMALL_MEMORY = dict(img_size=32, side_img_size=16, patch_size=8, batch_size=2, hidden_size=48, mlp_dim=96,
-                    num_layers=2, num_heads=4, reduction=4, num_prompts=4)
-
-
-@pytest.mark.parametrize("attention", ["eager", "fused"])
-def test_3d_memory_fake_tensors_count_what_real_tensors_do(attention):
-    from fpt_monai.bench.memory3d import MEMORY_PARTS, run
-
-    fake = run(**SMALL_MEMORY, attention=attention, fake=True)
-    real = run(**SMALL_MEMORY, attention=attention, fake=False)
-    assert fake["methods"] == real["methods"]
-    methods = fake["methods"]
-    for m in methods.values():
-        assert m["total"] == sum(m[part] for part in MEMORY_PARTS)
-    full, preloaded, online = (methods[k] for k in ("full_finetuning", "fpt_preloaded", "fpt_online"))
-    assert preloaded["learnable_parameters"] == online["learnable_parameters"] < full["learnable_parameters"]
-    assert preloaded["activations"] < online["activations"] < full["activations"]
-    assert preloaded["parameters"] < full["parameters"] and preloaded["total"] < online["total"] < full["total"]
-    assert fake["protocol"]["kv_bytes_per_volume"] == 2 * 2 * 4 * 13 * 12 * 2
-
-
-def test_adamw_state_bytes_match_the_optimizer():
-    from fpt_monai.bench.memory3d import _adamw_state_bytes
-
-    net = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.LayerNorm(7))
-    optimizer = torch.optim.AdamW(net.parameters())
-    net(torch.randn(3, 5)).sum().backward()
-    optimizer.step()
-    state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values())
-    assert state == _adamw_state_bytes(list(net.parameters()))
-
-
-def test_memory3d_and_params_commands(capsys):
+def test_params_command_counts_the_3d_preset(capsys):
     import logging
 
     from fpt_monai.cli import Commands
 
-    small = {k: v for k, v in SMALL_MEMORY.items() if k != "num_prompts"}
-    Commands().memory3d(**small, table=True)
-    out = capsys.readouterr().out
-    assert "| fpt_preloaded |" in out
-    report = json.loads(out[: out.index("\n| method")])
-    assert 0 < report["fpt_vs_full"]["fpt_preloaded"] < report["fpt_vs_full"]["fpt_online"] < 1
     level = logging.getLogger("fpt_monai").level
     try:
         Commands().params(preset="fpt_3d", num_classes=2)

@@ -262,8 +262,10 @@ def write_accuracy(result: dict, output_dir: str | os.PathLike, command: str = "
     """Write ``accuracy.json`` and ``accuracy.md`` (with ``command``) to ``output_dir``; returns the markdown."""
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    (output / "accuracy.json").write_text(json.dumps({"command": command, **result}, indent=2))
-    header = "# Accuracy on the bundle's sample task\n\n" + (f"Command: `{command}`.\n\n" if command else "")
+    date = result.get("date") or time.strftime("%Y-%m-%d", time.gmtime())
+    (output / "accuracy.json").write_text(json.dumps({"command": command, **result, "date": date}, indent=2))
+    header = "# Accuracy on the bundle's sample task\n\n" + (f"Command: `{command}`. " if command else "")
+    header += f"Date: {date}.\n\n"
     if result.get("merged_commands"):
         header += "Merged from the runs of:\n\n" + "".join(f"- `{c}`\n" for c in result["merged_commands"]) + "\n"
     text = header + accuracy_markdown(result)

@@ -1,0 +1,252 @@
+"""Command line of the benchmarks: ``python -m benchmarks COMMAND ...`` from the repository root.
+
+Built with `fire` like ``fpt-monai``: every public method of :class:`Commands` is a command, its arguments are
+flags; ``python -m benchmarks COMMAND --help`` documents each. See ``benchmarks/README.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from fpt_monai.cli import run_commands
+
+__all__ = ["Commands", "main"]
+
+
+def _command_line() -> str:
+    return "python -m benchmarks " + " ".join(sys.argv[1:])
+
+
+class Commands:
+    """Benchmarks of FPT and FPT+ against full fine-tuning, linear probing, VPT-deep, LoRA and adapters."""
+
+    def bench(
+        self,
+        output_dir: str = "benchmarks/results",
+        speed: bool = True,
+        accuracy: bool = False,
+        accuracy_epochs: int = 20,
+        accuracy_dir: str = "fpt_accuracy",
+        accuracy_img_size: int = 512,
+        batch_size: int = 16,
+        img_size: int = 512,
+        device: str | None = None,
+    ) -> None:
+        """All benchmarks side by side: parameters, training memory, cache bytes, speed, (accuracy), targets.
+
+        Writes ``results.json``, ``results.md`` and ``memory.png`` to ``output_dir`` and prints the markdown.
+        About 12.5 minutes on a 2-core CPU (the speed section runs ViT-B/16 training steps at 512);
+        ``--speed False`` leaves it out (about 4 minutes). ``--accuracy True`` also trains and tests every method
+        on the bundle's sample task, ``--accuracy_epochs`` epochs each, images and networks at
+        ``--accuracy_img_size`` (runs under ``--accuracy_dir``; the ``accuracy`` command runs that section alone).
+        The whole table within 30 minutes on 2 CPU cores, at a smaller size for accuracy:
+        ``--accuracy True --accuracy_epochs 3 --accuracy_img_size 256``. ``--device`` sets where the speed section
+        runs (default: the GPU when there is one, else the CPU).
+        """
+        from benchmarks.report import run_benchmarks, write_markdown
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+        results = run_benchmarks(
+            output_dir, batch_size=int(batch_size), img_size=int(img_size), speed=speed, accuracy=accuracy,
+            accuracy_epochs=int(accuracy_epochs), accuracy_dir=accuracy_dir, accuracy_img_size=int(accuracy_img_size),
+            command=_command_line(), device=device,
+        )
+        print(write_markdown(results, f"{output_dir}/results.md"))
+
+    def memory(
+        self,
+        method: str = "fpt",
+        batch_size: int = 16,
+        img_size: int = 512,
+        attention: str = "eager",
+        kv_dtype: str = "float16",
+        backbone_resident: bool = False,
+        setup: str = "preloaded",
+        fake: bool = True,
+    ) -> None:
+        """Peak training memory of one method on images as one JSON object, with ``ratio_to_full`` (under a minute).
+
+        Full fine-tuning is measured in the same run, with the same batch, size and attention. The accounting and
+        its categories are documented in :mod:`benchmarks.memory`.
+
+        Args:
+            method: full, linear, vpt, lora, adapter, fpt, fpt_plus.
+            batch_size: images per step.
+            img_size: backbone input size.
+            attention: eager or fused.
+            kv_dtype: FPT cache dtype (float16 as the bundle stores it, or float32).
+            backbone_resident: FPT: keep the frozen backbone's weights in memory too.
+            setup: FPT: preloaded (train from the cache) or online (backbone runs every step; minutes on CPU).
+            fake: fake tensors (exact bytes, no compute); False runs the step for real (on the GPU if there is one).
+        """
+        from benchmarks.memory import measure_training_memory
+
+        kwargs = {"batch_size": int(batch_size), "img_size": int(img_size), "attention": attention, "fake": fake}
+        device = "cuda" if torch.cuda.is_available() and not fake else "cpu"
+        result = measure_training_memory(
+            method, kv_dtype=kv_dtype, backbone_resident=backbone_resident, setup=setup, device=device, **kwargs
+        )
+        full = result if method == "full" else measure_training_memory("full", device=device, **kwargs)
+        result["full_total_bytes"] = full["total_bytes"]
+        result["ratio_to_full"] = result["total_bytes"] / full["total_bytes"]
+        print(json.dumps(result, indent=2))
+
+    def memory3d(self, img_size: int = 128, side_img_size: int = 64, batch_size: int = 4, variant: str = "fpt",
+                 attention: str = "fused", kv_dtype: str = "float16", fake: bool = True, table: bool = False,
+                 **vit) -> None:
+        """Training memory of FPT on volumes vs full fine-tuning of the same MONAI 3D ViT-B/16 (JSON; minutes on a CPU).
+
+        The same accounting as ``memory`` (:mod:`benchmarks.memory`). ``--variant fpt_plus`` extracts blocks 6-11
+        unless ``--blocks`` is given; other MONAI ViT settings pass through (``--hidden_size``, ``--num_layers``,
+        ``--patch_size``, ...). ``--table`` prints a Markdown table after the JSON.
+        """
+        from benchmarks.memory import markdown_table_3d, measure_3d_memory
+
+        if variant == "fpt_plus" and "blocks" not in vit:
+            vit["blocks"] = list(range(int(vit.get("num_layers", 12)) // 2, int(vit.get("num_layers", 12))))
+        result = measure_3d_memory(img_size=int(img_size), side_img_size=int(side_img_size), batch_size=int(batch_size),
+                                   variant=variant, attention=attention, kv_dtype=kv_dtype, fake=fake, **vit)
+        print(json.dumps(result, indent=2))
+        if table:
+            print(markdown_table_3d(result))
+
+    def speed(self, sections: str | Sequence[str] = ("training", "preload", "latency"),
+              methods: str | Sequence[str] = ("full", "fpt"), batch_size: int = 4, img_size: int = 512, repeats: int = 5,
+              device: str | None = None) -> None:
+        """The speed section alone, or parts of it, with the ratios its targets bound (JSON; minutes on a CPU).
+
+        ``training``: images/s of a training step of ``methods`` (FPT from the float16 cache) and FPT's multiple of
+        full fine-tuning; ``preload``: K/V extraction against the fastest bare-backbone arm; ``latency``: one-image
+        inference of the FPT network against the fastest bare backbone. The protocol is in
+        :mod:`benchmarks.speed`.
+
+        Args:
+            sections: comma-separated or a list, out of training, preload, latency.
+            methods: the training section's methods (full, linear, vpt, lora, adapter, fpt, fpt_plus).
+            batch_size: images per training step and per preload batch.
+            img_size: the backbone's input size.
+            repeats: timed samples per arm (the median is reported).
+            device: where it runs (default: the GPU when there is one, else the CPU).
+        """
+        from benchmarks import speed as speed_bench
+
+        sections = [s for s in sections.split(",") if s] if isinstance(sections, str) else list(sections)
+        methods = [m for m in methods.split(",") if m] if isinstance(methods, str) else list(methods)
+        unknown = set(sections) - {"training", "preload", "latency"}
+        if unknown or not sections:
+            raise ValueError(f"sections must be a selection of training, preload, latency; got {sections}.")
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        result: dict = {"command": _command_line(), "device": device}
+        if "training" in sections:
+            training = speed_bench.training_throughput(methods, batch_size=int(batch_size), img_size=int(img_size),
+                                                       repeats=int(repeats), device=device)
+            result["training_images_per_s"] = training
+            if "fpt" in training and "full" in training:
+                result["fpt_training_speedup"] = training["fpt"] / training["full"]
+        if "preload" in sections:
+            preload = speed_bench.preload_throughput(batch_size=int(batch_size), img_size=int(img_size),
+                                                     repeats=int(repeats), device=device)
+            result["preload_images_per_s"] = preload
+            fastest = max(v for k, v in preload.items() if k.startswith("bare"))
+            result["preload_ratio"] = preload["kv_extraction"] / fastest
+        if "latency" in sections:
+            latency = speed_bench.inference_latency(img_size=int(img_size), repeats=int(repeats), device=device)
+            result["inference_latency_s"] = latency
+            fastest = min(v for k, v in latency.items() if k.startswith("bare"))
+            result["latency_ratio"] = latency["fpt_network"] / fastest
+        print(json.dumps(result, indent=2))
+
+    def profile_extraction(self, preset: str = "fpt", img_size: int = 512, calls: int = 3, top: int = 30) -> None:
+        """Per-operator CPU time of one image: the K/V extraction against bare ``forward_features`` (a table; a minute).
+
+        From PyTorch's profiler (:func:`benchmarks.speed.extraction_profile`). On glibc, compare with
+        ``MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736`` in the environment: the page faults
+        of freshly mapped memory show up as GELU and copy time.
+        """
+        from benchmarks.speed import extraction_profile
+
+        rows = extraction_profile(preset, img_size=int(img_size), calls=int(calls), top=int(top))
+        print(f"{'operator':<55} {'extraction ms':>13} {'calls':>6} {'bare ms':>9} {'calls':>6}")
+        for row in rows:
+            calls_a = "" if row["kv_extraction_calls"] is None else row["kv_extraction_calls"]
+            calls_b = "" if row["bare_backbone_calls"] is None else row["bare_backbone_calls"]
+            print(f"{row['op'][:55]:<55} {row['kv_extraction_ms']:13.1f} {calls_a:>6} "
+                  f"{row['bare_backbone_ms']:9.1f} {calls_b:>6}")
+
+    def accuracy(
+        self,
+        work_dir: str = "fpt_accuracy",
+        output_dir: str = "benchmarks/results",
+        num_epochs: int = 20,
+        methods: str | Sequence[str] | None = None,
+        **overrides,
+    ) -> None:
+        """Accuracy of every method on the bundle's sample task, same schedule (the accuracy section of ``bench``).
+
+        Full fine-tuning, linear probing, LoRA, an AdaptFormer-style adapter, FPT and FPT+, all on the demo network
+        (ImageNet EfficientNet-Lite0), trained and tested through the bundle with the same data, seed and
+        schedule (VPT-deep: an n/a row, it needs transformer tokens). Runs go to ``work_dir/<method>``; writes
+        ``accuracy.json`` and ``accuracy.md`` to ``output_dir`` and prints the markdown. ``--img_size 256`` renders
+        the sample task and runs every network at 256 px (about 4x cheaper per epoch), ``--dataset_dir`` uses other
+        data; other options are bundle overrides for every run (``--batch_size 8``). ``--resume True`` continues each
+        method from its newest resume checkpoint in ``work_dir/<method>/models`` (after a crash or a stop; the row
+        says after which epoch, and its wall time counts only the epochs run then). See
+        :mod:`benchmarks.accuracy`.
+
+        Args:
+            work_dir: folder of the sample data and of the runs.
+            output_dir: where ``accuracy.json`` and ``accuracy.md`` go.
+            num_epochs: epochs of every method (20 in the demo schedule).
+            methods: comma-separated or a list, out of full, linear, vpt, lora, adapter, fpt, fpt_plus (default: all).
+        """
+        from benchmarks.accuracy import ACCURACY_METHODS, accuracy_table, write_accuracy
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+        methods = ACCURACY_METHODS if methods is None else methods
+        methods = [m for m in methods.split(",") if m] if isinstance(methods, str) else list(methods)
+        result = accuracy_table(work_dir, methods=methods, num_epochs=int(num_epochs), **overrides)
+        print(write_accuracy(result, output_dir, command=_command_line()))
+
+    def accuracy_merge(self, *files: str, output_dir: str = "benchmarks/results") -> None:
+        """One accuracy table from the ``accuracy.json`` files of separate ``accuracy`` runs.
+
+        Run the methods one at a time (``--methods linear``, ... with the same ``--work_dir``, epochs and sizes), then
+        merge: the runs must share the task and schedule, and each method may appear once. Writes ``accuracy.json``
+        and ``accuracy.md`` to ``output_dir`` and prints the markdown.
+
+        Args:
+            files: ``accuracy.json`` files of the runs.
+            output_dir: where the merged ``accuracy.json`` and ``accuracy.md`` go.
+        """
+        from benchmarks.accuracy import merge_accuracy, write_accuracy
+
+        if not files:
+            raise ValueError("give the accuracy.json files to merge, e.g. accuracy_merge a/accuracy.json b/accuracy.json")
+        results = []
+        for file in files:
+            try:
+                results.append(json.loads(Path(file).read_text()))
+            except (OSError, json.JSONDecodeError) as err:
+                raise ValueError(f"cannot read the accuracy results {file}: {err}") from err
+        merged = merge_accuracy(results, sources=list(files))
+        print(write_accuracy(merged, output_dir, command=_command_line()))
+
+    def cache_dtype(self, train_size: int = 256, test_size: int = 256, epochs: int = 8, seeds: int = 5) -> None:
+        """What float16/bfloat16 storage of the K/V cache does to accuracy (JSON; about a minute on a CPU).
+
+        See :mod:`benchmarks.cache_dtype` for the protocol.
+        """
+        from benchmarks.cache_dtype import run
+
+        print(json.dumps(run(train_size, test_size, epochs, seeds), indent=2))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m benchmarks`` entry point."""
+    run_commands(Commands, "benchmarks", argv)

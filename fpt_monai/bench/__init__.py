@@ -1,1 +1,0 @@
-"""Benchmarks: measurements that print figures (never timed unit tests)."""

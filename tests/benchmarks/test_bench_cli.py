@@ -1,0 +1,63 @@
+"""``python -m benchmarks``: commands, help, the cache-dtype and 3D memory commands."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPOSITORY = Path(__file__).resolve().parents[2]
+
+
+def run_benchmarks(*args, cwd=REPOSITORY):
+    path = os.pathsep.join([str(REPOSITORY), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PAGER": "cat", "PYTHONPATH": path}  # benchmarks/ is not installed
+    return subprocess.run([sys.executable, "-m", "benchmarks", *args], capture_output=True, text=True, timeout=300,
+                          cwd=cwd, env=env)
+
+
+def test_help_lists_every_benchmark():
+    result = run_benchmarks("--help")
+    assert result.returncode == 0, result.stderr
+    listed = result.stdout + result.stderr
+    for command in ("bench", "memory", "memory3d", "speed", "accuracy", "accuracy_merge", "cache_dtype"):
+        assert f"\n     {command}\n" in listed, command
+
+
+@pytest.mark.parametrize("command,argument", [("accuracy", "num_epochs"), ("bench", "output_dir")])
+def test_help_documents_the_command_and_runs_nothing(command, argument, tmp_path):
+    # accuracy takes **overrides: a plain --help must not become an override that starts a run
+    result = run_benchmarks(command, "--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert argument in result.stdout + result.stderr  # fire writes help to stderr when not on a terminal
+    assert list(tmp_path.iterdir()) == []  # no sample data, run folder or result made
+
+
+def test_cache_dtype_reports_every_dtype():
+    result = run_benchmarks("cache_dtype", "--train_size", "32", "--test_size", "16", "--epochs", "1", "--seeds", "2")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert set(report["inference"]) == set(report["training"]) == {"float32", "float16", "bfloat16"}
+    assert report["inference"]["float32"]["max_abs_logit_diff"] == 0.0
+    assert 0.0 < report["inference"]["float16"]["max_abs_logit_diff"] < 0.05
+
+
+def test_memory3d_command_prints_json_and_table(capsys):
+    from benchmarks.cli import Commands
+
+    Commands().memory3d(img_size=32, side_img_size=16, patch_size=8, batch_size=2, hidden_size=48, mlp_dim=96,
+                        num_layers=2, num_heads=4, reduction=4, variant="fpt_plus", table=True)
+    out = capsys.readouterr().out
+    assert "| fpt_preloaded |" in out and "| temporaries |" in out
+    report = json.loads(out[: out.index("\n| method")])
+    assert report["protocol"]["extracted_blocks"] == [1]  # fpt_plus: the second half of the 2 blocks
+    assert 0 < report["fpt_vs_full"]["fpt_preloaded"] < report["fpt_vs_full"]["fpt_online"] < 1
+
+
+def test_speed_command_refuses_an_unknown_section():
+    from benchmarks.cli import Commands
+
+    with pytest.raises(ValueError, match="sections must be"):
+        Commands().speed(sections="training,warmup")
