@@ -239,7 +239,7 @@ def distributed_sampler(dataset, shuffle: bool, even_divisible: bool, seed: int 
 
 
 def _weights_digest(module: nn.Module) -> str:
-    if hasattr(module, "weights_digest"):  # FrozenViTBackbone caches it
+    if hasattr(module, "weights_digest"):  # a FrozenBackbone caches it
         return module.weights_digest()
     from fpt_monai.networks.backbones import state_dict_sha256
 

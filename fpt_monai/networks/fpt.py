@@ -28,7 +28,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.utils import ensure_tuple_rep
 
-from fpt_monai.networks.backbones import BackboneShape, FrozenViTBackbone, TimmViTBackbone
+from fpt_monai.networks.backbones import BackboneShape, TimmViTBackbone
+from fpt_monai.networks.backbones import FrozenBackbone as FrozenViTBackbone  # any frozen backbone: ViT or CNN
 from fpt_monai.networks.fusion import FUSION_VARIANTS, FineGrainedFusion, FineGrainedPrompts
 from fpt_monai.networks.side import SideViT
 
@@ -338,7 +339,7 @@ def create_backbone(preset: str, pretrained: bool | str = True, **overrides) -> 
 
     config = _preset(preset, overrides)
     if isinstance(config, MonaiViTPreset):
-        from fpt_monai.networks.monai_vit import create_monai_backbone
+        from fpt_monai.networks.backbones.monai_vit import create_monai_backbone
 
         return create_monai_backbone(config, pretrained)
     model = create_timm_vit(config.model_name, img_size=config.img_size, pretrained=pretrained)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from fpt_monai.networks.backbones import FrozenViTBackbone, state_dict_sha256
+from fpt_monai.networks.backbones import FrozenBackbone, state_dict_sha256
 
 __all__ = ["CACHE_FORMAT_VERSION", "describe", "weights_digest", "cache_fingerprint"]
 
@@ -32,9 +32,9 @@ _MAX_DEPTH = 6
 def weights_digest(module: nn.Module) -> str:
     """SHA-256 of a module's state dict: names, dtypes, shapes and bytes of every tensor, in order.
 
-    A :class:`FrozenViTBackbone` answers from its own cached digest (the same value).
+    A :class:`FrozenBackbone` answers from its own cached digest (the same value).
     """
-    if isinstance(module, FrozenViTBackbone):
+    if isinstance(module, FrozenBackbone):
         return module.weights_digest()
     return state_dict_sha256(module.state_dict())
 
@@ -91,7 +91,7 @@ def cache_fingerprint(
     """Fingerprint of a preloading cache and the description it was computed from.
 
     Args:
-        backbone: the frozen backbone (a :class:`~fpt_monai.networks.FrozenViTBackbone`); its shape (input size,
+        backbone: the frozen backbone (a :class:`~fpt_monai.networks.FrozenBackbone`); its shape (input size,
             blocks, token ratio, ...) and weights are part of the identity.
         transforms: the deterministic transforms that produce the backbone's input.
         dtype: storage dtype of the keys/values.
