@@ -5,13 +5,7 @@ from fpt_monai.engine.checkpoint import AtomicDiskSaver, SafeCheckpointSaver
 from fpt_monai.engine.evaluation import evaluate_checkpoints
 from fpt_monai.engine.guards import NonFiniteLossError, NonFiniteLossGuard
 from fpt_monai.engine.handlers import ClassificationReport, GradientNormClipping, ProgressBarHandler, write_training_scalars
-from fpt_monai.engine.metrics import (
-    MacroF1,
-    QuadraticWeightedKappa,
-    classification_output,
-    macro_f1,
-    quadratic_weighted_kappa,
-)
+from fpt_monai.engine.metrics import MacroF1, QuadraticWeightedKappa, classification_output
 from fpt_monai.engine.resume import EpochSeeder, attach_resume, epoch_seed, latest_checkpoint, resume_objects
 
 __all__ = [
@@ -32,7 +26,5 @@ __all__ = [
     "classification_output",
     "distributed",
     "evaluate_checkpoints",
-    "macro_f1",
-    "quadratic_weighted_kappa",
     "write_training_scalars",
 ]
