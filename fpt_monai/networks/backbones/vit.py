@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 from monai.utils import ensure_tuple_rep
 
+from fpt_monai._compat import timm_vit_tokens
 from fpt_monai.networks.backbones.base import FrozenBackbone
 from fpt_monai.networks.selection import mean_received_attention, select_important_tokens
 
@@ -194,8 +195,7 @@ class TimmViTBackbone(FrozenViTBackbone):
         )
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        m = self.model
-        return m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(images))))
+        return timm_vit_tokens(self.model, images)
 
     def attention_inputs(self, block, x):
         attn = block.attn
@@ -257,7 +257,7 @@ class MonaiViTBackbone(FrozenViTBackbone):
                 )
         patch_embedding = model.patch_embedding
         conv = patch_embedding.patch_embeddings
-        spatial_dims = conv.weight.ndim - 2 if isinstance(conv, nn.modules.conv._ConvNd) else None
+        spatial_dims = conv.weight.ndim - 2 if isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) else None
         if spatial_dims is None:
             raise TypeError("MonaiViTBackbone supports the ViT's conv patch embedding (proj_type='conv') only.")
         img_size = ensure_tuple_rep(img_size, spatial_dims)
