@@ -81,7 +81,8 @@ class FrozenBackbone(nn.Module):
     - ``forward(images)``: (B, in_channels, *img_size) -> keys/values (B, L, 2, H, k, D), under no-grad;
     - ``forward_with_features(images)``: the same keys/values plus the backbone's own final features;
     - :meth:`weights_digest`: SHA-256 of the frozen weights, naming them in checkpoints and caches;
-    - :attr:`mean` / :attr:`std`: the per-channel input normalisation the weights were trained with.
+    - ``mean`` / ``std``: the per-channel input normalisation the weights were trained with (images scaled to
+      [0, 1], then ``(x - mean) / std``), tuples of floats set by each implementation.
 
     The wrapped model is put in eval mode and its parameters get ``requires_grad=False``; ``train()`` cannot
     switch it back to training mode.
@@ -94,9 +95,6 @@ class FrozenBackbone(nn.Module):
     """
 
     shape: BackboneShape
-    #: Per-channel input normalisation of the weights (images scaled to [0, 1], then ``(x - mean) / std``).
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
 
     def __init__(
         self, model: nn.Module, blocks_in_order: Sequence[nn.Module], blocks: Sequence[int] | None, token_ratio
