@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import fpt_monai
+from fpt_monai.networks.methods import method_names
 
 __all__ = ["DEMO_METHODS", "bundle_dir", "config_files", "demo_config_names", "run_demo", "export_bundle"]
 
@@ -47,7 +48,7 @@ def config_files(*names: str, root: str | os.PathLike | None = None) -> list[str
 
 
 #: Methods :func:`run_demo` trains on the sample task: FPT, and the baselines on the same demo network.
-DEMO_METHODS = ("fpt", "full", "linear", "lora", "adapter")
+DEMO_METHODS = ("fpt", *method_names(baseline=True, on_cnn=True))
 
 
 def demo_config_names(method: str = "fpt", evaluate: bool = False) -> list[str]:

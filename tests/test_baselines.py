@@ -111,3 +111,39 @@ def test_the_bundle_trains_a_baseline_by_swapping_the_network(tmp_path):
     # the frozen projection is the pre-trained one after training; the cache folder was never created
     assert torch.equal(checkpoint["model.blocks.0.attn.qkv.linear.weight"], state["blocks.0.attn.qkv.weight"])
     assert not (tmp_path / "cache").exists()
+
+
+def test_injector_wraps_the_modules_a_pattern_names_in_order():
+    from fpt_monai.networks.baselines import VIT_INJECTIONS, Injection, LoRALinear, inject
+
+    torch.manual_seed(0)
+    net = tiny("full")
+    settings = {"lora_rank": 2, "lora_alpha": 2.0}
+    names = inject(net.model, VIT_INJECTIONS["lora"], settings)
+    assert names == [f"blocks.{i}.attn.qkv" for i in range(len(net.model.blocks))]
+    assert all(isinstance(block.attn.qkv, LoRALinear) for block in net.model.blocks)
+    assert not isinstance(net.model.blocks[0].attn.proj, LoRALinear)  # only what the pattern names
+    with pytest.raises(ValueError, match="no module"):
+        inject(net.model, Injection(r"conv_head", VIT_INJECTIONS["lora"].layer), settings)
+
+
+def test_lora_layers_take_only_their_kind_of_module():
+    from fpt_monai.networks.baselines import LoRALinear, LoRAPointwiseConv
+
+    with pytest.raises(TypeError, match="LoRAPointwiseConv"):
+        LoRALinear(torch.nn.Conv2d(4, 4, 1))
+    with pytest.raises(TypeError, match="pointwise"):
+        LoRAPointwiseConv(torch.nn.Linear(4, 4))
+    conv = LoRAPointwiseConv(torch.nn.Conv2d(4, 6, 1), rank=2)
+    torch.nn.init.normal_(conv.lora_b)
+    x = torch.randn(2, 4, 3, 3)
+    expected = conv.linear(x) + torch.einsum("oi,bihw->bohw", conv.lora_b @ conv.lora_a * conv.scaling, x)
+    torch.testing.assert_close(conv(x), expected)
+
+
+def test_method_lists_come_from_the_registry():
+    from fpt_monai.networks import CNN_BASELINE_METHODS, METHODS, method_names
+
+    assert BASELINE_METHODS == ("full", "linear", "vpt", "lora", "adapter")
+    assert CNN_BASELINE_METHODS == tuple(m for m in BASELINE_METHODS if m != "vpt")
+    assert method_names(baseline=False) == ("fpt", "fpt_plus") and set(method_names()) == set(METHODS)

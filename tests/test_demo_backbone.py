@@ -8,8 +8,8 @@ import pytest
 import timm
 import torch
 
-from fpt_monai.networks import FPTNet, FrozenViTBackbone
-from fpt_monai.networks.cnn_backbone import FrozenCNNBackbone, orthonormal_projection
+from fpt_monai.networks import FPTNet, FrozenBackbone
+from fpt_monai.networks.backbones.cnn import FrozenCNNBackbone, orthonormal_projection
 from fpt_monai.preload import FrozenBackboneKVd
 from fpt_monai.pretrained import (
     DEMO_SETTINGS,
@@ -44,7 +44,7 @@ def test_orthonormal_projection_is_fixed_and_isometric():
 
 def test_cnn_backbone_shape_and_contract(lite0):
     backbone = FrozenCNNBackbone(lite0, img_size=64, blocks=(3, 5, 11), token_ratio=0.25, num_heads=2, head_dim=16)
-    assert isinstance(backbone, FrozenViTBackbone)
+    assert isinstance(backbone, FrozenBackbone)
     shape = backbone.shape
     assert shape.num_tokens == 1 + 4 * 4 and shape.patch_size == (16, 16) and shape.embed_dim == 32
     assert shape.kv_shape == (3, 2, 2, 4, 16)
@@ -102,7 +102,7 @@ def test_calibration_standardises_the_mean_token(lite0):
     for b in (5, 8):
         assert torch.equal(backbone.centre_5 if b == 5 else backbone.centre_8, stats[b][0])
         x = backbone.model.bn1(backbone.model.conv_stem(images))
-        for block in backbone._transformer_blocks[: b + 1]:
+        for block in backbone._blocks[: b + 1]:
             x = block(x)
         mean_token = backbone.standardised_tokens(b, x)[:, 0]
         torch.testing.assert_close(mean_token.mean(0), torch.zeros(mean_token.shape[1]), atol=1e-4, rtol=0)

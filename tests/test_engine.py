@@ -7,14 +7,8 @@ import torch
 from ignite.engine import Engine
 from ignite.metrics import ConfusionMatrix
 
-from fpt_monai.engine import (
-    GradientNormClipping,
-    MacroF1,
-    QuadraticWeightedKappa,
-    classification_output,
-    macro_f1,
-    quadratic_weighted_kappa,
-)
+from fpt_monai.engine import GradientNormClipping, MacroF1, QuadraticWeightedKappa, classification_output
+from reference_metrics import macro_f1, quadratic_weighted_kappa
 
 
 def test_kappa_of_two_classes_is_cohens_kappa():
@@ -78,6 +72,39 @@ def test_metrics_accumulate_over_an_epoch_like_the_confusion_matrix():
     assert torch.equal(state.metrics["confusion"], confusion)
     assert state.metrics["f1"] == pytest.approx(macro_f1(confusion))
     assert state.metrics["kappa"] == pytest.approx(quadratic_weighted_kappa(confusion))
+
+
+@pytest.mark.parametrize("num_classes", [2, 3, 5])
+def test_ignite_metrics_equal_the_confusion_matrix_formulas_on_random_data(num_classes):
+    """MacroF1 (ignite Fbeta) and QuadraticWeightedKappa (ignite CohenKappa) on random predictions, skewed so that
+    some classes are never predicted or never present, against the formulas on the confusion matrix."""
+    generator = torch.Generator().manual_seed(num_classes)
+    for trial in range(20):
+        engine = Engine(lambda e, batch: {"pred": batch[0], "label": batch[1]})
+        MacroF1(num_classes).attach(engine, "f1")
+        QuadraticWeightedKappa(num_classes).attach(engine, "kappa")
+        present = torch.randint(1, num_classes + 1, (), generator=generator)  # labels use classes 0..present-1
+        batches = [
+            (torch.rand(n, num_classes, generator=generator) ** (1 + trial % 4),
+             torch.randint(0, int(present), (n,), generator=generator))
+            for n in torch.randint(1, 9, (3,), generator=generator).tolist()
+        ]
+        state = engine.run(batches)
+        confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+        for pred, label in batches:
+            for p, y in zip(pred.argmax(1), label):
+                confusion[y, p] += 1
+        assert state.metrics["f1"] == pytest.approx(macro_f1(confusion), rel=1e-12, abs=1e-12)
+        assert state.metrics["kappa"] == pytest.approx(quadratic_weighted_kappa(confusion), rel=1e-12, abs=1e-12)
+
+
+def test_metrics_check_the_number_of_classes():
+    engine = Engine(lambda e, batch: {"pred": batch[0], "label": batch[1]})
+    MacroF1(3).attach(engine, "f1")
+    with pytest.raises(ValueError, match="3 class scores"):
+        engine.run([(torch.rand(2, 4), torch.tensor([0, 1]))])
+    with pytest.raises(ValueError, match="num_classes"):
+        QuadraticWeightedKappa(1)
 
 
 def test_gradient_norm_clipping_bounds_the_global_norm():

@@ -16,7 +16,7 @@ from monai.data import Dataset
 from monai.transforms import Compose, CopyItemsd, NormalizeIntensityd, RandTorchVisiond
 
 from fpt_monai.data.transforms import SideViewd, load_and_normalize
-from fpt_monai.networks.backbones import FrozenViTBackbone
+from fpt_monai.networks.backbones import FrozenBackbone
 from fpt_monai.preload import FrozenBackboneKVd, KVCacheDataset
 
 __all__ = ["fpt_transforms", "image_transforms", "inference_transforms", "make_fpt_dataset"]
@@ -28,7 +28,7 @@ def fpt_transforms(
     mean: Sequence[float],
     std: Sequence[float],
     train: bool,
-    backbone: FrozenViTBackbone | None = None,
+    backbone: FrozenBackbone | None = None,
     kv_dtype: str = "float16",
     image_key: str = "image",
     high_res_key: str = "high_res",
@@ -111,7 +111,7 @@ def make_fpt_dataset(
     mean: Sequence[float],
     std: Sequence[float],
     train: bool,
-    backbone: FrozenViTBackbone | None = None,
+    backbone: FrozenBackbone | None = None,
     cache_dir: str | os.PathLike | None = None,
     kv_dtype: str = "float16",
     progress: bool = True,

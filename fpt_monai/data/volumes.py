@@ -48,7 +48,7 @@ from monai.utils import ensure_tuple_rep
 from fpt_monai.data.datalist import folder_datalist, json_datalist
 from fpt_monai.data.readers import is_dicom_file
 from fpt_monai.data.transforms import SideViewd
-from fpt_monai.networks.backbones import FrozenViTBackbone
+from fpt_monai.networks.backbones import FrozenBackbone
 from fpt_monai.preload import FrozenBackboneKVd
 
 __all__ = [
@@ -241,7 +241,7 @@ def fpt_transforms_3d(
     mean: Sequence[float],
     std: Sequence[float],
     train: bool,
-    backbone: FrozenViTBackbone | None = None,
+    backbone: FrozenBackbone | None = None,
     kv_dtype: str = "float16",
     intensity_range: Sequence[float] | None = None,
     percentiles: Sequence[float] | None = (0.5, 99.5),

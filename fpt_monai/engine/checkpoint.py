@@ -34,6 +34,7 @@ from ignite.engine import Engine
 from ignite.handlers import Checkpoint, DiskSaver
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
+from fpt_monai._compat import checkpoint_saver_checkpoints
 from fpt_monai.utils import atomic_write
 
 __all__ = ["AtomicDiskSaver", "CheckpointReadError", "SafeCheckpointLoader", "SafeCheckpointSaver", "load_checkpoint"]
@@ -93,35 +94,35 @@ class SafeCheckpointSaver(CheckpointSaver):
         super().__init__(save_dir, save_dict, **kwargs)
         final_filename = kwargs.get("final_filename")
         key_metric_filename = kwargs.get("key_metric_filename")
-        for checkpoint, filename in (
-            (self._final_checkpoint, final_filename),
-            (self._key_metric_checkpoint, key_metric_filename),
-            (self._interval_checkpoint, None),
-        ):
+        checkpoints = checkpoint_saver_checkpoints(self)
+        for kind, filename in (("final", final_filename), ("key_metric", key_metric_filename), ("interval", None)):
+            checkpoint = checkpoints[kind]
             if checkpoint is not None:
                 checkpoint.save_handler = AtomicDiskSaver(self.save_dir, filename)
 
     @property
     def tracks_key_metric(self) -> bool:
         """Whether this saver keeps the best checkpoint by a key metric (``save_key_metric=True``)."""
-        return self._key_metric_checkpoint is not None
+        return checkpoint_saver_checkpoints(self)["key_metric"] is not None
 
     @property
     def interval_checkpoint(self) -> Checkpoint | None:
         """The ignite ``Checkpoint`` of the interval (e.g. per-epoch resume) checkpoints, if any."""
-        return self._interval_checkpoint
+        return checkpoint_saver_checkpoints(self)["interval"]
 
     def state_dict(self) -> dict:
         """The best-metric bookkeeping: ``{"saved": [(score, file name), ...]}`` (empty without a key metric)."""
-        if self._key_metric_checkpoint is None:
+        key_metric = checkpoint_saver_checkpoints(self)["key_metric"]
+        if key_metric is None:
             return {"saved": []}
-        saved = self._key_metric_checkpoint.state_dict()["_saved"]
+        saved = key_metric.state_dict()["_saved"]
         return {"saved": [(float(priority), str(filename)) for priority, filename in saved]}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore :meth:`state_dict`; the best checkpoint is then only replaced by a better one."""
-        if self._key_metric_checkpoint is not None:
-            self._key_metric_checkpoint.load_state_dict({"_saved": [tuple(item) for item in state_dict["saved"]]})
+        key_metric = checkpoint_saver_checkpoints(self)["key_metric"]
+        if key_metric is not None:
+            key_metric.load_state_dict({"_saved": [tuple(item) for item in state_dict["saved"]]})
 
 
 class CheckpointReadError(RuntimeError):

@@ -25,6 +25,7 @@ import torch.nn as nn
 from monai.data import DistributedSampler
 from torch.nn.parallel import DistributedDataParallel
 
+from fpt_monai._compat import ddp_ignore
 from fpt_monai.utils import weights_digest
 
 __all__ = [
@@ -293,7 +294,7 @@ def wrap_ddp(
             f"{[{n: d.get(n, '')[:12] for n in differing} for d in every_rank]}); every process must build them "
             "from the same file (same preset and `pretrained`), and random weights need the same seed."
         )
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(network, ignored)
+    ddp_ignore(network, ignored)
     device = torch.device(device) if device is not None else None
     device_ids = [device] if device is not None and device.type == "cuda" else None
     return DistributedDataParallel(network, device_ids=device_ids, **ddp_options)

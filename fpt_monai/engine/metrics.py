@@ -1,19 +1,19 @@
-"""Classification metrics for the bundle's evaluators: macro F1 and quadratic-weighted kappa as ignite metrics.
+"""Classification metrics for the bundle's evaluators: macro F1 and quadratic-weighted kappa from ignite.
 
-Both derive from ignite's :class:`~ignite.metrics.ConfusionMatrix`, so they accumulate over an epoch and are
-summed across processes in distributed runs. AUC comes from MONAI's ``ROCAUC`` handler and accuracy from
-ignite's ``Accuracy``; :func:`classification_output` gives all of them the same view of an evaluator's output.
+Both accumulate counts over an epoch (ignite's ``Precision``/``Recall`` and ``ConfusionMatrix``), summed across
+processes in distributed runs. AUC comes from MONAI's ``ROCAUC`` handler and accuracy from ignite's
+``Accuracy``; :func:`classification_output` gives all of them the same view of an evaluator's output.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
-from ignite.metrics import ConfusionMatrix
+from ignite.metrics import CohenKappa, Fbeta, MetricsLambda, Precision, Recall
 from monai.utils import CommonKeys
 
-__all__ = ["classification_output", "macro_f1", "quadratic_weighted_kappa", "MacroF1", "QuadraticWeightedKappa"]
+__all__ = ["classification_output", "MacroF1", "QuadraticWeightedKappa"]
 
 
 def classification_output(output: Sequence[Mapping] | Mapping, one_hot: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,60 +45,56 @@ def classification_output(output: Sequence[Mapping] | Mapping, one_hot: bool = F
     return pred, label
 
 
-def macro_f1(confusion: torch.Tensor) -> float:
-    """Unweighted mean over classes of F1 = 2TP / (2TP + FP + FN); a class absent from both counts as 0."""
-    confusion = confusion.double()
-    tp = confusion.diagonal()
-    denominator = confusion.sum(0) + confusion.sum(1)
-    f1 = torch.where(denominator > 0, 2 * tp / denominator.clamp(min=1e-12), torch.zeros_like(tp))
-    return float(f1.mean())
+def _predictions(output_transform: Callable, num_classes: int, indices: bool) -> Callable:
+    """``output_transform`` checked for ``num_classes`` scores per item, giving class indices when ``indices``."""
+
+    def transform(output) -> tuple[torch.Tensor, torch.Tensor]:
+        pred, label = output_transform(output)
+        if pred.ndim != 2 or pred.shape[1] != num_classes:
+            raise ValueError(
+                f"the metric expects {num_classes} class scores per item, got predictions {tuple(pred.shape)}."
+            )
+        return (pred.argmax(dim=1) if indices else pred), label
+
+    return transform
 
 
-def quadratic_weighted_kappa(confusion: torch.Tensor) -> float:
-    """Cohen's kappa with quadratic weights (the grading metric of diabetic-retinopathy challenges).
-
-    ``confusion[i, j]`` counts items of true class i predicted as j. Returns 1 for perfect agreement, 0 for
-    chance agreement, and 0 when the raters' marginals leave no disagreement to explain.
-    """
-    confusion = confusion.double()
-    n = confusion.shape[0]
-    total = confusion.sum()
-    if total == 0 or n < 2:
-        return 0.0
-    grades = torch.arange(n, dtype=torch.float64)
-    weights = (grades[:, None] - grades[None, :]) ** 2 / (n - 1) ** 2
-    expected = confusion.sum(1)[:, None] * confusion.sum(0)[None, :] / total
-    denominator = (weights * expected).sum()
-    if denominator == 0:
-        return 0.0
-    return float(1.0 - (weights * confusion).sum() / denominator)
+def _check_num_classes(num_classes: int) -> int:
+    if isinstance(num_classes, bool) or int(num_classes) != num_classes or num_classes < 2:
+        raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}.")
+    return int(num_classes)
 
 
-class MacroF1(ConfusionMatrix):
-    """Macro-averaged F1 over ``num_classes`` (ignite metric; predictions are the argmax of the scores).
+def MacroF1(  # noqa: N802 - the class-like name the bundle configs use as `_target_`
+    num_classes: int, output_transform: Callable = classification_output, device: str | torch.device = "cpu"
+) -> MetricsLambda:
+    """Macro-averaged F1 over ``num_classes``: ignite's ``Fbeta(beta=1, average=True)`` on per-class precision
+    and recall of the argmax of the scores. A class neither present nor predicted counts as 0 in the mean.
 
     Args:
-        num_classes: number of classes.
+        num_classes: number of classes (the scores must have this many per item).
         output_transform: engine output -> (scores (B, C), labels (B,)); default :func:`classification_output`.
+        device: where the counts are kept.
     """
-
-    def __init__(self, num_classes: int, output_transform=classification_output, device="cpu") -> None:
-        super().__init__(num_classes=num_classes, output_transform=output_transform, device=device)
-
-    def compute(self) -> float:
-        return macro_f1(super().compute())
+    transform = _predictions(output_transform, _check_num_classes(num_classes), indices=False)
+    precision = Precision(average=False, output_transform=transform, device=device)
+    recall = Recall(average=False, output_transform=transform, device=device)
+    return Fbeta(beta=1.0, average=True, precision=precision, recall=recall)
 
 
-class QuadraticWeightedKappa(ConfusionMatrix):
-    """Quadratic-weighted Cohen's kappa between labels and the argmax of the scores (ignite metric).
+def QuadraticWeightedKappa(  # noqa: N802 - the class-like name the bundle configs use as `_target_`
+    num_classes: int, output_transform: Callable = classification_output, device: str | torch.device = "cpu"
+) -> CohenKappa:
+    """Quadratic-weighted Cohen's kappa between labels and the argmax of the scores (the grading metric of
+    diabetic-retinopathy challenges): ignite's ``CohenKappa(weights="quadratic")`` on a running confusion matrix.
 
     Args:
-        num_classes: number of (ordinal) classes.
+        num_classes: number of (ordinal) classes (the scores must have this many per item).
         output_transform: engine output -> (scores (B, C), labels (B,)); default :func:`classification_output`.
+        device: where the confusion matrix is kept.
     """
-
-    def __init__(self, num_classes: int, output_transform=classification_output, device="cpu") -> None:
-        super().__init__(num_classes=num_classes, output_transform=output_transform, device=device)
-
-    def compute(self) -> float:
-        return quadratic_weighted_kappa(super().compute())
+    num_classes = _check_num_classes(num_classes)
+    return CohenKappa(
+        output_transform=_predictions(output_transform, num_classes, indices=True), weights="quadratic",
+        num_classes=num_classes, device=device,
+    )

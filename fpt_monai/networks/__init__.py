@@ -1,17 +1,30 @@
-"""FPT/FPT+ networks as plain PyTorch modules: frozen backbone adapters, token selection, side ViT, fusion."""
+"""FPT/FPT+ networks as plain PyTorch modules: frozen backbones, token selection, side ViT, fusion, baselines."""
 
-from fpt_monai.networks.baselines import BASELINE_METHODS, ViTBaseline, create_baseline
-from fpt_monai.networks.backbones import BackboneShape, FrozenViTBackbone, MonaiViTBackbone, TimmViTBackbone, state_dict_sha256
+from fpt_monai.networks.baselines import BASELINE_METHODS, CNN_BASELINE_METHODS, CNNBaseline, ViTBaseline, create_baseline
+from fpt_monai.networks.backbones import (
+    BackboneShape,
+    FrozenBackbone,
+    FrozenCNNBackbone,
+    FrozenViTBackbone,
+    MonaiViTBackbone,
+    TimmViTBackbone,
+    state_dict_sha256,
+)
 from fpt_monai.networks.fpt import PRESETS, FPTNet, FPTPreset, MonaiViTPreset, create_backbone, create_fpt, make_side_view
 from fpt_monai.networks.fusion import FineGrainedFusion, FineGrainedPrompts
+from fpt_monai.networks.methods import METHODS, Method, method_names
 from fpt_monai.networks.selection import mean_received_attention, num_selected_tokens, select_important_tokens
 from fpt_monai.networks.side import SideViT
 
 __all__ = [
     "BASELINE_METHODS",
+    "CNN_BASELINE_METHODS",
+    "CNNBaseline",
     "ViTBaseline",
     "create_baseline",
     "BackboneShape",
+    "FrozenBackbone",
+    "FrozenCNNBackbone",
     "FrozenViTBackbone",
     "TimmViTBackbone",
     "MonaiViTBackbone",
@@ -24,6 +37,9 @@ __all__ = [
     "make_side_view",
     "FineGrainedFusion",
     "FineGrainedPrompts",
+    "METHODS",
+    "Method",
+    "method_names",
     "SideViT",
     "mean_received_attention",
     "num_selected_tokens",

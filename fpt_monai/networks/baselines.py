@@ -25,40 +25,56 @@ LoRA is written here (two small matrices per projection) rather than taken from 
   ``forward_head(pre_logits=True)`` give: the last 1x1 convolution (``conv_head``, 1280 channels for
   EfficientNet-Lite0) with its batch norm and ReLU6, globally average-pooled over the feature map.
 - ``lora`` on every pointwise (1x1, ungrouped) convolution: such a convolution is a linear map applied at
-  every pixel, the CNN counterpart of a ViT's token-wise projections (:class:`LoRALinear` takes both).
+  every pixel, the CNN counterpart of a ViT's token-wise projections (:class:`LoRAPointwiseConv`).
 - ``adapter``: AdaptFormer's scaled bottleneck (1x1 convolution down, ReLU, 1x1 convolution up, zero-initialised)
   in parallel with every MBConv block, added to its output (:class:`ParallelConvAdapter`).
 - ``vpt`` has no counterpart: VPT inserts tokens into a transformer's sequence and a CNN has none
   (``ValueError``).
+
+The layout follows PEFT's tuners: one layer class per method that wraps a pre-trained module
+(:class:`LoRALinear`/:class:`LoRAPointwiseConv`, :class:`ParallelAdapter`/:class:`ParallelConvAdapter`,
+:class:`PromptedBlock`; ``linear`` and ``full`` add no layer, only the new classifier), tables that say which
+modules each method wraps on each network (:data:`VIT_INJECTIONS`, :data:`CNN_INJECTIONS`: a module-name pattern
+and the layer), and one injector, :func:`inject`, that wraps the matching modules.
 """
 
 from __future__ import annotations
 
-import os
-
 import math
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
+from fpt_monai.networks.methods import method_names
+
 __all__ = [
     "BASELINE_METHODS",
     "CNN_BASELINE_METHODS",
+    "CNN_INJECTIONS",
     "CNNBaseline",
+    "Injection",
     "LoRALinear",
+    "LoRAPointwiseConv",
     "ParallelAdapter",
     "ParallelConvAdapter",
     "PromptedBlock",
+    "VIT_INJECTIONS",
     "ViTBaseline",
     "check_cnn_method",
     "create_baseline",
+    "inject",
 ]
 
-BASELINE_METHODS = ("full", "linear", "vpt", "lora", "adapter")
+#: The methods :class:`ViTBaseline` has.
+BASELINE_METHODS = method_names(baseline=True)
 #: The methods :class:`CNNBaseline` has (VPT needs transformer tokens).
-CNN_BASELINE_METHODS = ("full", "linear", "lora", "adapter")
+CNN_BASELINE_METHODS = method_names(baseline=True, on_cnn=True)
 
 
 def _is_pointwise(conv: nn.Module) -> bool:
@@ -70,11 +86,8 @@ def _is_pointwise(conv: nn.Module) -> bool:
 
 
 class LoRALinear(nn.Module):
-    """A frozen linear map plus a learnable low-rank update: ``W x + b + (alpha / r) B A x``.
+    """A frozen ``nn.Linear`` plus a learnable low-rank update: ``W x + b + (alpha / r) B A x``.
 
-    The map is an ``nn.Linear`` (on the last dimension of tokens), or a pointwise ``nn.Conv2d`` (1x1, one group,
-    no padding), which is the same kind of map applied at every pixel of a (B, C, H, W) feature map; there the
-    update is folded into the convolution's weight, ``W + (alpha / r) B A``, and one convolution runs.
     ``A`` starts Kaiming-uniform and ``B`` at zero, so the wrapped layer starts as the pre-trained one.
 
     Args:
@@ -83,27 +96,45 @@ class LoRALinear(nn.Module):
         alpha: scaling numerator (the update is scaled by ``alpha / rank``).
     """
 
-    def __init__(self, linear: nn.Linear | nn.Conv2d, rank: int = 16, alpha: float = 16.0) -> None:
+    def __init__(self, linear: nn.Module, rank: int = 16, alpha: float = 16.0) -> None:
         super().__init__()
         if rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {rank}.")
-        if isinstance(linear, nn.Linear):
-            in_features, out_features = linear.in_features, linear.out_features
-        elif _is_pointwise(linear):
-            in_features, out_features = linear.in_channels, linear.out_channels
-        else:
-            raise TypeError(
-                f"LoRALinear wraps an nn.Linear or a pointwise (1x1, ungrouped, unpadded) nn.Conv2d, got {linear}."
-            )
+        in_features, out_features = self._features(linear)
         self.linear = linear.requires_grad_(False)
         self.lora_a = nn.Parameter(torch.empty(rank, in_features))
         self.lora_b = nn.Parameter(torch.zeros(out_features, rank))
         self.scaling = alpha / rank
         nn.init.kaiming_uniform_(self.lora_a, a=5**0.5)
 
+    @staticmethod
+    def _features(linear: nn.Module) -> tuple[int, int]:
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(
+                f"LoRALinear wraps an nn.Linear, got {linear}; a pointwise (1x1, ungrouped, unpadded) nn.Conv2d "
+                "takes LoRAPointwiseConv."
+            )
+        return linear.in_features, linear.out_features
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.linear, nn.Linear):
-            return self.linear(x) + (x @ self.lora_a.T @ self.lora_b.T) * self.scaling
+        return self.linear(x) + (x @ self.lora_a.T @ self.lora_b.T) * self.scaling
+
+
+class LoRAPointwiseConv(LoRALinear):
+    """:class:`LoRALinear` on a pointwise ``nn.Conv2d`` (1x1, one group, no padding) of a (B, C, H, W) feature map.
+
+    Such a convolution is a linear map applied at every pixel; the update is folded into its weight,
+    ``W + (alpha / r) B A``, and one convolution runs. The frozen convolution is kept as ``linear`` (the same
+    state-dict keys as :class:`LoRALinear`).
+    """
+
+    @staticmethod
+    def _features(linear: nn.Module) -> tuple[int, int]:
+        if not _is_pointwise(linear):
+            raise TypeError(f"LoRAPointwiseConv wraps a pointwise (1x1, ungrouped, unpadded) nn.Conv2d, got {linear}.")
+        return linear.in_channels, linear.out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.linear
         weight = conv.weight + (self.lora_b @ self.lora_a * self.scaling)[:, :, None, None]
         return F.conv2d(x, weight, conv.bias, conv.stride, 0, conv.dilation, 1)
@@ -210,6 +241,84 @@ class PromptedBlock(nn.Module):
         return torch.cat([x[:, :n], x[:, n + prompts.shape[1] :]], dim=1)
 
 
+@dataclass(frozen=True)
+class Injection:
+    """Where a method puts its layer in a network, and how it builds it.
+
+    Attributes:
+        pattern: regular expression that the full name of a target module must match
+            (``model.named_modules()`` names, e.g. ``blocks\\.\\d+\\.attn\\.qkv``).
+        layer: ``(target module, model, settings) -> layer`` wrapping it; ``settings`` are the baseline's
+            method settings (``lora_rank``, ``adapter_bottleneck``, ...).
+        where: a further test a target module must pass (e.g. being a pointwise convolution), or ``None``.
+    """
+
+    pattern: str
+    layer: Callable[[nn.Module, nn.Module, dict], nn.Module]
+    where: Callable[[nn.Module], bool] | None = None
+
+
+def inject(model: nn.Module, injection: Injection, settings: dict) -> list[str]:
+    """Replace every submodule of ``model`` that ``injection`` targets by its layer; return the names, in order.
+
+    Modules are visited in ``named_modules()`` order, so layers draw their random initialisation in a fixed order.
+
+    Raises:
+        ValueError: no module of ``model`` matches (the pattern names modules of another architecture).
+    """
+    pattern = re.compile(injection.pattern)
+    names = [
+        name for name, module in model.named_modules()
+        if name and pattern.fullmatch(name) and (injection.where is None or injection.where(module))
+    ]
+    if not names:
+        raise ValueError(f"no module of the {type(model).__name__} matches {injection.pattern!r}.")
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, injection.layer(model.get_submodule(name), model, settings))
+    return names
+
+
+def _block_geometry(block: nn.Module) -> tuple[int, int, int]:
+    """(input channels, output channels, stride) of a CNN block, read from its convolutions."""
+    convs = [m for m in block.modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise TypeError(f"{type(block).__name__} has no convolution; cannot place an adapter beside it.")
+    stride = math.prod(int(c.stride[0]) for c in convs)
+    return convs[0].in_channels, convs[-1].out_channels, stride
+
+
+#: What each method wraps in a timm ``VisionTransformer`` (``full`` and ``linear`` wrap nothing).
+VIT_INJECTIONS: dict[str, Injection] = {
+    "vpt": Injection(
+        r"blocks\.\d+",
+        lambda block, model, s: PromptedBlock(block, model.num_prefix_tokens, s["num_prompts"], model.embed_dim),
+    ),
+    "lora": Injection(
+        r"blocks\.\d+\.attn\.qkv", lambda qkv, model, s: LoRALinear(qkv, s["lora_rank"], s["lora_alpha"])
+    ),
+    "adapter": Injection(
+        r"blocks\.\d+\.mlp",
+        lambda mlp, model, s: ParallelAdapter(mlp, model.embed_dim, s["adapter_bottleneck"], s["adapter_scale"]),
+    ),
+}
+
+#: What each method wraps in a timm EfficientNet-family CNN (``full`` and ``linear`` wrap nothing).
+CNN_INJECTIONS: dict[str, Injection] = {
+    "lora": Injection(
+        r"blocks\..+|conv_head",
+        lambda conv, model, s: LoRAPointwiseConv(conv, s["lora_rank"], s["lora_alpha"]),
+        where=_is_pointwise,
+    ),
+    "adapter": Injection(
+        r"blocks\.\d+\.\d+",
+        lambda block, model, s: ParallelConvAdapter(
+            block, *_block_geometry(block), s["adapter_bottleneck"], s["adapter_scale"]
+        ),
+    ),
+}
+
+
 class _TimmBaseline(nn.Module):
     """What the baselines share: a timm model with a new classifier, the parameter views, train/eval, forward.
 
@@ -293,17 +402,12 @@ class ViTBaseline(_TimmBaseline):
         self.method = method
         self.model = model
         self._new_classifier(num_classes)
-        dim = model.embed_dim
-        if method == "vpt":
-            model.blocks = nn.Sequential(
-                *(PromptedBlock(b, model.num_prefix_tokens, num_prompts, dim) for b in model.blocks)
+        if method in VIT_INJECTIONS:
+            settings = dict(
+                num_prompts=num_prompts, lora_rank=lora_rank, lora_alpha=lora_alpha,
+                adapter_bottleneck=adapter_bottleneck, adapter_scale=adapter_scale,
             )
-        elif method == "lora":
-            for block in model.blocks:
-                block.attn.qkv = LoRALinear(block.attn.qkv, lora_rank, lora_alpha)
-        elif method == "adapter":
-            for block in model.blocks:
-                block.mlp = ParallelAdapter(block.mlp, dim, adapter_bottleneck, adapter_scale)
+            inject(model, VIT_INJECTIONS[method], settings)
         self.img_size = tuple(model.patch_embed.img_size)
         # the input normalisation of the weights, where the bundle's transforms look for it (as on the backbones)
         cfg = getattr(model, "pretrained_cfg", None) or {}
@@ -321,15 +425,6 @@ def check_cnn_method(method: str) -> None:
         )
     if method not in CNN_BASELINE_METHODS:
         raise ValueError(f"method must be one of {CNN_BASELINE_METHODS} on a CNN, got {method!r}.")
-
-
-def _block_geometry(block: nn.Module) -> tuple[int, int, int]:
-    """(input channels, output channels, stride) of a CNN block, read from its convolutions."""
-    convs = [m for m in block.modules() if isinstance(m, nn.Conv2d)]
-    if not convs:
-        raise TypeError(f"{type(block).__name__} has no convolution; cannot place an adapter beside it.")
-    stride = math.prod(int(c.stride[0]) for c in convs)
-    return convs[0].in_channels, convs[-1].out_channels, stride
 
 
 class CNNBaseline(_TimmBaseline):
@@ -374,20 +469,12 @@ class CNNBaseline(_TimmBaseline):
         self.method = method
         self.model = model
         self._new_classifier(num_classes)
-        if method == "lora":
-            classifier = model.get_classifier()
-            for name, module in list(model.named_modules()):
-                if _is_pointwise(module) and module is not classifier:
-                    parent, _, child = name.rpartition(".")
-                    setattr(model.get_submodule(parent), child,
-                            LoRALinear(module, lora_rank, float(lora_rank if lora_alpha is None else lora_alpha)))
-        elif method == "adapter":
-            for stage in model.blocks:
-                for index, block in enumerate(stage):
-                    in_channels, out_channels, stride = _block_geometry(block)
-                    stage[index] = ParallelConvAdapter(
-                        block, in_channels, out_channels, stride, adapter_bottleneck, adapter_scale
-                    )
+        if method in CNN_INJECTIONS:
+            settings = dict(
+                lora_rank=lora_rank, lora_alpha=float(lora_rank if lora_alpha is None else lora_alpha),
+                adapter_bottleneck=adapter_bottleneck, adapter_scale=adapter_scale,
+            )
+            inject(model, CNN_INJECTIONS[method], settings)
         self.img_size = (int(img_size), int(img_size))
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)

@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.utils import ensure_tuple_rep
 
-from fpt_monai.networks.backbones import BackboneShape, FrozenViTBackbone, TimmViTBackbone
+from fpt_monai.networks.backbones import BackboneShape, FrozenBackbone, TimmViTBackbone
 from fpt_monai.networks.fusion import FUSION_VARIANTS, FineGrainedFusion, FineGrainedPrompts
 from fpt_monai.networks.side import SideViT
 
@@ -82,7 +82,7 @@ class FPTNet(nn.Module):
     ``backbone_in_state_dict = True`` for a state dict with everything.
 
     Args:
-        backbone: a :class:`FrozenViTBackbone`, or only its :class:`BackboneShape` to build a network that
+        backbone: a :class:`FrozenBackbone`, or only its :class:`BackboneShape` to build a network that
             trains on preloaded keys/values without the backbone's weights resident (``forward`` then raises).
         num_classes: number of output logits.
         side_img_size: input size of the side network (224 for FPT, 128 for FPT+), int or one per dim.
@@ -104,7 +104,7 @@ class FPTNet(nn.Module):
 
     def __init__(
         self,
-        backbone: FrozenViTBackbone | BackboneShape,
+        backbone: FrozenBackbone | BackboneShape,
         num_classes: int,
         side_img_size: Sequence[int] | int,
         variant: str = "fpt",
@@ -115,14 +115,14 @@ class FPTNet(nn.Module):
         side_only: bool = False,
     ) -> None:
         super().__init__()
-        if isinstance(backbone, FrozenViTBackbone):
-            self.backbone: FrozenViTBackbone | None = backbone
+        if isinstance(backbone, FrozenBackbone):
+            self.backbone: FrozenBackbone | None = backbone
             shape = backbone.shape
         elif isinstance(backbone, BackboneShape):
             self.backbone = None
             shape = backbone
         else:
-            raise TypeError(f"backbone must be a FrozenViTBackbone or a BackboneShape, got {type(backbone).__name__}.")
+            raise TypeError(f"backbone must be a FrozenBackbone or a BackboneShape, got {type(backbone).__name__}.")
         if variant not in FUSION_VARIANTS:
             raise ValueError(f"variant must be one of {FUSION_VARIANTS}, got {variant!r}.")
         if num_classes < 1:
@@ -342,7 +342,7 @@ class MonaiViTPreset(FPTPreset):
     ``model_name`` only describes the architecture (there is no hub); ``img_size``/``side_img_size`` may be an
     int or one value per spatial dim. ``mean``/``std`` are the input normalisation after intensity scaling to
     [0, 1], one value per channel: set them to what the checkpoint's pre-training used.
-    See :mod:`fpt_monai.networks.monai_vit`.
+    See :mod:`fpt_monai.networks.backbones.monai_vit`.
     """
 
     patch_size: int | tuple[int, ...] = 16
@@ -385,13 +385,13 @@ def _preset(preset: str, overrides: dict) -> FPTPreset:
     return replace(PRESETS[preset], **overrides)
 
 
-def create_backbone(preset: str, pretrained: bool | str = True, **overrides) -> FrozenViTBackbone:
+def create_backbone(preset: str, pretrained: bool | str = True, **overrides) -> FrozenBackbone:
     """The frozen backbone of a preset (see :func:`create_fpt` for the arguments)."""
     from fpt_monai.weights import create_timm_vit
 
     config = _preset(preset, overrides)
     if isinstance(config, MonaiViTPreset):
-        from fpt_monai.networks.monai_vit import create_monai_backbone
+        from fpt_monai.networks.backbones.monai_vit import create_monai_backbone
 
         return create_monai_backbone(config, pretrained)
     model = create_timm_vit(config.model_name, img_size=config.img_size, pretrained=pretrained)

@@ -81,7 +81,7 @@ def cache_fingerprint(
     """Fingerprint of a preloading cache and the description it was computed from.
 
     Args:
-        backbone: the frozen backbone (a :class:`~fpt_monai.networks.FrozenViTBackbone`); its shape (input size,
+        backbone: the frozen backbone (a :class:`~fpt_monai.networks.FrozenBackbone`); its shape (input size,
             blocks, token ratio, ...) and weights are part of the identity.
         transforms: the deterministic transforms that produce the backbone's input.
         dtype: storage dtype of the keys/values.

@@ -9,7 +9,7 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform
 from monai.utils import convert_to_tensor
 
-from fpt_monai.networks.backbones import FrozenViTBackbone
+from fpt_monai.networks.backbones import FrozenBackbone
 
 __all__ = ["STORAGE_DTYPES", "storage_dtype", "FrozenBackboneKVd"]
 
@@ -46,7 +46,7 @@ class FrozenBackboneKVd(MapTransform):
     def __init__(
         self,
         keys: KeysCollection,
-        backbone: FrozenViTBackbone,
+        backbone: FrozenBackbone,
         kv_key: str = "kv",
         dtype: str | torch.dtype = "float16",
         device: str | torch.device | None = None,
@@ -55,8 +55,8 @@ class FrozenBackboneKVd(MapTransform):
         super().__init__(keys)
         if len(self.keys) != 1:
             raise ValueError(f"FrozenBackboneKVd takes exactly one image key, got {self.keys}.")
-        if not isinstance(backbone, FrozenViTBackbone):
-            raise TypeError(f"backbone must be a FrozenViTBackbone, got {type(backbone).__name__}.")
+        if not isinstance(backbone, FrozenBackbone):
+            raise TypeError(f"backbone must be a FrozenBackbone, got {type(backbone).__name__}.")
         self.backbone = backbone
         self.kv_key = kv_key
         self.dtype = storage_dtype(dtype)

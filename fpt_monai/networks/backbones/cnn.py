@@ -2,7 +2,7 @@
 
 **An extension of FPT, not part of the papers.** FPT (Huang et al., MICCAI 2024) and FPT+ (IEEE TNNLS 2025)
 take the attention keys/values of a frozen ViT. A CNN has no attention, so this adapter builds the same
-interface (:class:`~fpt_monai.networks.backbones.FrozenViTBackbone`: ``forward(images) -> (B, L, 2, H, k, D)``)
+interface (:class:`~fpt_monai.networks.backbones.FrozenBackbone`: ``forward(images) -> (B, L, 2, H, k, D)``)
 from the feature maps of chosen convolutional blocks:
 
 - **Blocks.** Every residual block of the network (for timm's EfficientNet family: every MBConv / depthwise
@@ -35,13 +35,13 @@ The backbone's own output is unchanged by the extraction; blocks after the last 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fpt_monai.networks.backbones import FrozenViTBackbone
+from fpt_monai.networks.backbones.base import FrozenBackbone
 from fpt_monai.networks.selection import select_important_tokens
 
 __all__ = ["FrozenCNNBackbone", "orthonormal_projection", "projection_buffer_name"]
@@ -70,7 +70,7 @@ def projection_buffer_name(block: int) -> str:
     return f"projection_{block}"
 
 
-class FrozenCNNBackbone(FrozenViTBackbone):
+class FrozenCNNBackbone(FrozenBackbone):
     """Frozen timm EfficientNet-family CNN as an FPT backbone (see the module docstring for the rules).
 
     Works for timm models with ``conv_stem``, ``bn1`` and ``blocks`` (a sequence of stages, each a sequence of
@@ -89,6 +89,8 @@ class FrozenCNNBackbone(FrozenViTBackbone):
         head_dim: width of one head.
         projection_seed: seed of the fixed projections (ignored for blocks whose projection is loaded later
             through :meth:`load_state_dict`).
+        mean: per-channel input normalisation the weights were trained with.
+        std: per-channel input normalisation the weights were trained with.
     """
 
     def __init__(
@@ -101,6 +103,8 @@ class FrozenCNNBackbone(FrozenViTBackbone):
         num_heads: int = 6,
         head_dim: int = 64,
         projection_seed: int = 0,
+        mean: Sequence[float] = (0.5, 0.5, 0.5),
+        std: Sequence[float] = (0.5, 0.5, 0.5),
     ) -> None:
         for attr in ("conv_stem", "bn1", "blocks"):
             if not hasattr(model, attr):
@@ -115,6 +119,8 @@ class FrozenCNNBackbone(FrozenViTBackbone):
             raise ValueError(f"img_size {img_size} must be a positive multiple of grid_stride {grid_stride}.")
         if num_heads < 1 or head_dim < 1:
             raise ValueError(f"num_heads and head_dim must be positive, got {num_heads}, {head_dim}.")
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
         self.grid = img_size // grid_stride
         self.grid_stride = grid_stride
         self.num_heads, self.head_dim = int(num_heads), int(head_dim)
@@ -193,13 +199,8 @@ class FrozenCNNBackbone(FrozenViTBackbone):
         """
         sums: dict[int, list[torch.Tensor]] = {b: [] for b in self.extracted_blocks}
         for images in batches:
-            self.check_input(images)
-            m = self.model
-            x = m.bn1(m.conv_stem(images))
-            for index, block in enumerate(self._transformer_blocks[: self.extracted_blocks[-1] + 1]):
-                x = block(x)
-                if index in sums:
-                    sums[index].append(self.normalised_tokens(x)[:, 0])
+            for index, x in self._extracted_features(images):
+                sums[index].append(self.normalised_tokens(x)[:, 0])
         result = {}
         for b, chunks in sums.items():
             means = torch.cat(chunks)
@@ -221,14 +222,24 @@ class FrozenCNNBackbone(FrozenViTBackbone):
         k_sel, v_sel = select_important_tokens(kv, kv, importance, self.token_ratio)
         return torch.stack((k_sel, v_sel), dim=1)
 
-    def _walk(self, images: torch.Tensor, all_blocks: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _block_outputs(self, images: torch.Tensor, last: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(index, feature map)`` after every block up to ``last``: the one walk through the network."""
         self.check_input(images)
         m = self.model
         x = m.bn1(m.conv_stem(images))
-        last = self.depth - 1 if all_blocks else self.extracted_blocks[-1]
-        selected = []
-        for index, block in enumerate(self._transformer_blocks[: last + 1]):
+        for index, block in enumerate(self._blocks[: last + 1]):
             x = block(x)
+            yield index, x
+
+    def _extracted_features(self, images: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(block, feature map)`` of every extracted block; blocks after the last extracted one are not run."""
+        for index, x in self._block_outputs(images, self.extracted_blocks[-1]):
+            if index in self.extracted_blocks:
+                yield index, x
+
+    def _walk(self, images: torch.Tensor, all_blocks: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        selected = []
+        for index, x in self._block_outputs(images, self.depth - 1 if all_blocks else self.extracted_blocks[-1]):
             if index in self.extracted_blocks:
                 selected.append(self.block_kv(index, x))
         return torch.stack(selected, dim=1), x
@@ -258,12 +269,4 @@ class FrozenCNNBackbone(FrozenViTBackbone):
     @torch.no_grad()
     def block_tokens(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Grid tokens (B, 1 + grid**2, C_l) of every extracted block, as they come (for probes)."""
-        self.check_input(images)
-        m = self.model
-        x = m.bn1(m.conv_stem(images))
-        out = []
-        for index, block in enumerate(self._transformer_blocks[: self.extracted_blocks[-1] + 1]):
-            x = block(x)
-            if index in self.extracted_blocks:
-                out.append(self.to_grid(x))
-        return out
+        return [self.to_grid(x) for _, x in self._extracted_features(images)]

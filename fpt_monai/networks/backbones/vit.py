@@ -1,4 +1,4 @@
-"""Frozen backbone adapters: a pre-trained ViT -> selected keys/values of chosen blocks.
+"""Frozen ViT backbones: a pre-trained ViT -> selected keys/values of chosen blocks.
 
 FPT (Huang et al., MICCAI 2024) and FPT+ (Huang et al., IEEE TNNLS 2025) never train the large pre-trained
 model (LPM). For every "extracted" block l they take the attention keys K_l and values V_l the block computes
@@ -16,57 +16,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from monai.utils import ensure_tuple_rep
 
-from fpt_monai.networks.selection import mean_received_attention, num_selected_tokens, select_important_tokens
-from fpt_monai.utils import state_dict_sha256
+from fpt_monai._compat import timm_vit_tokens
+from fpt_monai.networks.backbones.base import FrozenBackbone
+from fpt_monai.networks.selection import mean_received_attention, select_important_tokens
 
-__all__ = ["BackboneShape", "FrozenViTBackbone", "TimmViTBackbone", "MonaiViTBackbone", "state_dict_sha256"]
-
-
-@dataclass(frozen=True)
-class BackboneShape:
-    """Everything the trainable FPT parts need to know about a frozen backbone (no weights).
-
-    A network built from a shape alone can train on preloaded keys/values without the backbone resident.
-
-    Attributes:
-        spatial_dims: 2 for images, 3 for volumes.
-        in_channels: image channels the backbone takes.
-        img_size: high-resolution input size, one entry per spatial dim.
-        patch_size: patch size, one entry per spatial dim.
-        embed_dim: backbone width (768 for ViT-B).
-        num_heads: attention heads per block (12 for ViT-B).
-        head_dim: width of one head (64 for ViT-B).
-        num_tokens: sequence length N, prefix (class) tokens included (1025 for ViT-B/16 at 512).
-        blocks: indices of the extracted backbone blocks, in order.
-        token_ratio: fraction of the N tokens kept per block and head.
-    """
-
-    spatial_dims: int
-    in_channels: int
-    img_size: tuple[int, ...]
-    patch_size: tuple[int, ...]
-    embed_dim: int
-    num_heads: int
-    head_dim: int
-    num_tokens: int
-    blocks: tuple[int, ...]
-    token_ratio: float
-
-    @property
-    def num_selected_tokens(self) -> int:
-        """Tokens kept per block and head: ``int(num_tokens * token_ratio)``."""
-        return num_selected_tokens(self.num_tokens, self.token_ratio)
-
-    @property
-    def kv_shape(self) -> tuple[int, int, int, int, int]:
-        """Shape of the selected keys/values of one image: (blocks, 2, heads, selected tokens, head dim)."""
-        return (len(self.blocks), 2, self.num_heads, self.num_selected_tokens, self.head_dim)
+__all__ = ["FrozenViTBackbone", "TimmViTBackbone", "MonaiViTBackbone"]
 
 
 def _exporting() -> bool:
@@ -74,72 +33,15 @@ def _exporting() -> bool:
     return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
 
 
-class FrozenViTBackbone(nn.Module):
-    """Base class: a frozen ViT that returns the selected keys/values of its extracted blocks.
+class FrozenViTBackbone(FrozenBackbone):
+    """A frozen ViT as a :class:`~fpt_monai.networks.backbones.base.FrozenBackbone`: keys/values from attention.
 
-    The wrapped model is put in eval mode, its parameters get ``requires_grad=False``, and every forward runs
-    under ``torch.no_grad()``, so no activation is ever kept for backward. ``train()`` cannot switch it back
-    to training mode.
-
-    Subclasses implement :meth:`embed`, :meth:`attention_inputs`, :meth:`finish_block` and :meth:`final_norm`
-    for their block layout, and fill :attr:`shape`.
-
-    Args:
-        model: the pre-trained ViT (already at the high input resolution).
-        transformer_blocks: the model's blocks, in order.
-        blocks: indices of the blocks whose keys/values are extracted; ``None`` extracts all of them.
-        token_ratio: fraction of tokens kept per block and head (0.2 in the papers).
+    Every forward runs under ``torch.no_grad()``, so no activation is ever kept for backward. Subclasses
+    implement :meth:`embed`, :meth:`attention_inputs`, :meth:`finish_block` and :meth:`final_norm` for their
+    block layout, and fill ``shape``, ``mean`` and ``std``. The constructor is the base class's, with the
+    ViT's transformer blocks as ``blocks_in_order``.
     """
 
-    shape: BackboneShape
-
-    def __init__(
-        self, model: nn.Module, transformer_blocks: Sequence[nn.Module], blocks: Sequence[int] | None, token_ratio
-    ) -> None:
-        super().__init__()
-        self.model = model
-        self.model.requires_grad_(False)
-        depth = len(transformer_blocks)
-        blocks = tuple(range(depth)) if blocks is None else tuple(int(b) for b in blocks)
-        if not blocks:
-            raise ValueError("blocks must name at least one backbone block to extract.")
-        if any(b < 0 or b >= depth for b in blocks):
-            raise ValueError(f"blocks {blocks} out of range for a backbone with {depth} blocks (0..{depth - 1}).")
-        if list(blocks) != sorted(set(blocks)):
-            raise ValueError(f"blocks must be strictly increasing without repeats, got {blocks}.")
-        if not 0.0 < token_ratio <= 1.0:
-            raise ValueError(f"token_ratio must be in (0, 1], got {token_ratio}.")
-        self._transformer_blocks = list(transformer_blocks)
-        self.extracted_blocks = blocks
-        self.token_ratio = float(token_ratio)
-        self.train(False)
-
-    def train(self, mode: bool = True) -> FrozenViTBackbone:
-        """The backbone stays in eval mode whatever ``mode`` is (it is frozen: no dropout, no drop-path)."""
-        return super().train(False)
-
-    def _set_shape(self, **fields) -> None:
-        self.shape = BackboneShape(blocks=self.extracted_blocks, token_ratio=self.token_ratio, **fields)
-        self.shape.num_selected_tokens  # raises when the ratio keeps no token of this sequence
-
-    @property
-    def depth(self) -> int:
-        """Number of transformer blocks in the backbone."""
-        return len(self._transformer_blocks)
-
-    def weights_digest(self) -> str:
-        """SHA-256 of the backbone's state dict (names, dtypes, shapes and bytes of every tensor, in order).
-
-        It identifies the frozen weights in cache fingerprints and checkpoints. Hashing ViT-B takes ~0.3 s, so
-        the value is kept until a tensor is replaced or modified in place (tracked by storage and version).
-        """
-        state = self.state_dict(keep_vars=True)
-        key = tuple((name, t.data_ptr(), t._version, t.dtype, tuple(t.shape)) for name, t in state.items())
-        cached = getattr(self, "_weights_digest_cache", None)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        self._weights_digest_cache = (key, state_dict_sha256(state))
-        return self._weights_digest_cache[1]
 
     # -- hooks for a concrete block layout ---------------------------------------------------------------
     def embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -161,15 +63,6 @@ class FrozenViTBackbone(nn.Module):
         raise NotImplementedError
 
     # -- the walk through the blocks, shared by every layout ------------------------------------------
-    def check_input(self, images: torch.Tensor) -> None:
-        """Raise a clear error when ``images`` is not (B, in_channels, *img_size)."""
-        expected = (self.shape.in_channels, *self.shape.img_size)
-        if images.ndim != self.shape.spatial_dims + 2 or tuple(images.shape[1:]) != expected:
-            raise ValueError(
-                f"the frozen backbone expects images of shape (B, {', '.join(map(str, expected))}), "
-                f"got {tuple(images.shape)}; resize the high-resolution view to {self.shape.img_size}."
-            )
-
     @staticmethod
     def _attend_and_rank(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, scale: float
@@ -194,7 +87,7 @@ class FrozenViTBackbone(nn.Module):
         for b in range(q.shape[0]):
             for h in range(q.shape[1]):
                 torch.mm(q[b, h], k[b, h].transpose(-2, -1), out=attention)
-                torch._softmax(attention, -1, False, out=attention)  # row-wise, so in place is exact
+                torch.softmax(attention, -1, out=attention)  # row-wise, so in place is exact
                 if context is not None:
                     torch.mm(attention, v[b, h], out=context[b, h])
                 torch.sum(attention, dim=0, out=importance[b, h])
@@ -229,7 +122,7 @@ class FrozenViTBackbone(nn.Module):
         x = self.embed(images)
         selected = []
         last = self.depth - 1 if all_blocks else self.extracted_blocks[-1]
-        for index, block in enumerate(self._transformer_blocks[: last + 1]):
+        for index, block in enumerate(self._blocks[: last + 1]):
             if index in self.extracted_blocks:
                 # Of the last block only its keys, values and importance are needed unless the backbone's own
                 # output is asked for: its attention output, projection and MLP (1/12 of ViT-B/16) are skipped.
@@ -307,8 +200,7 @@ class TimmViTBackbone(FrozenViTBackbone):
         )
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        m = self.model
-        return m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(images))))
+        return timm_vit_tokens(self.model, images)
 
     def attention_inputs(self, block, x):
         attn = block.attn
@@ -370,7 +262,7 @@ class MonaiViTBackbone(FrozenViTBackbone):
                 )
         patch_embedding = model.patch_embedding
         conv = patch_embedding.patch_embeddings
-        spatial_dims = conv.weight.ndim - 2 if isinstance(conv, nn.modules.conv._ConvNd) else None
+        spatial_dims = conv.weight.ndim - 2 if isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) else None
         if spatial_dims is None:
             raise TypeError("MonaiViTBackbone supports the ViT's conv patch embedding (proj_type='conv') only.")
         img_size = ensure_tuple_rep(img_size, spatial_dims)

@@ -26,7 +26,7 @@ from typing import Any
 import torch.nn as nn
 from monai.utils import ensure_tuple_rep
 
-from fpt_monai.networks.backbones import MonaiViTBackbone
+from fpt_monai.networks.backbones.vit import MonaiViTBackbone
 
 __all__ = ["create_monai_vit", "create_monai_backbone"]
 
