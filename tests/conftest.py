@@ -1,6 +1,12 @@
-"""Shared fixtures: tiny backbones so the suite runs in minutes on 2 CPU cores."""
+"""Shared fixtures: tiny backbones so the suite runs in minutes on 2 CPU cores.
+
+The tests mirror the package (``tests/networks``, ``tests/data``, ...); end-to-end runs (bundle, distributed,
+resume, 3D) live in ``tests/integration`` and carry the ``slow`` marker: ``pytest -m "not slow"`` is the quick loop.
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -40,3 +46,12 @@ TINY_BUNDLE = {
     "num_workers": 0,
     "learning_rate": 0.001,
 }
+
+
+_INTEGRATION = Path(__file__).parent / "integration"
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _INTEGRATION in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.slow)

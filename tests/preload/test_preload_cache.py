@@ -17,7 +17,7 @@ from fpt_monai.preload import PreloadHandler, read_entry, write_entry
 from fpt_monai.preload.dataset import CorruptCacheEntryError, KVCacheDataset
 from preload_setup import make_dataset, make_transforms, make_backbone, write_images
 
-TESTS = Path(__file__).parent
+TESTS = Path(__file__).resolve().parents[1]  # tests/: conftest.py, preload_setup.py
 
 
 @pytest.fixture

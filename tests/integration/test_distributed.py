@@ -26,7 +26,7 @@ from fpt_monai.preload import read_entry
 from fpt_monai.preload.handler import _preload_sharded
 from preload_setup import make_dataset, write_images
 
-TESTS = Path(__file__).parent
+TESTS = Path(__file__).resolve().parents[1]  # tests/: conftest.py, preload_setup.py
 # Shuffling, augmentation and dropout draw different random numbers in one process than in two, so the runs
 # compared here switch them off: then both see the same global batches and only float rounding differs.
 DETERMINISTIC = {

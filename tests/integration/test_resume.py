@@ -35,7 +35,7 @@ from fpt_monai.engine import (
 from fpt_monai.preload import read_entry
 from preload_setup import make_dataset, write_images
 
-TESTS = Path(__file__).parent
+TESTS = Path(__file__).resolve().parents[1]  # tests/: conftest.py, preload_setup.py
 # ViT-Ti at 64 px, side view 32; 6 training images in batches of 2: 3 iterations per epoch
 TINY = {
     "preset": "fpt_tiny",
