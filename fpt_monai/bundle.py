@@ -104,9 +104,15 @@ def run_demo(work_dir: str | os.PathLike = "fpt_demo", evaluate: bool = True, me
     logging_file = str(bundle_dir() / "configs" / "logging.conf")
     common = {"bundle_root": str(work_dir), **overrides}
     if overrides.get("check_overrides", True):  # refuse typos and mistyped values before any work
-        from fpt_monai.config_check import check_overrides
+        from fpt_monai.config_check import ConfigOverrideError, check_overrides
 
-        check_overrides(config_files(*(evaluate_names if evaluate else train_names)), overrides)
+        try:
+            check_overrides(config_files(*train_names), overrides)
+        except ConfigOverrideError as error:
+            if not evaluate:
+                raise
+            # an override must fit one of the two runs: `--checkpoints#...` is the evaluation's, `--resume` training's
+            check_overrides(config_files(*evaluate_names), {key: overrides[key] for key in error.problems})
     train = ConfigWorkflow(
         config_file=config_files(*train_names), meta_file=meta, logging_file=logging_file, workflow_type="train",
         **common,

@@ -1,7 +1,8 @@
 """Shared fixtures: tiny backbones so the suite runs in minutes on 2 CPU cores.
 
 The tests mirror the package (``tests/networks``, ``tests/data``, ...); end-to-end runs (bundle, distributed,
-resume, 3D) live in ``tests/integration`` and carry the ``slow`` marker: ``pytest -m "not slow"`` is the quick loop.
+resume, 3D) live in ``tests/integration`` and, with the benchmarks' tests, carry the ``slow`` marker:
+``pytest -m "not slow"`` is the quick loop.
 """
 
 from __future__ import annotations
@@ -48,10 +49,11 @@ TINY_BUNDLE = {
 }
 
 
-_INTEGRATION = Path(__file__).parent / "integration"
+#: Folders whose tests are slow: end-to-end runs, and the benchmarks' own tests (not the library's).
+_SLOW = (Path(__file__).parent / "integration", Path(__file__).parent / "benchmarks")
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if _INTEGRATION in Path(item.fspath).parents:
+        if any(folder in Path(item.fspath).parents for folder in _SLOW):
             item.add_marker(pytest.mark.slow)
