@@ -36,9 +36,9 @@ def ddp_ignore(module: nn.Module, names: list[str]) -> None:
     """
     from torch.nn.parallel import DistributedDataParallel
 
-    _private(
-        DistributedDataParallel, "_set_params_and_buffers_to_ignore_for_model", "torch", torch.__version__
-    )(module, names)
+    _private(DistributedDataParallel, "_set_params_and_buffers_to_ignore_for_model", "torch", torch.__version__)(
+        module, names
+    )
 
 
 def timm_vit_tokens(model: nn.Module, images: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Sequence
 from pathlib import Path
 
 import fpt_monai
@@ -114,7 +113,10 @@ def run_demo(work_dir: str | os.PathLike = "fpt_demo", evaluate: bool = True, me
             # an override must fit one of the two runs: `--checkpoints#...` is the evaluation's, `--resume` training's
             check_overrides(config_files(*evaluate_names), {key: overrides[key] for key in error.problems})
     train = ConfigWorkflow(
-        config_file=config_files(*train_names), meta_file=meta, logging_file=logging_file, workflow_type="train",
+        config_file=config_files(*train_names),
+        meta_file=meta,
+        logging_file=logging_file,
+        workflow_type="train",
         **common,
     )
     train.initialize()
@@ -123,7 +125,10 @@ def run_demo(work_dir: str | os.PathLike = "fpt_demo", evaluate: bool = True, me
     if not evaluate:
         return {}
     evaluation = ConfigWorkflow(
-        config_file=config_files(*evaluate_names), meta_file=meta, logging_file=logging_file, workflow_type="train",
+        config_file=config_files(*evaluate_names),
+        meta_file=meta,
+        logging_file=logging_file,
+        workflow_type="train",
         **common,
     )
     evaluation.initialize()
@@ -173,7 +178,9 @@ def export_bundle(output_dir: str | os.PathLike, overwrite: bool = False) -> Pat
             shutil.copy2(path, output_dir / name)
     package = Path(fpt_monai.__file__).resolve().parent
     shutil.copytree(
-        package, output_dir / "scripts" / "fpt_monai", ignore=shutil.ignore_patterns("__pycache__", "*.pyc", BUNDLE_FILES)
+        package,
+        output_dir / "scripts" / "fpt_monai",
+        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", BUNDLE_FILES),
     )
     (output_dir / "scripts" / "__init__.py").write_text(_SCRIPTS_INIT)
     for config in sorted((output_dir / "configs").glob("*.json")):

@@ -124,19 +124,35 @@ class Commands:
             result.update(rank=rank, world_size=world_size)
         for split in splits:
             dataset = make_fpt_dataset(
-                make_datalist(dataset_dir, split), backbone.shape.img_size, PRESETS[preset].side_img_size,
-                mean, std, train=False, backbone=backbone, cache_dir=cache_dir, kv_dtype=dtype,
+                make_datalist(dataset_dir, split),
+                backbone.shape.img_size,
+                PRESETS[preset].side_img_size,
+                mean,
+                std,
+                train=False,
+                backbone=backbone,
+                cache_dir=cache_dir,
+                kv_dtype=dtype,
             )
             report = dataset.preload(batch_size=batch_size, num_workers=num_workers, rank=rank, world_size=world_size)
             entries = sorted(dataset.cache_dir.glob("*.safetensors"))
             result["splits"][split] = {**report, "cache_dir": str(dataset.cache_dir)}
             if entries:
                 result["entry_bytes"] = entries[0].stat().st_size
-        result["kv_bytes"] = math.prod(backbone.shape.kv_shape) * torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+        result["kv_bytes"] = (
+            math.prod(backbone.shape.kv_shape) * torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+        )
         print(json.dumps(result, indent=2))
 
-    def sample_data(self, output_dir: str = "fpt_sample", num_train: int = 240, num_val: int = 90, num_test: int = 90,
-                    image_size: int = 512, seed: int = 0) -> None:
+    def sample_data(
+        self,
+        output_dir: str = "fpt_sample",
+        num_train: int = 240,
+        num_val: int = 90,
+        num_test: int = 90,
+        image_size: int = 512,
+        seed: int = 0,
+    ) -> None:
         """Create the offline sample dataset (fundus photographs graded by counting tiny lesions).
 
         Reuses an existing folder made with the same settings. See :mod:`fpt_monai.data.sample`.
@@ -144,12 +160,20 @@ class Commands:
         from fpt_monai.data import make_sample_dataset
 
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-        path = make_sample_dataset(output_dir, num_train=num_train, num_val=num_val, num_test=num_test,
-                                   image_size=image_size, seed=seed)
+        path = make_sample_dataset(
+            output_dir, num_train=num_train, num_val=num_val, num_test=num_test, image_size=image_size, seed=seed
+        )
         print(path)
 
-    def sample_data_3d(self, output_dir: str = "fpt_sample_3d", num_train: int = 60, num_val: int = 30,
-                       num_test: int = 30, volume_size: int = 64, seed: int = 0) -> None:
+    def sample_data_3d(
+        self,
+        output_dir: str = "fpt_sample_3d",
+        num_train: int = 60,
+        num_val: int = 30,
+        num_test: int = 30,
+        volume_size: int = 64,
+        seed: int = 0,
+    ) -> None:
         """Create the offline 3D sample dataset (CT-like NIfTI volumes graded by counting tiny bright spots).
 
         Reuses an existing folder made with the same settings. See :mod:`fpt_monai.data.sample3d`.
@@ -157,8 +181,9 @@ class Commands:
         from fpt_monai.data import make_sample_dataset_3d
 
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-        path = make_sample_dataset_3d(output_dir, num_train=num_train, num_val=num_val, num_test=num_test,
-                                      volume_size=volume_size, seed=seed)
+        path = make_sample_dataset_3d(
+            output_dir, num_train=num_train, num_val=num_val, num_test=num_test, volume_size=volume_size, seed=seed
+        )
         print(path)
 
     def demo(self, work_dir: str = "fpt_demo", method: str = "fpt", **overrides) -> None:

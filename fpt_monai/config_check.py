@@ -38,12 +38,25 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BUNDLE_RUN_ARGUMENTS", "ConfigOverrideError", "check_command_line", "check_overrides",
-           "command_line_overrides"]
+__all__ = [
+    "BUNDLE_RUN_ARGUMENTS",
+    "ConfigOverrideError",
+    "check_command_line",
+    "check_overrides",
+    "command_line_overrides",
+]
 
 #: Arguments of ``monai.bundle run`` that are not config overrides.
-BUNDLE_RUN_ARGUMENTS = ("run_id", "init_id", "final_id", "meta_file", "config_file", "logging_file", "tracking",
-                        "args_file")
+BUNDLE_RUN_ARGUMENTS = (
+    "run_id",
+    "init_id",
+    "final_id",
+    "meta_file",
+    "config_file",
+    "logging_file",
+    "tracking",
+    "args_file",
+)
 #: Keys of the FPT bundle that accept more than the type of their default value.
 FPT_EXTRA_TYPES: dict[str, tuple[type, ...]] = {"pretrained": (bool, str)}
 
@@ -83,8 +96,11 @@ class ConfigOverrideError(ValueError):
     """Overrides naming keys the config does not have, or values of the wrong type; ``problems`` lists them."""
 
     def __init__(self, message: str, problems: dict[str, str]) -> None:
-        super().__init__(message)
+        super().__init__(message, problems)  # both in args: the error pickles (multi-process runs)
         self.problems = problems
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 def _is_expression(value: Any) -> bool:

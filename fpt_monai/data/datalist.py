@@ -20,7 +20,6 @@ __all__ = [
 ]
 
 
-
 def _is_image(path: Path) -> bool:
     """An image file by its suffix; a broken symbolic link too, so that the data check names it."""
     name = path.name.lower()
@@ -58,7 +57,9 @@ def folder_datalist(
     root = Path(dataset_dir) / split
     if not root.is_dir():
         raise FileNotFoundError(f"no '{split}' folder in {dataset_dir} (expected {root}/<class name>/<{items_name}>).")
-    unknown = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in classes and not p.name.startswith("."))
+    unknown = sorted(
+        p.name for p in root.iterdir() if p.is_dir() and p.name not in classes and not p.name.startswith(".")
+    )
     if unknown:
         raise ValueError(f"{root} has class folders {unknown} that train/ does not have ({classes}).")
     return [
@@ -81,7 +82,7 @@ def _read_json_datalist(path: Path) -> dict:
         raise ValueError(f"datalist {path} is not valid JSON: {err}") from err
     if not isinstance(content, dict):
         raise ValueError(
-            f"datalist {path} must be a JSON object {{\"train\": [...], \"val\": [...], ...}}, got a {type(content).__name__}."
+            f'datalist {path} must be a JSON object {{"train": [...], "val": [...], ...}}, got a {type(content).__name__}.'
         )
     return content
 
@@ -147,8 +148,11 @@ def dataset_classes(dataset_dir: str | os.PathLike) -> list[str]:
         return [str(c) for c in classes]
     # only well-formed integer labels count here; validate_datalist reports the others by item
     labels = [
-        item["label"] for item in json_datalist(path, "train", strict=False)
-        if isinstance(item, dict) and isinstance(item.get("label"), int) and not isinstance(item["label"], bool)
+        item["label"]
+        for item in json_datalist(path, "train", strict=False)
+        if isinstance(item, dict)
+        and isinstance(item.get("label"), int)
+        and not isinstance(item["label"], bool)
         and item["label"] >= 0
     ]
     if not labels:
@@ -204,6 +208,6 @@ def check_class_names(
         if found != names:
             raise ValueError(
                 f"the dataset {dataset_dir} has the classes {found}, but the config's class_names are {names}: "
-                f"pass --class_names \"{found}\" --num_classes {len(found)}."
+                f'pass --class_names "{found}" --num_classes {len(found)}.'
             )
     return names

@@ -41,7 +41,10 @@ def fpt_transforms(
     The side view ends under ``image_key``. ``reader``: options of the image reading
     (:class:`~fpt_monai.data.readers.LoadImageRGBd`: volume slice, DICOM window, value range).
     """
-    high_res = [CopyItemsd(image_key, names=high_res_key), *load_and_normalize(high_res_key, img_size, mean, std, reader)]
+    high_res = [
+        CopyItemsd(image_key, names=high_res_key),
+        *load_and_normalize(high_res_key, img_size, mean, std, reader),
+    ]
     if backbone is not None:
         high_res.append(FrozenBackboneKVd(high_res_key, backbone, kv_key="kv", dtype=kv_dtype))
     # the source path travels with the item (as "filename") for per-image reports

@@ -384,7 +384,9 @@ def _dicom_to_unit_rgb(
 
 
 # -- NIfTI ------------------------------------------------------------------------------------------
-def _read_nifti(path: Any, volume_slice: int | str, volume_axis: int, value_range: Sequence[float] | None) -> np.ndarray:
+def _read_nifti(
+    path: Any, volume_slice: int | str, volume_axis: int, value_range: Sequence[float] | None
+) -> np.ndarray:
     import nibabel as nib
 
     try:

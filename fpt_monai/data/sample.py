@@ -88,7 +88,9 @@ class SampleFundusSpec:
 
     def __post_init__(self) -> None:
         if len(self.lesions_per_grade) != len(SAMPLE_CLASSES):
-            raise ValueError(f"lesions_per_grade needs {len(SAMPLE_CLASSES)} (min, max) pairs, got {self.lesions_per_grade}.")
+            raise ValueError(
+                f"lesions_per_grade needs {len(SAMPLE_CLASSES)} (min, max) pairs, got {self.lesions_per_grade}."
+            )
         if max(high for _, high in self.lesions_per_grade) > self.spots_per_image[0]:
             raise ValueError("spots_per_image must be at least the largest lesion count, so every grade has blots.")
         if self.image_size < 64:
@@ -122,7 +124,9 @@ def _gaussian_spots(size: int, centres: np.ndarray, sigmas: np.ndarray, amplitud
     return field
 
 
-def render_sample_image(spec: SampleFundusSpec, grade: int, rng: np.random.Generator, photo: torch.Tensor) -> np.ndarray:
+def render_sample_image(
+    spec: SampleFundusSpec, grade: int, rng: np.random.Generator, photo: torch.Tensor
+) -> np.ndarray:
     """One (size, size, 3) uint8 fundus image of ``grade`` (see the module docstring).
 
     Args:
@@ -158,11 +162,13 @@ def render_sample_image(spec: SampleFundusSpec, grade: int, rng: np.random.Gener
     num_spots = int(rng.integers(spec.spots_per_image[0], spec.spots_per_image[1] + 1))
     margin = int(np.ceil(8 * scale))
     candidates = torch.nonzero(fundus[margin:-margin, margin:-margin]).numpy() + margin
-    centres = candidates[rng.choice(len(candidates), size=num_spots, replace=False)] + rng.uniform(-0.5, 0.5, (num_spots, 2))
+    centres = candidates[rng.choice(len(candidates), size=num_spots, replace=False)] + rng.uniform(
+        -0.5, 0.5, (num_spots, 2)
+    )
     lesion = np.arange(num_spots) < num_lesions
-    sigmas = np.where(
-        lesion, rng.uniform(*spec.lesion_sigma, num_spots), rng.uniform(*spec.blot_sigma, num_spots)
-    ) * scale
+    sigmas = (
+        np.where(lesion, rng.uniform(*spec.lesion_sigma, num_spots), rng.uniform(*spec.blot_sigma, num_spots)) * scale
+    )
     contrast = rng.uniform(*spec.lesion_contrast, num_spots)
     reference_sigma = rng.uniform(*spec.lesion_sigma, num_spots) * scale  # blots match a lesion's total darkening
     amplitudes = np.where(lesion, contrast, contrast * (reference_sigma / sigmas) ** 2)
@@ -179,7 +185,9 @@ def _record(spec: SampleFundusSpec) -> dict:
     return {"generator_version": SAMPLE_GENERATOR_VERSION, "classes": list(SAMPLE_CLASSES), "spec": asdict(spec)}
 
 
-def make_sample_dataset(output_dir: str | os.PathLike, spec: SampleFundusSpec | None = None, progress: bool = True, **spec_fields) -> Path:
+def make_sample_dataset(
+    output_dir: str | os.PathLike, spec: SampleFundusSpec | None = None, progress: bool = True, **spec_fields
+) -> Path:
     """Create (or reuse) the sample dataset in ``output_dir`` and return that folder.
 
     Args:
@@ -191,7 +199,9 @@ def make_sample_dataset(output_dir: str | os.PathLike, spec: SampleFundusSpec | 
     from PIL import Image
 
     if spec is None:
-        spec = SampleFundusSpec(**{k: tuple(map(tuple, v)) if k == "lesions_per_grade" else v for k, v in spec_fields.items()})
+        spec = SampleFundusSpec(
+            **{k: tuple(map(tuple, v)) if k == "lesions_per_grade" else v for k, v in spec_fields.items()}
+        )
     elif spec_fields:
         raise ValueError("give either spec or spec fields, not both.")
     output_dir = Path(output_dir).expanduser().absolute()

@@ -51,8 +51,11 @@ class DatalistError(ValueError):
     """Bad items or an unusable split; ``problems`` lists them (``{"split", "index", "image", "problem"}``)."""
 
     def __init__(self, message: str, problems: list[dict]) -> None:
-        super().__init__(message)
+        super().__init__(message, problems)  # both in args: the error pickles (multi-process runs)
         self.problems = problems
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 def _describe_label(label: Any) -> str:
@@ -222,7 +225,8 @@ def validate_datalist(
 
     # image files: checked concurrently (file access and decoding)
     unique = {
-        index: path for index, path in paths.items()
+        index: path
+        for index, path in paths.items()
         if not any(reason.startswith("duplicate") for reason in problems.get(index, []))
     }
     with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
@@ -251,7 +255,9 @@ def validate_datalist(
             if count == 0:
                 where = "no items" if not item_problems else "no usable items"
                 split_problems.append(f"class {name!r} (label {label}) has {where}")
-    all_problems = item_problems + [{"split": split, "index": None, "image": None, "problem": p} for p in split_problems]
+    all_problems = item_problems + [
+        {"split": split, "index": None, "image": None, "problem": p} for p in split_problems
+    ]
 
     seconds = time.perf_counter() - start
     report = {
@@ -260,8 +266,12 @@ def validate_datalist(
         "good": len(good),
         "bad": len(item_problems),
         "on_error": on_error,
-        "settings": {"min_size": min_size, "decode": decode, "require_every_class": require_every_class and labelled,
-                     "classes": classes if labelled else None},
+        "settings": {
+            "min_size": min_size,
+            "decode": decode,
+            "require_every_class": require_every_class and labelled,
+            "classes": classes if labelled else None,
+        },
         "problems": all_problems,
         "seconds": round(seconds, 3),
     }
@@ -288,7 +298,11 @@ def validate_datalist(
         raise DatalistError(f"{header}{where}:\n" + "\n".join(lines) + f"\n{advice}", all_problems)
     if item_problems:
         logger.warning(
-            "datalist '%s': skipped %d bad items of %d%s:\n%s", split, len(item_problems), len(datalist), where,
+            "datalist '%s': skipped %d bad items of %d%s:\n%s",
+            split,
+            len(item_problems),
+            len(datalist),
+            where,
             "\n".join(f"  item {p['index']} ({p['image'] or 'no file'}): {p['problem']}" for p in item_problems),
         )
     logger.info("datalist '%s': %d items checked in %.1f s, %d kept", split, len(datalist), seconds, len(good))
@@ -329,8 +343,16 @@ def readable_datalist(
         DatalistError: when no item is readable (or the list is empty), naming every file and its problem.
     """
     return validate_datalist(
-        datalist, None, split=split, min_size=min_size, on_error="skip", report_path=report_path, decode=decode,
-        reader=reader, num_threads=num_threads, image_key=image_key,
+        datalist,
+        None,
+        split=split,
+        min_size=min_size,
+        on_error="skip",
+        report_path=report_path,
+        decode=decode,
+        reader=reader,
+        num_threads=num_threads,
+        image_key=image_key,
     )
 
 

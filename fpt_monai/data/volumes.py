@@ -273,7 +273,11 @@ def fpt_transforms_3d(
         side += [
             RandFlipd(image_key, prob=0.5, spatial_axis=0),
             RandAffined(
-                image_key, prob=0.5, rotate_range=(math.pi / 18,) * 3, scale_range=(0.1,) * 3, mode="bilinear",
+                image_key,
+                prob=0.5,
+                rotate_range=(math.pi / 18,) * 3,
+                scale_range=(0.1,) * 3,
+                mode="bilinear",
                 padding_mode="border",
             ),
             RandScaleIntensityd(image_key, factors=0.1, prob=0.5),

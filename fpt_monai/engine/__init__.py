@@ -10,7 +10,12 @@ from fpt_monai.engine.checkpoint import (
 )
 from fpt_monai.engine.evaluation import evaluate_checkpoints, load_weights
 from fpt_monai.engine.guards import NonFiniteLossError, NonFiniteLossGuard
-from fpt_monai.engine.handlers import ClassificationReport, GradientNormClipping, ProgressBarHandler, write_training_scalars
+from fpt_monai.engine.handlers import (
+    ClassificationReport,
+    GradientNormClipping,
+    ProgressBarHandler,
+    write_training_scalars,
+)
 from fpt_monai.engine.metrics import MacroF1, QuadraticWeightedKappa, classification_output
 from fpt_monai.engine.resume import EpochSeeder, attach_resume, epoch_seed, latest_checkpoint, resume_objects
 

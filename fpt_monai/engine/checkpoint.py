@@ -205,8 +205,9 @@ class SafeCheckpointLoader(CheckpointLoader):
         what: str = "checkpoint",
         advice: str | None = None,
     ) -> None:
-        super().__init__(load_path, load_dict, name=name, map_location=map_location, strict=strict,
-                         strict_shape=strict_shape)
+        super().__init__(
+            load_path, load_dict, name=name, map_location=map_location, strict=strict, strict_shape=strict_shape
+        )
         self.allow_missing_backbone_digest = bool(allow_missing_backbone_digest)
         self.what, self.advice = what, advice
 

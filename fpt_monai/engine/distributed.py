@@ -134,7 +134,11 @@ def init_distributed(
 
     logger.info(  # the local rank as ignite sees it: it picks the device of ignite's metric collectives
         "process %d of %d (local rank %d on %s), backend %s",
-        dist.get_rank(), dist.get_world_size(), idist.get_local_rank(), os.uname().nodename, backend,
+        dist.get_rank(),
+        dist.get_world_size(),
+        idist.get_local_rank(),
+        os.uname().nodename,
+        backend,
     )
     if quiet_other_ranks and dist.get_rank() > 0:
         logging.disable(logging.INFO)  # every logger, whatever its own level: INFO and below are dropped
@@ -242,10 +246,7 @@ def distributed_sampler(dataset, shuffle: bool, even_divisible: bool, seed: int 
 
 
 def wrap_ddp(
-    network: nn.Module,
-    device: torch.device | str | None = None,
-    frozen: Sequence[str] = ("backbone",),
-    **ddp_options,
+    network: nn.Module, device: torch.device | str | None = None, frozen: Sequence[str] = ("backbone",), **ddp_options
 ) -> DistributedDataParallel:
     """Wrap ``network`` in ``DistributedDataParallel`` for what learns; the frozen submodules stay out of DDP.
 

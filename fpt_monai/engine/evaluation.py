@@ -20,9 +20,7 @@ __all__ = ["evaluate_checkpoints", "load_weights"]
 logger = logging.getLogger(__name__)
 
 
-def load_weights(
-    network: nn.Module, path: str | os.PathLike, allow_missing_backbone_digest: bool = False
-) -> nn.Module:
+def load_weights(network: nn.Module, path: str | os.PathLike, allow_missing_backbone_digest: bool = False) -> nn.Module:
     """Load a trained checkpoint into ``network`` (a DDP wrapper's module too) and return the network.
 
     The file is read with :func:`~fpt_monai.engine.load_checkpoint` (``torch.load(weights_only=True)``: no
@@ -99,7 +97,8 @@ def evaluate_checkpoints(
         report.extra = {"checkpoint": str(Path(path).resolve()), "checkpoint_name": name}
         evaluator.run()
         results[name] = {
-            key: float(value) for key, value in evaluator.state.metrics.items()
+            key: float(value)
+            for key, value in evaluator.state.metrics.items()
             # numbers.Real: numpy scalars too (MONAI's ROCAUC gives a numpy.float32, not a float)
             if isinstance(value, numbers.Real) or (isinstance(value, torch.Tensor) and value.numel() == 1)
         }

@@ -183,7 +183,9 @@ class ClassificationReport:
         table = []
         for row in rows:
             if len(row["probabilities"]) != n:
-                raise ValueError(f"the network gives {len(row['probabilities'])} scores for {n} classes {self.class_names}.")
+                raise ValueError(
+                    f"the network gives {len(row['probabilities'])} scores for {n} classes {self.class_names}."
+                )
             predicted = max(range(n), key=lambda c: row["probabilities"][c])
             line = [row["filename"]] + ([self.class_names[row["label"]]] if "label" in row else [])
             table.append(line + [self.class_names[predicted]] + [f"{p:.6f}" for p in row["probabilities"]])
@@ -196,10 +198,14 @@ class ClassificationReport:
         for row in rows:
             confusion[row["label"], max(range(n), key=lambda c: row["probabilities"][c])] += 1
         with atomic_write(self.output_dir / "confusion_matrix.csv", "w", what="report", fsync=True, newline="") as f:
-            _write_csv(f, ["true \\ predicted", *self.class_names],
-                       [[name, *confusion[i].tolist()] for i, name in enumerate(self.class_names)])
+            _write_csv(
+                f,
+                ["true \\ predicted", *self.class_names],
+                [[name, *confusion[i].tolist()] for i, name in enumerate(self.class_names)],
+            )
         metrics = {
-            name: float(value) for name, value in engine.state.metrics.items()
+            name: float(value)
+            for name, value in engine.state.metrics.items()
             # numbers.Real: numpy scalars too (MONAI's ROCAUC gives a numpy.float32, not a float)
             if isinstance(value, numbers.Real) or (isinstance(value, torch.Tensor) and value.numel() == 1)
         }

@@ -16,7 +16,9 @@ from monai.utils import CommonKeys
 __all__ = ["classification_output", "MacroF1", "QuadraticWeightedKappa"]
 
 
-def classification_output(output: Sequence[Mapping] | Mapping, one_hot: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def classification_output(
+    output: Sequence[Mapping] | Mapping, one_hot: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(predictions, labels) from a MONAI engine's output, batched.
 
     Args:
@@ -95,6 +97,8 @@ def QuadraticWeightedKappa(  # noqa: N802 - the class-like name the bundle confi
     """
     num_classes = _check_num_classes(num_classes)
     return CohenKappa(
-        output_transform=_predictions(output_transform, num_classes, indices=True), weights="quadratic",
-        num_classes=num_classes, device=device,
+        output_transform=_predictions(output_transform, num_classes, indices=True),
+        weights="quadratic",
+        num_classes=num_classes,
+        device=device,
     )

@@ -100,8 +100,14 @@ def attach_resume(trainer: Engine, saver, map_location: str | None = "cpu", stri
         "Delete it (or restore it from a copy): resuming then continues from the newest older resume checkpoint "
         f"in {path.parent}, or starts from the beginning when there is none."
     )
-    SafeCheckpointLoader(load_path=str(path), load_dict=dict(saver.save_dict), map_location=map_location,
-                         strict=strict, what="resume checkpoint", advice=advice).attach(trainer)
+    SafeCheckpointLoader(
+        load_path=str(path),
+        load_dict=dict(saver.save_dict),
+        map_location=map_location,
+        strict=strict,
+        what="resume checkpoint",
+        advice=advice,
+    ).attach(trainer)
     if interval is not None:  # this file is the saver's latest: n_saved then removes it in due course
         interval.load_state_dict({"_saved": [(epoch, path.name)]})
     return path

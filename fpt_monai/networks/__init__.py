@@ -1,6 +1,12 @@
 """FPT/FPT+ networks as plain PyTorch modules: frozen backbones, token selection, side ViT, fusion, baselines."""
 
-from fpt_monai.networks.baselines import BASELINE_METHODS, CNN_BASELINE_METHODS, CNNBaseline, ViTBaseline, create_baseline
+from fpt_monai.networks.baselines import (
+    BASELINE_METHODS,
+    CNN_BASELINE_METHODS,
+    CNNBaseline,
+    ViTBaseline,
+    create_baseline,
+)
 from fpt_monai.networks.backbones import (
     BackboneShape,
     FrozenBackbone,
@@ -8,9 +14,16 @@ from fpt_monai.networks.backbones import (
     FrozenViTBackbone,
     MonaiViTBackbone,
     TimmViTBackbone,
-    state_dict_sha256,
 )
-from fpt_monai.networks.fpt import PRESETS, FPTNet, FPTPreset, MonaiViTPreset, create_backbone, create_fpt, make_side_view
+from fpt_monai.networks.fpt import (
+    PRESETS,
+    FPTNet,
+    FPTPreset,
+    MonaiViTPreset,
+    create_backbone,
+    create_fpt,
+    make_side_view,
+)
 from fpt_monai.networks.fusion import FineGrainedFusion, FineGrainedPrompts
 from fpt_monai.networks.methods import METHODS, Method, method_names
 from fpt_monai.networks.selection import mean_received_attention, num_selected_tokens, select_important_tokens

@@ -80,8 +80,11 @@ CNN_BASELINE_METHODS = method_names(baseline=True, on_cnn=True)
 def _is_pointwise(conv: nn.Module) -> bool:
     """A 1x1, ungrouped, unpadded ``nn.Conv2d``: one linear map applied at every pixel (of a strided grid)."""
     return (
-        isinstance(conv, nn.Conv2d) and tuple(conv.kernel_size) == (1, 1) and conv.groups == 1
-        and not isinstance(conv.padding, str) and tuple(conv.padding) == (0, 0)
+        isinstance(conv, nn.Conv2d)
+        and tuple(conv.kernel_size) == (1, 1)
+        and conv.groups == 1
+        and not isinstance(conv.padding, str)
+        and tuple(conv.padding) == (0, 0)
     )
 
 
@@ -192,7 +195,12 @@ class ParallelConvAdapter(nn.Module):
     """
 
     def __init__(
-        self, block: nn.Module, in_channels: int, out_channels: int, stride: int = 1, bottleneck: int = 16,
+        self,
+        block: nn.Module,
+        in_channels: int,
+        out_channels: int,
+        stride: int = 1,
+        bottleneck: int = 16,
         scale: float = 0.1,
     ) -> None:
         super().__init__()
@@ -268,7 +276,8 @@ def inject(model: nn.Module, injection: Injection, settings: dict) -> list[str]:
     """
     pattern = re.compile(injection.pattern)
     names = [
-        name for name, module in model.named_modules()
+        name
+        for name, module in model.named_modules()
         if name and pattern.fullmatch(name) and (injection.where is None or injection.where(module))
     ]
     if not names:
@@ -404,8 +413,11 @@ class ViTBaseline(_TimmBaseline):
         self._new_classifier(num_classes)
         if method in VIT_INJECTIONS:
             settings = dict(
-                num_prompts=num_prompts, lora_rank=lora_rank, lora_alpha=lora_alpha,
-                adapter_bottleneck=adapter_bottleneck, adapter_scale=adapter_scale,
+                num_prompts=num_prompts,
+                lora_rank=lora_rank,
+                lora_alpha=lora_alpha,
+                adapter_bottleneck=adapter_bottleneck,
+                adapter_scale=adapter_scale,
             )
             inject(model, VIT_INJECTIONS[method], settings)
         self.img_size = tuple(model.patch_embed.img_size)
@@ -471,8 +483,10 @@ class CNNBaseline(_TimmBaseline):
         self._new_classifier(num_classes)
         if method in CNN_INJECTIONS:
             settings = dict(
-                lora_rank=lora_rank, lora_alpha=float(lora_rank if lora_alpha is None else lora_alpha),
-                adapter_bottleneck=adapter_bottleneck, adapter_scale=adapter_scale,
+                lora_rank=lora_rank,
+                lora_alpha=float(lora_rank if lora_alpha is None else lora_alpha),
+                adapter_bottleneck=adapter_bottleneck,
+                adapter_scale=adapter_scale,
             )
             inject(model, CNN_INJECTIONS[method], settings)
         self.img_size = (int(img_size), int(img_size))

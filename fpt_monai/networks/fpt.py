@@ -150,7 +150,10 @@ class FPTNet(nn.Module):
             drop_path_rate=side_drop_path_rate,
         )
         self.fusion = FineGrainedFusion(
-            variant, side_dim=side_dim, backbone_dim=shape.num_heads * shape.head_dim, num_heads=shape.num_heads,
+            variant,
+            side_dim=side_dim,
+            backbone_dim=shape.num_heads * shape.head_dim,
+            num_heads=shape.num_heads,
             dropout=fusion_dropout,
         )
         self.prompts = FineGrainedPrompts(len(shape.blocks), num_prompts, self.fusion.prompt_dim)
@@ -287,8 +290,12 @@ def _check_and_keep_frozen_backbone(
                 f"network's backbone has {actual[:16]}...: build the network with the same backbone weights "
                 "(the same preset and `pretrained` file) as in training."
             )
-    elif strict and not module.allow_missing_backbone_digest and not any(
-        k.startswith(prefix + "backbone.") for k in state_dict  # a full state dict brings its backbone along
+    elif (
+        strict
+        and not module.allow_missing_backbone_digest
+        and not any(
+            k.startswith(prefix + "backbone.") for k in state_dict  # a full state dict brings its backbone along
+        )
     ):
         error_msgs.append(
             f"the checkpoint has no '{BACKBONE_REFERENCE_KEY}': nothing says which frozen backbone weights it was "
@@ -317,19 +324,33 @@ class FPTPreset:
 
 PRESETS: dict[str, FPTPreset] = {
     "fpt": FPTPreset(
-        "vit_base_patch16_384.orig_in21k_ft_in1k", 512, 224, "fpt",
+        "vit_base_patch16_384.orig_in21k_ft_in1k",
+        512,
+        224,
+        "fpt",
         description="FPT (MICCAI 2024): ViT-B/16 ImageNet-21k at 512, side ViT at 224, all 12 blocks.",
     ),
     "fpt_plus": FPTPreset(
-        "vit_base_patch16_384.orig_in21k_ft_in1k", 512, 128, "fpt_plus", blocks=tuple(range(6, 12)),
+        "vit_base_patch16_384.orig_in21k_ft_in1k",
+        512,
+        128,
+        "fpt_plus",
+        blocks=tuple(range(6, 12)),
         description="FPT+ (TNNLS 2025): ViT-B/16 ImageNet-21k at 512, side ViT at 128 on blocks 6-11.",
     ),
     "fpt_tiny": FPTPreset(
-        "vit_tiny_patch16_224.augreg_in21k_ft_in1k", 256, 112, "fpt",
+        "vit_tiny_patch16_224.augreg_in21k_ft_in1k",
+        256,
+        112,
+        "fpt",
         description="Small FPT for demos and tests: ViT-Ti/16 at 256, side ViT (width 24) at 112.",
     ),
     "fpt_plus_tiny": FPTPreset(
-        "vit_tiny_patch16_224.augreg_in21k_ft_in1k", 256, 64, "fpt_plus", blocks=tuple(range(6, 12)),
+        "vit_tiny_patch16_224.augreg_in21k_ft_in1k",
+        256,
+        64,
+        "fpt_plus",
+        blocks=tuple(range(6, 12)),
         description="Small FPT+ for demos and tests: ViT-Ti/16 at 256, side ViT at 64 on blocks 6-11.",
     ),
 }
@@ -358,21 +379,39 @@ class MonaiViTPreset(FPTPreset):
     std: tuple[float, ...] = (0.5,)
 
 
-PRESETS.update({
-    "fpt_3d": MonaiViTPreset(
-        "monai ViT-B/16 3D (local weights)", 128, 64, "fpt",
-        description="FPT on volumes: MONAI 3D ViT-B/16 at 128^3 (512 patches), side ViT at 64^3, all 12 blocks.",
-    ),
-    "fpt_plus_3d": MonaiViTPreset(
-        "monai ViT-B/16 3D (local weights)", 128, 32, "fpt_plus", blocks=tuple(range(6, 12)),
-        description="FPT+ on volumes: MONAI 3D ViT-B/16 at 128^3, side ViT at 32^3 on blocks 6-11.",
-    ),
-    "fpt_3d_tiny": MonaiViTPreset(
-        "monai ViT 3D, 96 wide, 6 blocks, patch 8 (local weights)", 64, 16, "fpt", num_prompts=8, reduction=4,
-        patch_size=8, hidden_size=96, mlp_dim=384, num_layers=6, num_heads=4,
-        description="Small 3D FPT for demos and tests: 6-block MONAI ViT (width 96, patch 8) at 64^3, side at 16^3.",
-    ),
-})
+PRESETS.update(
+    {
+        "fpt_3d": MonaiViTPreset(
+            "monai ViT-B/16 3D (local weights)",
+            128,
+            64,
+            "fpt",
+            description="FPT on volumes: MONAI 3D ViT-B/16 at 128^3 (512 patches), side ViT at 64^3, all 12 blocks.",
+        ),
+        "fpt_plus_3d": MonaiViTPreset(
+            "monai ViT-B/16 3D (local weights)",
+            128,
+            32,
+            "fpt_plus",
+            blocks=tuple(range(6, 12)),
+            description="FPT+ on volumes: MONAI 3D ViT-B/16 at 128^3, side ViT at 32^3 on blocks 6-11.",
+        ),
+        "fpt_3d_tiny": MonaiViTPreset(
+            "monai ViT 3D, 96 wide, 6 blocks, patch 8 (local weights)",
+            64,
+            16,
+            "fpt",
+            num_prompts=8,
+            reduction=4,
+            patch_size=8,
+            hidden_size=96,
+            mlp_dim=384,
+            num_layers=6,
+            num_heads=4,
+            description="Small 3D FPT for demos and tests: 6-block MONAI ViT (width 96, patch 8) at 64^3, side at 16^3.",
+        ),
+    }
+)
 
 
 #: Presets on the offline demo backbone (ImageNet EfficientNet-Lite0, :mod:`fpt_monai.pretrained`) -> variant.

@@ -49,6 +49,7 @@ METHODS: dict[str, Method] = {
 def method_names(baseline: bool | None = None, on_cnn: bool | None = None) -> tuple[str, ...]:
     """Names of the methods of :data:`METHODS` with the given properties (``None``: either), in table order."""
     return tuple(
-        m.name for m in METHODS.values()
+        m.name
+        for m in METHODS.values()
         if (baseline is None or m.baseline == baseline) and (on_cnn is None or m.on_cnn == on_cnn)
     )

@@ -127,8 +127,14 @@ class SideViT(nn.Module):
         norm_layer = partial(nn.LayerNorm, eps=1e-6)  # the ViT convention (timm, original JAX ViT)
         self.blocks = nn.ModuleList(
             Block(
-                embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, drop_path=rate, norm_layer=norm_layer,
-                attn_layer=ActivationRecomputingAttention, mlp_layer=ActivationRecomputingMlp,
+                embed_dim,
+                num_heads,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=True,
+                drop_path=rate,
+                norm_layer=norm_layer,
+                attn_layer=ActivationRecomputingAttention,
+                mlp_layer=ActivationRecomputingMlp,
             )
             for rate in rates
         )

@@ -76,8 +76,10 @@ def _identity(value: Any) -> Any:
         return {"path": str(Path(value).resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     if isinstance(value, (str, os.PathLike)) and os.path.isdir(value):
         files = sorted(p for p in Path(value).iterdir() if p.is_file())
-        return {"path": str(Path(value).resolve()),
-                "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
+        return {
+            "path": str(Path(value).resolve()),
+            "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files],
+        }
     if isinstance(value, dict):
         return {str(k): _identity(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -258,10 +260,15 @@ class KVCacheDataset(PersistentDataset):
         self.kv_transform: FrozenBackboneKVd = transforms[self.kv_index]
         # The K/V transform enters through its backbone, dtype and output layout, not its device: ranks or
         # machines that fill one cache on different devices must agree on where it is.
-        layout = {"kv_key": self.kv_transform.kv_key, "image_key": self.kv_transform.image_key,
-                  "delete_input": self.kv_transform.delete_input}
+        layout = {
+            "kv_key": self.kv_transform.kv_key,
+            "image_key": self.kv_transform.image_key,
+            "delete_input": self.kv_transform.delete_input,
+        }
         self.fingerprint, description = cache_fingerprint(
-            self.kv_transform.backbone, transforms[: self.kv_index], self.kv_transform.dtype,
+            self.kv_transform.backbone,
+            transforms[: self.kv_index],
+            self.kv_transform.dtype,
             {**layout, **(fingerprint_extra or {})},
         )
         self.cache_root = Path(cache_dir)
@@ -365,10 +372,7 @@ class KVCacheDataset(PersistentDataset):
         if missing:
             before_kv = Compose(self.transform.transforms[: self.kv_index])
             loader = DataLoader(
-                _UncachedItems(missing, before_kv),
-                batch_size=batch_size,
-                num_workers=num_workers,
-                collate_fn=_as_list,
+                _UncachedItems(missing, before_kv), batch_size=batch_size, num_workers=num_workers, collate_fn=_as_list
             )
             key = self.kv_transform.image_key
             # one bar per job: the shards advance alike, and bars of several processes would garble a terminal
@@ -388,8 +392,11 @@ class KVCacheDataset(PersistentDataset):
         report["images_per_second"] = round(report["computed"] / seconds, 3) if report["computed"] else 0.0
         logger.info(
             "preloaded %d images (%d already cached)%s into %s in %.1f s, %.2f images/s",
-            report["computed"], report["already_cached"],
+            report["computed"],
+            report["already_cached"],
             f" as shard {rank + 1} of {world_size}" if world_size > 1 else "",
-            self.cache_dir, seconds, report["images_per_second"],
+            self.cache_dir,
+            seconds,
+            report["images_per_second"],
         )
         return report

@@ -41,8 +41,8 @@ def describe(obj: Any, depth: int = 0) -> Any:
 
     Primitives are kept, arrays are summarised by value or hash, containers are described item by item, and
     objects by their class and public attributes (recursively, so a MONAI dictionary transform is described
-    through the array transform it wraps, private attributes included). Modules are described by class and weights digest. Anything else
-    (functions, locks, ...) is described by its type name.
+    through the array transform it wraps, private attributes included). Modules are described by class and
+    weights digest. Anything else (functions, locks, ...) is described by its type name.
     """
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj

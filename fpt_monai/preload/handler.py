@@ -97,7 +97,10 @@ def _preload_sharded(
         logger.warning(
             "rank %d: %d of %d cache entries written by other processes are not visible in %s (a cache folder that "
             "is not shared between nodes?); this node computes them itself.",
-            rank, len(missing), len(dataset.data), dataset.cache_dir,
+            rank,
+            len(missing),
+            len(dataset.data),
+            dataset.cache_dir,
         )
         local = dataset.preload(
             batch_size=batch_size, num_workers=num_workers, rank=local_rank, world_size=local_world_size, items=missing

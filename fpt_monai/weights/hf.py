@@ -130,4 +130,3 @@ def hf_vit_to_timm(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
     if dropped:
         logger.debug("Dropped %d Hugging Face ViT key(s) unused by timm: %s", len(dropped), _format_keys(dropped))
     return out
-

@@ -49,10 +49,7 @@ def _infer_cube_grid(num_tokens: int, ndim: int) -> tuple[int, ...]:
 
 
 def resample_position_embedding(
-    pos_embed: torch.Tensor,
-    new_grid: Sequence[int],
-    old_grid: Sequence[int] | None = None,
-    num_prefix_tokens: int = 0,
+    pos_embed: torch.Tensor, new_grid: Sequence[int], old_grid: Sequence[int] | None = None, num_prefix_tokens: int = 0
 ) -> torch.Tensor:
     """Resamples an absolute position embedding to another patch grid, in 1, 2 or 3 spatial dimensions.
 

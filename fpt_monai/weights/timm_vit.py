@@ -20,18 +20,13 @@ from timm.models import VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
 
-from fpt_monai.weights.files import (
-    PretrainedWeightsError,
-    _as_path,
-    _format_keys,
-    _load_checked,
-    load_state_dict_file,
-)
+from fpt_monai.weights.files import PretrainedWeightsError, _as_path, _format_keys, _load_checked, load_state_dict_file
 from fpt_monai.weights.hf import hf_vit_to_timm, is_hf_vit_layout
 
 __all__ = ["create_timm_vit", "random_weights_expected"]
 
 logger = logging.getLogger(__name__)
+
 
 @contextmanager
 def random_weights_expected() -> Iterator[None]:
@@ -48,6 +43,7 @@ def random_weights_expected() -> Iterator[None]:
             yield
     finally:
         package_logger.setLevel(level)
+
 
 _TIMM_HEAD_PREFIXES = ("head.", "head_dist.")
 
@@ -120,10 +116,7 @@ def _check_is_vit(model: nn.Module, model_name: str) -> VisionTransformer:
 
 
 def create_timm_vit(
-    model_name: str,
-    img_size: int | tuple[int, int],
-    pretrained: bool | str | os.PathLike = True,
-    **kwargs: Any,
+    model_name: str, img_size: int | tuple[int, int], pretrained: bool | str | os.PathLike = True, **kwargs: Any
 ) -> VisionTransformer:
     """Creates a headless timm ``VisionTransformer`` backbone with pretrained weights for ``img_size`` inputs.
 
@@ -181,7 +174,7 @@ def create_timm_vit(
             raise PretrainedWeightsError(
                 f"Could not load pretrained weights for timm model '{model_name}' (tried {source}): "
                 f"{type(err).__name__}: {err}\n"
-                f"To use a local copy of the weights instead, pass pretrained=\"/path/to/model.safetensors\" "
+                f'To use a local copy of the weights instead, pass pretrained="/path/to/model.safetensors" '
                 f"(timm or Hugging Face ViT layout; .pth/.pt/.bin also accepted). To use random weights, ask for "
                 f"them explicitly with pretrained=False (FPT's frozen backbone then has nothing to transfer)."
             ) from err
@@ -222,9 +215,9 @@ def create_timm_vit(
     for k in dropped:
         del state_dict[k]
     if dropped:
-        logger.info("Dropped classifier head key(s) %s from %s (the backbone is headless).", _format_keys(dropped),
-                    path)
+        logger.info(
+            "Dropped classifier head key(s) %s from %s (the backbone is headless).", _format_keys(dropped), path
+        )
     _load_checked(model, state_dict, path, strict=True)
     logger.info("Loaded pretrained weights for %s (img_size=%s) from %s.", model_name, img_size, path)
     return model
-

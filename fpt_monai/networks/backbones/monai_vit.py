@@ -114,13 +114,23 @@ def create_monai_vit(
             logger.info("Dropped the checkpoint's classification head (%d tensors): FPT never uses it.", len(head))
         has_class_token = "cls_token" in state
         if has_class_token != classification:
-            logger.info("Building the MONAI ViT %s a class token, as the checkpoint %s.",
-                        "with" if has_class_token else "without", pretrained)
+            logger.info(
+                "Building the MONAI ViT %s a class token, as the checkpoint %s.",
+                "with" if has_class_token else "without",
+                pretrained,
+            )
         classification = has_class_token
     model = ViT(
-        in_channels=in_channels, img_size=img_size, patch_size=patch_size, hidden_size=hidden_size,
-        mlp_dim=mlp_dim, num_layers=num_layers, num_heads=num_heads, classification=classification,
-        spatial_dims=spatial_dims, qkv_bias=qkv_bias,
+        in_channels=in_channels,
+        img_size=img_size,
+        patch_size=patch_size,
+        hidden_size=hidden_size,
+        mlp_dim=mlp_dim,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        classification=classification,
+        spatial_dims=spatial_dims,
+        qkv_bias=qkv_bias,
     )
     if classification:
         # the class token stays (it is a token of the sequence), the head goes: no frozen weights that never run
@@ -151,9 +161,16 @@ def create_monai_backbone(config: Any, pretrained: bool | str | os.PathLike = Fa
             f"mean {config.mean} and std {config.std} need one value per input channel ({config.in_channels})."
         )
     model = create_monai_vit(
-        config.img_size, config.patch_size, pretrained=pretrained, hidden_size=config.hidden_size,
-        mlp_dim=config.mlp_dim, num_layers=config.num_layers, num_heads=config.num_heads,
-        in_channels=config.in_channels, spatial_dims=config.spatial_dims, qkv_bias=config.qkv_bias,
+        config.img_size,
+        config.patch_size,
+        pretrained=pretrained,
+        hidden_size=config.hidden_size,
+        mlp_dim=config.mlp_dim,
+        num_layers=config.num_layers,
+        num_heads=config.num_heads,
+        in_channels=config.in_channels,
+        spatial_dims=config.spatial_dims,
+        qkv_bias=config.qkv_bias,
         classification=config.classification,
     )
     backbone = MonaiViTBackbone(

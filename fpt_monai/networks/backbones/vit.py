@@ -42,7 +42,6 @@ class FrozenViTBackbone(FrozenBackbone):
     ViT's transformer blocks as ``blocks_in_order``.
     """
 
-
     # -- hooks for a concrete block layout ---------------------------------------------------------------
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, C, *img_size) -> tokens (B, N, embed_dim), prefix tokens and position embedding added."""
