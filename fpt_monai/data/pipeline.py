@@ -41,14 +41,16 @@ def fpt_transforms(
     The side view ends under ``image_key``. ``reader``: options of the image reading
     (:class:`~fpt_monai.data.readers.LoadImageRGBd`: volume slice, DICOM window, value range).
     """
+    # the source path travels with the item (as "filename") for per-image reports. The bundle's
+    # train#deterministic_transforms is this same chain: both fill and read the same K/V cache entries.
     high_res = [
-        CopyItemsd(image_key, names=high_res_key),
+        CopyItemsd(image_key, names=["filename"]),
+        CopyItemsd(image_key, names=[high_res_key]),
         *load_and_normalize(high_res_key, img_size, mean, std, reader),
     ]
     if backbone is not None:
         high_res.append(FrozenBackboneKVd(high_res_key, backbone, kv_key="kv", dtype=kv_dtype))
-    # the source path travels with the item (as "filename") for per-image reports
-    side = [CopyItemsd(image_key, names="filename"), *load_and_normalize(image_key, img_size, mean, std, reader)]
+    side = load_and_normalize(image_key, img_size, mean, std, reader)
     if train:
         normalize = side.pop()  # augment intensities in [0, 1], then normalise
         if not isinstance(normalize, NormalizeIntensityd):

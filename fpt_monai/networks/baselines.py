@@ -509,24 +509,31 @@ def create_baseline(
     pretrained: bool | str | os.PathLike = True,
     img_size: int | None = None,
     **kwargs,
-) -> ViTBaseline:
+) -> ViTBaseline | CNNBaseline:
     """A baseline on the same timm backbone and resolution as an FPT preset.
 
     Args:
         method: one of :data:`BASELINE_METHODS`.
         num_classes: number of output logits.
-        preset: the FPT preset whose backbone weights name and input size are used (``fpt``: ViT-B/16 at 512).
+        preset: the FPT preset whose backbone weights name and input size are used (``fpt``: ViT-B/16 at 512); a
+            demo preset (``fpt_demo``) gives :func:`~fpt_monai.pretrained.create_demo_baseline` on its CNN.
         pretrained: as for :func:`~fpt_monai.networks.create_fpt` (hub name, local file, or ``False`` with a loud
             warning).
         img_size: input size; default: the preset's (512 for ``fpt``).
         **kwargs: method settings of :class:`ViTBaseline` (``num_prompts``, ``lora_rank``, ``lora_alpha``,
             ``adapter_bottleneck``, ``adapter_scale``).
     """
-    from fpt_monai.networks.fpt import PRESETS
+    from fpt_monai.networks.fpt import DEMO_PRESETS, PRESETS
     from fpt_monai.weights import create_timm_vit
 
     if method not in BASELINE_METHODS:
         raise ValueError(f"method must be one of {BASELINE_METHODS}, got {method!r}.")
+    if preset in DEMO_PRESETS:  # the same offline demo network as the FPT preset
+        from fpt_monai.pretrained import create_demo_baseline
+
+        return create_demo_baseline(
+            method, num_classes, pretrained, **({"img_size": img_size} if img_size else {}), **kwargs
+        )
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}.")
     config = PRESETS[preset]

@@ -264,6 +264,20 @@ def test_the_cache_fingerprint_changes_when_and_only_when_a_transform_before_the
     assert fingerprint(kv_dtype="float32") != reference
 
 
+def test_a_cache_preloaded_from_python_or_the_cli_is_the_bundles(trained, tmp_path):
+    """`fpt-monai preload` and make_fpt_dataset build the chain in Python: the same entries as the bundle's."""
+    from fpt_monai.data import fpt_transforms
+    from fpt_monai.preload import KVCacheDataset
+
+    _, override = trained
+    parser = parsed(["train"], **override)
+    backbone = parser.get_parsed_content("backbone")
+    chain = fpt_transforms(parser.get_parsed_content("img_size"), parser.get_parsed_content("side_img_size"),
+                           backbone.mean, backbone.std, train=True, backbone=backbone)
+    python = KVCacheDataset([], chain, tmp_path, progress=False).fingerprint
+    assert python == parser.get_parsed_content("train#dataset").fingerprint
+
+
 # -- the Model Zoo's CI commands --------------------------------------------------------------------------------------
 
 

@@ -31,8 +31,7 @@ TESTS = Path(__file__).resolve().parents[1]  # tests/: conftest.py, preload_setu
 # compared here switch them off: then both see the same global batches and only float rounding differs.
 DETERMINISTIC = {
     "network_def#fusion_dropout": 0.0,
-    "train#preprocessing": "$fpt_monai.data.fpt_transforms(@img_size, @side_img_size, @mean, @std, train=False, "
-                           "backbone=@backbone, kv_dtype=@kv_dtype)",
+    "train#preprocessing#transforms": "$@train#deterministic_transforms + @validate#side_transforms",  # no augmentation
 }
 # What two processes may differ from one by: float rounding (the all-reduce, 1 thread per rank against the
 # test's threads), which AdamW's normalised steps (lr 1e-3, 4 steps) enlarge for tiny gradients. Measured on a
