@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
 
-import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.transforms import EnsureTyped, MapTransform, NormalizeIntensityd, Resized
@@ -16,46 +15,7 @@ from monai.transforms import EnsureTyped, MapTransform, NormalizeIntensityd, Res
 from fpt_monai.data.readers import LoadImageRGBd
 from fpt_monai.networks.fpt import make_side_view
 
-__all__ = ["ToRGBd", "ScaleToUnitd", "SideViewd", "load_and_normalize"]
-
-
-class ToRGBd(MapTransform):
-    """Channel-first image -> 3 channels: grayscale repeated, RGBA without alpha; anything else is an error."""
-
-    def __call__(self, data: Mapping) -> dict:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            image = d[key]
-            channels = image.shape[0]
-            if channels == 1:
-                d[key] = image.repeat(3, *([1] * (image.ndim - 1)))
-            elif channels == 4:
-                d[key] = image[:3]
-            elif channels != 3:
-                source = getattr(image, "meta", {}).get("filename_or_obj", key)
-                raise ValueError(f"{source}: cannot make RGB from {channels} channels (expected 1, 3 or 4).")
-        return d
-
-
-class ScaleToUnitd(MapTransform):
-    """Scale intensities to [0, 1]: integer images by their type's maximum (255, 65535), others by min-max.
-
-    Must run on the image as read (``LoadImaged(dtype=None)``), before anything converts it to float.
-    """
-
-    def __call__(self, data: Mapping) -> dict:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            image = d[key]
-            dtype = image.dtype
-            np_dtype = torch.empty(0, dtype=dtype).numpy().dtype if isinstance(dtype, torch.dtype) else np.dtype(dtype)
-            image = image.float() if isinstance(image, torch.Tensor) else image.astype(np.float32)
-            if np.issubdtype(np_dtype, np.integer):
-                d[key] = image / float(np.iinfo(np_dtype).max)
-            else:
-                low, high = float(image.min()), float(image.max())
-                d[key] = (image - low) / (high - low) if high > low else image * 0.0
-        return d
+__all__ = ["SideViewd", "load_and_normalize"]
 
 
 class SideViewd(MapTransform):

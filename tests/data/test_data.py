@@ -6,9 +6,7 @@ import torch
 from PIL import Image
 
 from fpt_monai.data import (
-    ScaleToUnitd,
     SideViewd,
-    ToRGBd,
     folder_datalist,
     json_datalist,
     make_datalist,
@@ -57,23 +55,6 @@ def test_json_datalist_resolves_relative_paths(tmp_path):
     path.write_text(json.dumps({"train": [{"label": 1}]}))
     with pytest.raises(ValueError, match="item 0"):
         json_datalist(path, "train")
-
-
-def test_to_rgb():
-    assert ToRGBd("x")({"x": torch.rand(1, 4, 4)})["x"].shape == (3, 4, 4)
-    rgba = torch.rand(4, 4, 4)
-    assert torch.equal(ToRGBd("x")({"x": rgba})["x"], rgba[:3])
-    with pytest.raises(ValueError, match="2 channels"):
-        ToRGBd("x")({"x": torch.rand(2, 4, 4)})
-
-
-@pytest.mark.parametrize("dtype,maximum", [(np.uint8, 255), (np.uint16, 65535)])
-def test_scale_to_unit_uses_the_integer_type_range(dtype, maximum):
-    image = np.array([[[0, maximum // 2, maximum]]], dtype=dtype)
-    out = ScaleToUnitd("x")({"x": image})["x"]
-    np.testing.assert_allclose(out, [[[0.0, (maximum // 2) / maximum, 1.0]]], rtol=1e-6)
-    floats = ScaleToUnitd("x")({"x": torch.tensor([[2.0, 4.0, 6.0]])})["x"]
-    torch.testing.assert_close(floats, torch.tensor([[0.0, 0.5, 1.0]]))
 
 
 def test_side_view_transform_matches_the_network():
