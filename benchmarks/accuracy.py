@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fpt_monai.weights import random_weights_expected
+from fpt_monai.networks.methods import method_names
 
 __all__ = ["ACCURACY_LABELS", "ACCURACY_METHODS", "accuracy_markdown", "accuracy_table", "merge_accuracy", "write_accuracy"]
 
@@ -41,7 +42,7 @@ logger = logging.getLogger(__name__)
 _FPT_VARIANTS = ("fpt", "fpt_plus")
 
 #: The methods of the table, in order (``vpt`` gives an n/a row).
-ACCURACY_METHODS = ("full", "linear", "vpt", "lora", "adapter", "fpt", "fpt_plus")
+ACCURACY_METHODS = method_names()
 #: Row labels (the default method settings).
 ACCURACY_LABELS = {
     "full": "full fine-tuning",

@@ -50,6 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fpt_monai.weights import random_weights_expected
+from fpt_monai.networks.methods import method_names
 
 __all__ = [
     "FPT_METHODS", "MEMORY_CATEGORIES", "METHODS", "markdown_table_3d", "measure_3d_memory", "measure_training_memory",
@@ -57,7 +58,7 @@ __all__ = [
 ]
 
 FPT_METHODS = ("fpt", "fpt_plus", "fpt_tiny", "fpt_plus_tiny")
-METHODS = ("full", "linear", "vpt", "lora", "adapter", "fpt", "fpt_plus")
+METHODS = method_names()
 #: What the peak of a step is split into (``<category>_bytes`` in every result).
 MEMORY_CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations", "temporaries", "inputs")
 ATTENTION = ("eager", "fused")

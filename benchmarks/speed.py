@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from fpt_monai.weights import random_weights_expected
+from fpt_monai.networks.methods import method_names
 
 __all__ = ["extraction_profile", "inference_latency", "preload_throughput", "time_alternating", "training_throughput"]
 
@@ -110,7 +111,7 @@ def _training_step(net, optimizer, inputs: Sequence[torch.Tensor], labels: torch
 
 
 def training_throughput(
-    methods: Sequence[str] = ("full", "linear", "vpt", "lora", "adapter", "fpt", "fpt_plus"),
+    methods: Sequence[str] = method_names(),
     batch_size: int = 4,
     img_size: int = 512,
     preset: str = "fpt",
