@@ -38,7 +38,7 @@ __all__ = ["ACCURACY_LABELS", "ACCURACY_METHODS", "accuracy_markdown", "accuracy
 
 logger = logging.getLogger(__name__)
 
-#: The rows that are FPT networks (the bundle's FPT path, ``method=fpt``, with ``network_def#variant`` set).
+#: The rows that are FPT networks (the bundle's FPT path, ``method=fpt``, with ``network_def#preset`` set).
 _FPT_VARIANTS = ("fpt", "fpt_plus")
 
 #: The methods of the table, in order (``vpt`` gives an n/a row).
@@ -57,11 +57,13 @@ ACCURACY_LABELS = {
 
 def _parameter_counts(method: str, num_classes: int, network_kwargs: dict) -> dict:
     """Learnable/frozen parameters of the network a run builds (random weights: the counts do not depend on them)."""
-    from fpt_monai.pretrained import create_demo_baseline, create_demo_fpt
+    from fpt_monai.networks import create_fpt
+    from fpt_monai.pretrained import create_demo_baseline
 
     with random_weights_expected():
         if method in _FPT_VARIANTS:
-            net = create_demo_fpt(num_classes, pretrained=False, **network_kwargs)
+            network = dict(network_kwargs)
+            net = create_fpt(network.pop("preset", "fpt_demo"), num_classes, pretrained=False, **network)
         else:
             net = create_demo_baseline(method, num_classes, pretrained=False, **network_kwargs)
     counts = net.parameter_counts()
@@ -136,7 +138,7 @@ def accuracy_table(
     def network_kwargs(method: str) -> dict:
         network = {"img_size": img_size} if img_size is not None else {}
         if method == "fpt_plus":
-            network["variant"] = "fpt_plus"
+            network["preset"] = "fpt_plus_demo"
         if method in _FPT_VARIANTS and side_img_size is not None:
             network["side_img_size"] = side_img_size
         return network

