@@ -45,7 +45,7 @@ def test_presets_lists_all():
     result = run_cli("presets")
     assert result.returncode == 0, result.stderr
     assert set(json.loads(result.stdout)) == {"fpt", "fpt_plus", "fpt_tiny", "fpt_plus_tiny", "fpt_3d", "fpt_plus_3d",
-                                              "fpt_3d_tiny"}
+                                              "fpt_3d_tiny", "fpt_demo", "fpt_plus_demo"}
 
 
 def test_preload_command_fills_and_reuses_the_cache(tmp_path):
