@@ -2,7 +2,7 @@
 
 The package uses no other private names. Each entry says why there is no public way, and raises a
 ``RuntimeError`` naming the library and its version when the private name is gone, instead of failing somewhere
-deeper or silently doing something else. ``tests/test_compat.py`` runs every entry against the installed
+deeper or silently doing something else. ``tests/engine/test_compat.py`` runs every entry against the installed
 libraries, so an upgrade that changes one fails there first.
 """
 
