@@ -179,6 +179,46 @@ class Commands:
             print(f"{row['op'][:55]:<55} {row['kv_extraction_ms']:13.1f} {calls_a:>6} "
                   f"{row['bare_backbone_ms']:9.1f} {calls_b:>6}")
 
+    def epoch(
+        self,
+        presets: str | Sequence[str] = ("fpt", "fpt_plus"),
+        work_dir: str = "fpt_epoch",
+        num_train: int = 256,
+        image_size: int = 512,
+        repeats: int = 3,
+        fill: str = "random",
+        table: bool = False,
+        **overrides,
+    ) -> None:
+        """A bundle training epoch against the bare training step, per preset (JSON; minutes on a CPU).
+
+        Runs the bundle's ``train.json`` (its dataloader, workers, transforms, trainer and handlers) on
+        ``num_train`` sample images, alternating with the bare step of the same network on in-memory tensors, and
+        prints images/s of both and ``epoch_to_bare``. The K/V cache (ViT-B/16 shapes for ``fpt``/``fpt_plus``,
+        random weights) is filled before the timed run, with random values (``--fill random``) or by the
+        frozen backbone (``--fill backbone``), and reused by later runs in ``work_dir``. Other options are bundle
+        overrides, e.g. ``--num_workers 2`` or ``--batch_size 8``. ``--table`` prints a Markdown table after the
+        JSON. The protocol is in :mod:`benchmarks.epoch`.
+
+        Args:
+            presets: comma-separated or a list of bundle presets.
+            work_dir: sample data, cache and the runs' bundle roots.
+            num_train: training images of the sample dataset.
+            image_size: size of the sample images.
+            repeats: timed epochs (and bare-step rounds) after one warm-up epoch; medians are reported.
+            fill: how the cache is filled: random or backbone.
+            table: also print a Markdown table.
+        """
+        from benchmarks.epoch import epoch_markdown, run_epoch_benchmark
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+        presets = [p for p in presets.split(",") if p] if isinstance(presets, str) else list(presets)
+        result = run_epoch_benchmark(presets, work_dir=work_dir, num_train=int(num_train), image_size=int(image_size),
+                                     repeats=int(repeats), fill=fill, command=_command_line(), **overrides)
+        print(json.dumps(result, indent=2))
+        if table:
+            print(epoch_markdown(result))
+
     def accuracy(
         self,
         work_dir: str = "fpt_accuracy",

@@ -23,7 +23,7 @@ from fpt_monai.data.readers import (
 )
 from fpt_monai.data.sample import SAMPLE_CLASSES, SampleFundusSpec, make_sample_dataset
 from fpt_monai.data.sample3d import SAMPLE_3D_CLASSES, SampleVolumeSpec, make_sample_dataset_3d
-from fpt_monai.data.transforms import SideViewd, load_and_normalize
+from fpt_monai.data.transforms import SideSourced, SideViewd, load_and_normalize
 from fpt_monai.data.validation import BAD_ITEM_POLICIES, DatalistError, readable_datalist, validate_datalist
 from fpt_monai.data.volumes import (
     VOLUME_SUFFIXES,
@@ -54,6 +54,7 @@ __all__ = [
     "SAMPLE_CLASSES",
     "SampleFundusSpec",
     "make_sample_dataset",
+    "SideSourced",
     "SideViewd",
     "check_class_names",
     "dataset_classes",

@@ -2,9 +2,13 @@
 
 High-resolution view (never augmented): read, RGB, resize to the backbone's ``img_size``, scale to [0, 1],
 normalise -> :class:`~fpt_monai.preload.FrozenBackboneKVd` (cached by :class:`~fpt_monai.preload.KVCacheDataset`).
-Side view: the same reading and normalisation; for training, the augmentation of the papers (random resized
-crop with scale 0.8-1 and ratio 0.7-1.3, horizontal flip p=0.5, brightness/contrast jitter 0.2) before
-normalising; then resizing to the side network's input size as ``FPTNet`` does.
+Before normalising, :class:`~fpt_monai.data.SideSourced` keeps an 8-bit copy of that view at twice the side
+network's input size under ``image`` (cached with the keys/values).
+Side view for training: made from that copy (the image file is not read again), with the augmentation of the papers
+(random resized crop with scale 0.8-1 and ratio 0.7-1.3, horizontal flip p=0.5, brightness/contrast jitter 0.2)
+before normalising. Side view for evaluation: the image read again from its file (``filename``), normalised and
+resized to the side network's input size as ``FPTNet`` does, so that an evaluation from the cache gives the
+logits of the network run on the image itself.
 """
 
 from __future__ import annotations
@@ -12,10 +16,19 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+import torch
 from monai.data import Dataset
-from monai.transforms import Compose, CopyItemsd, NormalizeIntensityd, RandTorchVisiond
+from monai.transforms import (
+    Compose,
+    CopyItemsd,
+    DeleteItemsd,
+    EnsureTyped,
+    NormalizeIntensityd,
+    RandTorchVisiond,
+    TorchVisiond,
+)
 
-from fpt_monai.data.transforms import SideViewd, load_and_normalize
+from fpt_monai.data.transforms import SideSourced, SideViewd, load_and_normalize
 from fpt_monai.networks.backbones import FrozenBackbone
 from fpt_monai.preload import FrozenBackboneKVd, KVCacheDataset
 
@@ -38,29 +51,39 @@ def fpt_transforms(
 
     With a ``backbone``, the high-resolution view becomes keys/values under ``"kv"`` (and is dropped); without
     one it stays under ``high_res_key`` for a network that runs the backbone itself (the online path).
-    The side view ends under ``image_key``. ``reader``: options of the image reading
-    (:class:`~fpt_monai.data.readers.LoadImageRGBd`: volume slice, DICOM window, value range).
+    The side view ends under ``image_key``: for training made from the 8-bit copy of the high-resolution view that
+    :class:`~fpt_monai.data.SideSourced` keeps there, for evaluation read again from the file. ``reader``: options
+    of the image reading (:class:`~fpt_monai.data.readers.LoadImageRGBd`: volume slice, DICOM window, value range).
     """
     # the source path travels with the item (as "filename") for per-image reports. The bundle's
     # train#deterministic_transforms is this same chain: both fill and read the same K/V cache entries.
+    *load, normalize = load_and_normalize(high_res_key, img_size, mean, std, reader)
+    if not isinstance(normalize, NormalizeIntensityd):
+        raise AssertionError("load_and_normalize must end with its normalisation")
     high_res = [
         CopyItemsd(image_key, names=["filename"]),
         CopyItemsd(image_key, names=[high_res_key]),
-        *load_and_normalize(high_res_key, img_size, mean, std, reader),
+        *load,
+        SideSourced(high_res_key, name=image_key, size=side_img_size),
+        normalize,
     ]
     if backbone is not None:
         high_res.append(FrozenBackboneKVd(high_res_key, backbone, kv_key="kv", dtype=kv_dtype))
-    side = load_and_normalize(image_key, img_size, mean, std, reader)
-    if train:
-        normalize = side.pop()  # augment intensities in [0, 1], then normalise
-        if not isinstance(normalize, NormalizeIntensityd):
-            raise AssertionError("load_and_normalize must end with its normalisation")
+    if train:  # from the 8-bit copy: to [0, 1], augment, normalise (torchvision's transforms keep plain tensors)
         size = [side_img_size] * 2 if isinstance(side_img_size, int) else list(side_img_size)
-        side += [
+        side = [
+            EnsureTyped(image_key, data_type="tensor", dtype=torch.float32, track_meta=False),
+            TorchVisiond(image_key, name="Normalize", mean=[0.0, 0.0, 0.0], std=[255.0, 255.0, 255.0]),
             RandTorchVisiond(image_key, name="RandomResizedCrop", size=size, scale=(0.8, 1.0), ratio=(0.7, 1.3)),
             RandTorchVisiond(image_key, name="RandomHorizontalFlip", p=0.5),
             RandTorchVisiond(image_key, name="ColorJitter", brightness=0.2, contrast=0.2),
-            normalize,
+            TorchVisiond(image_key, name="Normalize", mean=list(mean), std=list(std)),
+        ]
+    else:  # the image itself, as the network run on it sees it
+        side = [
+            DeleteItemsd(image_key),
+            CopyItemsd("filename", names=[image_key]),
+            *load_and_normalize(image_key, img_size, mean, std, reader),
         ]
     side.append(SideViewd(image_key, side_img_size))
     return [*high_res, *side]

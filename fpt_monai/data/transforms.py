@@ -2,10 +2,13 @@
 
 Both views start from the same reading and normalisation (:func:`load_and_normalize`); the side view is then
 (optionally) augmented and resized with :class:`SideViewd`, the same resizing ``FPTNet.forward`` uses inside.
+For training from the K/V cache, :class:`SideSourced` keeps a small 8-bit copy of the high-resolution view next to
+the keys/values, and the augmented side views are made from that copy instead of the image file.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Mapping, Sequence
 
 import torch
@@ -15,11 +18,16 @@ from monai.transforms import EnsureTyped, MapTransform, NormalizeIntensityd, Res
 from fpt_monai.data.readers import LoadImageRGBd
 from fpt_monai.networks.fpt import make_side_view
 
-__all__ = ["SideViewd", "load_and_normalize"]
+__all__ = ["SideSourced", "SideViewd", "load_and_normalize"]
 
 
 class SideViewd(MapTransform):
-    """Resize a (normalised, high-resolution) image to the side network's input size, as ``FPTNet`` does."""
+    """Resize a (normalised, high-resolution) image to the side network's input size, as ``FPTNet`` does.
+
+    The result is a plain ``torch.Tensor``, also for a MONAI ``MetaTensor`` input: the side view is a network
+    input, and a ``MetaTensor`` batch would carry its metadata bookkeeping through every operation of the
+    training step.
+    """
 
     def __init__(self, keys: KeysCollection, size: Sequence[int] | int, allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
@@ -31,7 +39,47 @@ class SideViewd(MapTransform):
             image = d[key]
             spatial_dims = image.ndim - 1
             size = (self.size,) * spatial_dims if isinstance(self.size, int) else tuple(self.size)
-            d[key] = make_side_view(torch.as_tensor(image)[None], size)[0]
+            d[key] = make_side_view(torch.as_tensor(image).as_subclass(torch.Tensor)[None], size)[0]
+        return d
+
+
+class SideSourced(MapTransform):
+    """Keep a small 8-bit copy of an image in [0, 1] under ``name``: the source of the augmented side views.
+
+    The copy is ``scale`` times the side view's ``size`` (at most the image's own size), resized with
+    antialiasing (:func:`~fpt_monai.networks.make_side_view`) and quantised to 8 bits (``round(255 x)``), shape
+    ``(C, *spatial)``, ``uint8``. Deterministic: placed before :class:`~fpt_monai.preload.FrozenBackboneKVd`, it is
+    stored in the cache entry with the keys/values, so that training makes its side views without reading the
+    image file or resizing it from full resolution again. At twice the side view's size every random resized
+    crop of the augmentation (at least 80% of the area, aspect ratio 0.7-1.3) still covers more pixels of the copy
+    than the side view has, as it does of the full image. Bytes per image: ``C x (scale x size)^2`` (2D), e.g.
+    196,608 for a 128 side view, 602,112 for 224.
+
+    Args:
+        keys: the one key holding the image, (C, *spatial) in [0, 1] (before normalisation).
+        name: the key the copy goes to.
+        size: the side view's size, an int or one per spatial dim.
+        scale: the copy's size as a multiple of ``size``.
+    """
+
+    def __init__(self, keys: KeysCollection, name: str, size: Sequence[int] | int, scale: float = 2.0) -> None:
+        super().__init__(keys)
+        if len(self.keys) != 1:
+            raise ValueError(f"SideSourced copies exactly one image key, got {self.keys}.")
+        if scale < 1:
+            raise ValueError(f"scale must be >= 1 (a copy smaller than the side view loses detail), got {scale}.")
+        self.name = name
+        self.size = size
+        self.scale = float(scale)
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        image = torch.as_tensor(d[self.keys[0]]).as_subclass(torch.Tensor)
+        spatial = tuple(image.shape[1:])
+        side = (self.size,) * len(spatial) if isinstance(self.size, int) else tuple(self.size)
+        copy = tuple(min(n, math.ceil(self.scale * s)) for n, s in zip(spatial, side))
+        small = make_side_view(image[None].float(), copy)[0]
+        d[self.name] = small.mul(255).round_().clamp_(0, 255).to(torch.uint8)
         return d
 
 

@@ -3,13 +3,16 @@
 from fpt_monai.preload.dataset import (
     CorruptCacheEntryError,
     KVCacheDataset,
+    KVReference,
     item_digest,
     item_identity,
     read_entry,
+    read_kv_into,
     write_entry,
 )
 from fpt_monai.preload.fingerprint import CACHE_FORMAT_VERSION, cache_fingerprint, describe, weights_digest
 from fpt_monai.preload.handler import PreloadHandler, preload_all_ranks
+from fpt_monai.preload.loader import KVCacheLoader
 from fpt_monai.preload.transform import STORAGE_DTYPES, FrozenBackboneKVd, storage_dtype
 
 __all__ = [
@@ -17,6 +20,8 @@ __all__ = [
     "CorruptCacheEntryError",
     "FrozenBackboneKVd",
     "KVCacheDataset",
+    "KVCacheLoader",
+    "KVReference",
     "PreloadHandler",
     "STORAGE_DTYPES",
     "cache_fingerprint",
@@ -25,6 +30,7 @@ __all__ = [
     "item_identity",
     "preload_all_ranks",
     "read_entry",
+    "read_kv_into",
     "storage_dtype",
     "weights_digest",
     "write_entry",

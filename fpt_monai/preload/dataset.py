@@ -14,13 +14,17 @@ What it adds to ``PersistentDataset``:
   is recomputed.
 - Entries are bound to their item: each stores the item's identity and the cache fingerprint, and a SHA-256
   over everything it stores (tensors, fields such as the label, identity, fingerprint). Reading an entry checks
-  the checksum and that the stored identity is the identity of the item asked for, so an entry copied over
-  another item's file, or with an edited label, is never returned for it.
+  that the stored identity is the identity of the item asked for, so an entry copied over another item's file,
+  or with an edited label, is never returned for it, and the checksum: once per process and file, as long as
+  the file stays the same (inode, size, modification and change times; a file changed within 2 s of its
+  verification is verified again at its next read). :meth:`KVCacheDataset.preload` verifies the entries it finds
+  in the process that starts the data-loading workers, which inherit what it verified, so training does not
+  hash every entry every epoch.
 - Entries are safetensors files (no pickle), written to a temporary file in the same folder and renamed into
   place (atomic; two processes filling one cache leave it correct). A truncated, altered or misplaced entry
   is detected, reported naming the file, recomputed and rewritten, never used.
-- :meth:`KVCacheDataset.preload` fills the missing entries with batched backbone inference, with a progress
-  bar; interrupted, it resumes where it stopped. Given ``rank``/``world_size`` it fills one shard, so that
+- :meth:`KVCacheDataset.preload` fills the missing (and recomputes the corrupt) entries with batched backbone
+  inference, with a progress bar; interrupted, it resumes where it stopped. Given ``rank``/``world_size`` it fills one shard, so that
   several processes fill one cache together (:func:`~fpt_monai.preload.preload_all_ranks`).
 """
 
@@ -35,7 +39,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from copy import deepcopy
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -50,7 +54,16 @@ from fpt_monai.preload.fingerprint import CACHE_FORMAT_VERSION, cache_fingerprin
 from fpt_monai.preload.transform import FrozenBackboneKVd
 from fpt_monai.utils import atomic_write, state_dict_sha256
 
-__all__ = ["CorruptCacheEntryError", "item_identity", "item_digest", "write_entry", "read_entry", "KVCacheDataset"]
+__all__ = [
+    "CorruptCacheEntryError",
+    "KVCacheDataset",
+    "KVReference",
+    "item_digest",
+    "item_identity",
+    "read_entry",
+    "read_kv_into",
+    "write_entry",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +72,9 @@ _DIGEST_KEY = "fpt_monai.sha256"
 _VERSION_KEY = "fpt_monai.format_version"
 _FINGERPRINT_KEY = "fpt_monai.fingerprint"
 _IDENTITY_KEY = "fpt_monai.item"
+#: An entry modified this close to (or after) the moment it was verified is verified again at its next read: file
+#: times are coarse (a change within the same tick of the clock leaves them as they were).
+_RECENT_NS = 2_000_000_000
 
 
 class CorruptCacheEntryError(RuntimeError):
@@ -165,7 +181,7 @@ def write_entry(path: Path, item: dict, fingerprint: str, identity: str | None =
         f.write(payload)
 
 
-def read_entry(path: Path, fingerprint: str, identity: str | None = None) -> dict:
+def read_entry(path: Path, fingerprint: str, identity: str | None = None, checksum: bool = True) -> dict:
     """Read and verify a cache entry written by :func:`write_entry`.
 
     Args:
@@ -173,6 +189,8 @@ def read_entry(path: Path, fingerprint: str, identity: str | None = None) -> dic
         fingerprint: the cache's fingerprint; an entry of another cache is refused.
         identity: the :func:`item_identity` of the item the entry is read for; an entry stored for another
             item (or without an identity) is refused. ``None`` checks the entry's integrity only.
+        checksum: verify the SHA-256 of the entry's tensors and fields (reads every byte); ``False`` for a file
+            that was verified and has not changed since (the other checks are made either way).
 
     Raises:
         CorruptCacheEntryError: when the file is truncated or altered, belongs to another cache, or was stored
@@ -186,7 +204,7 @@ def read_entry(path: Path, fingerprint: str, identity: str | None = None) -> dic
         raise CorruptCacheEntryError(f"unreadable cache entry {path}: {err}") from err
     if metadata.get(_VERSION_KEY) != str(CACHE_FORMAT_VERSION) or metadata.get(_FINGERPRINT_KEY) != fingerprint:
         raise CorruptCacheEntryError(f"cache entry {path} was written for another cache (fingerprint/version).")
-    if metadata.get(_DIGEST_KEY) != _entry_checksum(tensors, metadata):
+    if checksum and metadata.get(_DIGEST_KEY) != _entry_checksum(tensors, metadata):
         raise CorruptCacheEntryError(
             f"cache entry {path} fails its checksum (its tensors or fields were altered, or it is partially written)."
         )
@@ -201,6 +219,50 @@ def read_entry(path: Path, fingerprint: str, identity: str | None = None) -> dic
     except (KeyError, json.JSONDecodeError) as err:
         raise CorruptCacheEntryError(f"cache entry {path} has unreadable fields: {err}") from err
     return {**fields, **tensors}
+
+
+def _signature(stat: os.stat_result) -> tuple[int, int, int, int]:
+    """What tells a file apart from its other versions: inode, size, modification and change times."""
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
+
+
+class KVReference(NamedTuple):
+    """Where an item's keys/values are: its verified cache entry, as it was when verified (see :func:`read_kv_into`)."""
+
+    path: str
+    signature: tuple[int, int, int, int]
+    index: int
+
+
+def read_kv_into(reference: KVReference, key: str, out: torch.Tensor) -> bool:
+    """Copy the tensor ``key`` of a verified cache entry into ``out`` (contiguous, of its dtype and size).
+
+    One read of the file into ``out``, with no intermediate copy. Returns ``False``, leaving ``out`` as it may be,
+    when the file is no longer the one verified (another inode, size or time) or holds ``key`` in another layout.
+    """
+    try:
+        with open(reference.path, "rb", buffering=0) as f:
+            if _signature(os.fstat(f.fileno())) != tuple(reference.signature):
+                return False
+            size = int.from_bytes(f.read(8), "little")
+            info = json.loads(f.read(size)).get(key, {})
+            begin, end = info.get("data_offsets", (0, -1))
+            target = out.view(torch.uint8).reshape(-1)
+            if not out.is_contiguous() or end - begin != target.numel() or info.get("shape") != list(out.shape):
+                return False
+            f.seek(8 + size + begin)
+            view, done = memoryview(target.numpy()), 0
+            while done < len(view):
+                count = f.readinto(view[done:])
+                if not count:
+                    return False
+                done += count
+    except (OSError, ValueError):
+        return False
+    return _SAFETENSORS_DTYPES.get(info.get("dtype")) == out.dtype
+
+
+_SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 
 
 def _as_list(batch: list) -> list:
@@ -276,6 +338,7 @@ class KVCacheDataset(PersistentDataset):
         super().__init__(data=data, transform=Compose(transforms), cache_dir=folder, hash_func=item_digest)
         self.progress = progress
         self.corrupt_entries: list[Path] = []
+        self._verified: dict[str, tuple[int, int, int, int]] = {}  # entry file -> its signature when verified
         self._write_description(folder / "fingerprint.json", description)
 
     def _write_description(self, path: Path, description: dict) -> None:
@@ -308,23 +371,61 @@ class KVCacheDataset(PersistentDataset):
         return self.entry_path(item).is_file()
 
     def _cachecheck(self, item_transformed):
+        return self._cached(item_transformed)[0]
+
+    def _cached(self, item: Any) -> tuple[dict, Path, tuple[int, int, int, int] | None]:
+        """(the item through the cached transforms, its entry file, the file's signature when read; ``None`` when
+        the entry was missing or corrupt and has been computed and written now)."""
         # the identity is taken before the files are read: an image edited meanwhile gets a new entry later
-        identity = item_identity(item_transformed)
+        identity = item_identity(item)
         path = self._entry_path(identity)
-        if path.is_file():
-            try:
-                return read_entry(path, self.fingerprint, identity)
-            except CorruptCacheEntryError as err:
-                warnings.warn(f"{err} Recomputing it.", stacklevel=2)
-                logger.warning("%s Recomputing it.", err)
-                self.corrupt_entries.append(path)
-        computed = convert_to_tensor(
-            self._pre_transform(deepcopy(item_transformed)), convert_numeric=False, track_meta=False
-        )
+        try:
+            return self._read(path, identity)
+        except FileNotFoundError:
+            pass
+        except CorruptCacheEntryError as err:
+            warnings.warn(f"{err} Recomputing it.", stacklevel=3)
+            logger.warning("%s Recomputing it.", err)
+            self.corrupt_entries.append(path)
+        computed = convert_to_tensor(self._pre_transform(deepcopy(item)), convert_numeric=False, track_meta=False)
         write_entry(path, computed, self.fingerprint, identity)
-        return computed
+        return computed, path, None
+
+    def _read(self, path: Path, identity: str) -> tuple[dict, Path, tuple[int, int, int, int]]:
+        """:func:`read_entry`, verifying the checksum unless this process (or the one it was started from) verified
+        this very file before; raises ``FileNotFoundError`` for a missing entry."""
+        signature = _signature(os.stat(path))
+        known = self._verified.get(str(path)) == signature
+        started = time.time_ns()
+        entry = read_entry(path, self.fingerprint, identity, checksum=not known)
+        if not known and max(signature[2], signature[3]) < started - _RECENT_NS:
+            self._verified[str(path)] = signature
+        return entry, path, signature
+
+    def kv_reference(self, index: int) -> dict:
+        """Item ``index`` as ``dataset[index]`` gives it, its keys/values left in the cache: a :class:`KVReference`
+        to the verified entry in their place (:class:`~fpt_monai.preload.KVCacheLoader` reads them in the process
+        that trains). An entry computed now (it was missing or corrupt) gives its keys/values themselves."""
+        entry, path, signature = self._cached(self.data[index])
+        if signature is not None:
+            entry = {**entry, self.kv_transform.kv_key: KVReference(str(path), signature, int(index))}
+        return self._post_transform(entry)
 
     # -- batched filling -------------------------------------------------------------------------------
+    def _verifies(self, identity: str) -> bool:
+        """Whether the entry of the item with this identity is on disk and sound (a corrupt one is reported)."""
+        path = self._entry_path(identity)
+        try:
+            self._read(path, identity)
+            return True
+        except FileNotFoundError:
+            return False
+        except CorruptCacheEntryError as err:
+            warnings.warn(f"{err} Recomputing it.", stacklevel=3)
+            logger.warning("%s Recomputing it.", err)
+            self.corrupt_entries.append(path)
+            return False
+
     def preload(
         self,
         batch_size: int = 8,
@@ -335,8 +436,10 @@ class KVCacheDataset(PersistentDataset):
     ) -> dict[str, float]:
         """Fill every missing entry, running the backbone on batches of ``batch_size`` images.
 
-        Entries already on disk are kept (an interrupted preload resumes where it stopped). Each entry is
-        written as soon as its batch is done.
+        Entries already on disk are verified (:func:`read_entry`) and kept; a corrupt one is reported and computed
+        again. An interrupted preload resumes where it stopped. Each entry is written as soon as its batch is done.
+        What it verifies stays verified in this process, and in the data-loading workers it starts afterwards,
+        as long as the files do not change: their reads then skip the checksum.
 
         With ``world_size > 1`` only this process's shard is filled: items ``rank, rank + world_size, ...`` of the
         datalist, so ``world_size`` processes (``torchrun``, a job array) fill disjoint parts of one cache
@@ -364,7 +467,7 @@ class KVCacheDataset(PersistentDataset):
         items = self.data if items is None else items
         items = list(items)[rank::world_size] if world_size > 1 else items
         identified = [(item_identity(item), item) for item in items]
-        missing = [(identity, item) for identity, item in identified if not self._entry_path(identity).is_file()]
+        missing = [(identity, item) for identity, item in identified if not self._verifies(identity)]
         report = {"total": len(items), "already_cached": len(items) - len(missing), "computed": 0}
         if world_size > 1:
             report.update(rank=rank, world_size=world_size)
@@ -388,6 +491,8 @@ class KVCacheDataset(PersistentDataset):
                     report["computed"] += len(batch)
                     bar.update(len(batch))
         seconds = time.perf_counter() - start
+        for identity, _ in missing:  # read back: what training reads is then verified here, not in every epoch
+            self._verifies(identity)
         report["seconds"] = round(seconds, 3)
         report["images_per_second"] = round(report["computed"] / seconds, 3) if report["computed"] else 0.0
         logger.info(

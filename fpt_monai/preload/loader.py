@@ -1,0 +1,141 @@
+"""KVCacheLoader: a MONAI ``DataLoader`` for a :class:`~fpt_monai.preload.KVCacheDataset` whose data-loading
+workers never carry the cached keys/values.
+
+A training batch of FPT is mostly keys/values (ViT-B/16, float16, batch 16: 121 MB for FPT, 60 MB for FPT+),
+against a few MB of side views. Through a plain ``DataLoader`` with workers they are copied three times and
+page-faulted twice per batch: read from the entry, stacked by the worker's collation into a new shared-memory
+block, then mapped by the training process. This loader leaves them on disk in the workers, which make the side
+views and send a :class:`~fpt_monai.preload.KVReference` per item; the training process then reads each entry's
+keys/values straight into a batch tensor it reuses once nothing refers to it any more (one read per entry, no
+fresh memory to fault in). With workers, a thread reads the next batch's keys/values while the current batch
+trains.
+
+Everything else is MONAI's ``DataLoader`` (same sampler, collation of the other fields, worker seeding and
+arguments), and with any other dataset this loader is that ``DataLoader``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+from monai.data import DataLoader, list_data_collate
+
+from fpt_monai.preload.dataset import KVCacheDataset, KVReference, read_kv_into
+
+__all__ = ["KVCacheLoader"]
+
+
+class _WithoutKV(torch.utils.data.Dataset):
+    """The items of a :class:`KVCacheDataset` with :class:`KVReference` in place of their keys/values."""
+
+    def __init__(self, dataset: KVCacheDataset) -> None:
+        self.dataset = dataset  # the only attribute: MONAI's worker seeding (set_rnd) reaches the transforms as before
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.dataset.kv_reference(index)
+
+
+class _CollateWithoutKV:
+    """``collate_fn`` on every field but the keys/values, which stay a list (of references or tensors)."""
+
+    def __init__(self, collate_fn: Callable, key: str) -> None:
+        self.collate_fn, self.key = collate_fn, key
+
+    def __call__(self, items: Sequence[dict]) -> dict:
+        kv = [item[self.key] for item in items]
+        batch = self.collate_fn([{k: v for k, v in item.items() if k != self.key} for item in items])
+        batch[self.key] = kv
+        return batch
+
+
+def _storage_refs(tensor: torch.Tensor) -> int:
+    return torch._C._storage_Use_Count(tensor.untyped_storage()._cdata)
+
+
+class _Buffers:
+    """Batch tensors handed out again once nothing but this pool refers to their memory (``size`` at most);
+    without a way to tell (a PyTorch without ``_storage_Use_Count``) every batch gets a new tensor."""
+
+    def __init__(self, size: int = 4, pin_memory: bool = False) -> None:
+        self.size, self.pin_memory = size, pin_memory
+        self.buffers: list[tuple[torch.Tensor, int]] = []  # (buffer, its storage's use count when free)
+        self.reusable = hasattr(torch._C, "_storage_Use_Count")
+
+    def take(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        shape = tuple(shape)
+        if self.reusable:
+            for buffer, free in self.buffers:
+                if buffer.dtype == dtype and buffer.shape[1:] == shape[1:] and buffer.shape[0] >= shape[0]:
+                    if _storage_refs(buffer) == free:
+                        return buffer[: shape[0]]  # a view: its storage counts as used while it lives
+        buffer = torch.empty(shape, dtype=dtype, pin_memory=self.pin_memory)
+        if self.reusable:
+            if len(self.buffers) >= self.size:
+                self.buffers.pop(0)
+            self.buffers.append((buffer, _storage_refs(buffer)))
+        return buffer[: shape[0]]
+
+
+class KVCacheLoader(DataLoader):
+    """MONAI's ``DataLoader``; for a :class:`~fpt_monai.preload.KVCacheDataset`, the cached keys/values are read by
+    the process that iterates it, into reused batch tensors (see the module).
+
+    Batches are those of ``DataLoader(dataset, ...)``: the same fields, with the keys/values stacked into one
+    tensor of the cache's dtype. A batch's keys/values stay valid as long as they are referenced: their memory is
+    reused only when nothing refers to it any more. Transforms after the K/V transform must not read the
+    keys/values (in the workers they are a :class:`~fpt_monai.preload.KVReference`).
+
+    Args:
+        dataset: the dataset; any other than a ``KVCacheDataset`` is loaded as by MONAI's ``DataLoader``.
+        num_workers: data-loading worker processes.
+        kwargs: the other arguments of MONAI's ``DataLoader`` (``batch_size``, ``shuffle``, ``sampler``,
+            ``collate_fn``, ``pin_memory``, ...).
+    """
+
+    def __init__(self, dataset: Any, num_workers: int = 0, **kwargs) -> None:
+        self.kv_dataset = dataset if isinstance(dataset, KVCacheDataset) else None
+        if self.kv_dataset is not None:
+            self.kv_key = self.kv_dataset.kv_transform.kv_key
+            kwargs["collate_fn"] = _CollateWithoutKV(kwargs.get("collate_fn") or list_data_collate, self.kv_key)
+            dataset = _WithoutKV(self.kv_dataset)
+        super().__init__(dataset, num_workers=num_workers, **kwargs)
+        self._buffers = _Buffers(pin_memory=bool(kwargs.get("pin_memory")) and torch.cuda.is_available())
+
+    def __iter__(self) -> Iterator:
+        batches = super().__iter__()
+        if self.kv_dataset is None:
+            yield from batches
+        elif self.num_workers == 0:  # one process: the dataset's random transforms and the step share its RNG
+            for batch in batches:
+                yield self._read_kv(batch)
+        else:
+            with ThreadPoolExecutor(1, thread_name_prefix="fpt-kv-reader") as reader:
+                pending = reader.submit(self._next_with_kv, batches)
+                while (batch := pending.result()) is not None:
+                    pending = reader.submit(self._next_with_kv, batches)
+                    yield batch
+
+    def _next_with_kv(self, batches: Iterator) -> dict | None:
+        batch = next(batches, None)
+        return None if batch is None else self._read_kv(batch)
+
+    def _read_kv(self, batch: dict) -> dict:
+        """The batch with its keys/values read into one (reused) tensor."""
+        items = batch[self.kv_key]
+        transform = self.kv_dataset.kv_transform
+        out = self._buffers.take((len(items), *transform.backbone.shape.kv_shape), transform.dtype)
+        for row, item in zip(out, items):
+            if isinstance(item, KVReference):
+                if read_kv_into(item, self.kv_key, row):
+                    continue
+                # the entry changed since the worker verified it: read (or compute) it again, verified, here
+                item = self.kv_dataset._cachecheck(self.kv_dataset.data[item.index])[self.kv_key]
+            row.copy_(torch.as_tensor(item))
+        batch[self.kv_key] = out
+        return batch
