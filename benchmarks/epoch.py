@@ -15,6 +15,11 @@ The arms alternate: epoch 1 is a warm-up, then each further epoch is followed by
 an ``EPOCH_COMPLETED`` handler, when the epoch's workers are idle); the medians are reported with their ratio
 ``epoch_to_bare``. Validation is switched off (``val_interval`` beyond the last epoch): this measures training.
 
+CPU time is recorded next to the wall time, per image: the training process's (all its threads) and, on Linux,
+the data-loading workers' (``/proc``), for the epochs and the bare step. On a machine shared with other work the
+wall times move with the load; the CPU times much less, and their difference between the epoch and the bare step
+is what the data path costs.
+
 Data: the sample dataset (``fpt_monai.data.make_sample_dataset``) with ``num_train`` training images. Networks have
 random weights (``pretrained=False``): speed does not depend on their values. The K/V cache is filled before the
 timed run and is reused by later runs with the same settings; ``fill="random"`` writes entries of the right
@@ -28,6 +33,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import resource
 import statistics
 import time
 from collections.abc import Sequence
@@ -45,6 +51,21 @@ logger = logging.getLogger(__name__)
 EPOCH_PRESETS = ("fpt", "fpt_plus")
 #: How the K/V cache is filled before the timed run.
 FILLS = ("random", "backbone")
+
+
+def _workers_cpu_seconds() -> float:
+    """CPU seconds of this process's children, finished (``RUSAGE_CHILDREN``) and running (Linux ``/proc``)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    seconds = usage.ru_utime + usage.ru_stime
+    ticks = os.sysconf("SC_CLK_TCK")
+    for tasks in Path("/proc/self/task").glob("*/children"):
+        for pid in tasks.read_text().split():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # finished meanwhile
+                continue
+            seconds += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+    return seconds
 
 
 def _fill_cache(dataset, fill: str, batch_size: int) -> dict:
@@ -83,8 +104,10 @@ def epoch_throughput(
     Returns:
         ``{"preset", "batch_size", "num_workers", "images", "img_size", "side_img_size", "kv_shape", "kv_dtype",
         "entry_bytes", "preload", "epoch_images_per_s", "bare_step_images_per_s", "epoch_to_bare",
-        "epoch_seconds", "iteration_seconds", "bare_seconds", "data_wait_share"}``; the ``*_seconds`` lists hold one
-        value per timed round, ``data_wait_share`` is the median share of an epoch spent outside its iterations.
+        "epoch_seconds", "iteration_seconds", "bare_seconds", "data_wait_share", "cpu_ms_per_image"}``; the
+        ``*_seconds`` lists hold one value per timed round, ``data_wait_share`` is the median share of an epoch
+        spent outside its iterations, ``cpu_ms_per_image`` the median CPU milliseconds per image of the epoch's
+        training process and workers and of the bare step.
     """
     from ignite.engine import Events
     from monai.bundle import ConfigWorkflow
@@ -146,11 +169,15 @@ def epoch_throughput(
             torch.cuda.synchronize(device)
 
     steps = len(loader)
-    times: dict[str, list[float]] = {"epoch": [], "iteration": [], "bare": []}
-    clock = {"epoch": 0.0, "iteration": 0.0, "in_iterations": 0.0}
+    times: dict[str, list[float]] = {
+        "epoch": [], "iteration": [], "bare": [], "epoch_cpu": [], "workers_cpu": [], "bare_cpu": []
+    }
+    clock = {"epoch": 0.0, "iteration": 0.0, "in_iterations": 0.0, "cpu": 0.0, "workers": 0.0}
 
     def epoch_started(engine) -> None:
         clock["in_iterations"] = 0.0
+        clock["workers"] = _workers_cpu_seconds()
+        clock["cpu"] = time.process_time()
         clock["epoch"] = time.perf_counter()
 
     def iteration_started(engine) -> None:
@@ -163,19 +190,24 @@ def epoch_throughput(
     def epoch_completed(engine) -> None:
         synchronize()
         seconds = time.perf_counter() - clock["epoch"]
+        cpu = time.process_time() - clock["cpu"]
+        workers = _workers_cpu_seconds() - clock["workers"]
         if engine.state.epoch == 1:  # warm-up: first reads, allocations; the bare step warms up here too
             bare_step()
             bare_step()
             return
         times["epoch"].append(seconds)
         times["iteration"].append(clock["in_iterations"])
+        times["epoch_cpu"].append(cpu)
+        times["workers_cpu"].append(workers)
         network.train()
         synchronize()
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         for _ in range(steps):
             bare_step()
         synchronize()
         times["bare"].append(time.perf_counter() - start)
+        times["bare_cpu"].append(time.process_time() - start_cpu)
         logger.info("epoch benchmark: %s round %d: epoch %.2f s (%.2f s in iterations), bare steps %.2f s", preset,
                     engine.state.epoch - 1, seconds, clock["in_iterations"], times["bare"][-1])
 
@@ -209,6 +241,11 @@ def epoch_throughput(
         "iteration_seconds": times["iteration"],
         "bare_seconds": times["bare"],
         "data_wait_share": wait,
+        "cpu_ms_per_image": {
+            "epoch_training_process": 1000 * statistics.median(times["epoch_cpu"]) / images,
+            "epoch_workers": 1000 * statistics.median(times["workers_cpu"]) / images,
+            "bare_step": 1000 * statistics.median(times["bare_cpu"]) / (steps * batch_size),
+        },
     }
 
 
@@ -256,14 +293,16 @@ def epoch_markdown(result: dict) -> str:
         f"Bundle training epoch against the bare step, {result['num_train']} sample images of {result['image_size']} "
         f"px; {result['machine']}; {result['date']}; median of {result['repeats']} alternating rounds.\n",
         "| preset | batch | workers | side view | K/V per image | epoch images/s | bare step images/s | epoch / bare "
-        "| data wait |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| data wait | CPU ms/image: epoch (workers) / bare |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for preset, row in result["presets"].items():
+        cpu = row["cpu_ms_per_image"]
         side = "x".join(str(s) for s in row["side_img_size"])
         lines.append(
             f"| {preset} | {row['batch_size']} | {row['num_workers']} | {side} | {row['entry_bytes'] / 1e6:.2f} MB | "
             f"{row['epoch_images_per_s']:.1f} | {row['bare_step_images_per_s']:.1f} | {row['epoch_to_bare']:.2f} | "
-            f"{100 * row['data_wait_share']:.0f}% |"
+            f"{100 * row['data_wait_share']:.0f}% | {cpu['epoch_training_process'] + cpu['epoch_workers']:.1f} "
+            f"({cpu['epoch_workers']:.1f}) / {cpu['bare_step']:.1f} |"
         )
     return "\n".join(lines) + "\n"

@@ -12,7 +12,7 @@ from fpt_monai.preload.dataset import (
 )
 from fpt_monai.preload.fingerprint import CACHE_FORMAT_VERSION, cache_fingerprint, describe, weights_digest
 from fpt_monai.preload.handler import PreloadHandler, preload_all_ranks
-from fpt_monai.preload.loader import KVCacheLoader
+from fpt_monai.preload.loader import KVCacheLoader, default_num_workers
 from fpt_monai.preload.transform import STORAGE_DTYPES, FrozenBackboneKVd, storage_dtype
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "PreloadHandler",
     "STORAGE_DTYPES",
     "cache_fingerprint",
+    "default_num_workers",
     "describe",
     "item_digest",
     "item_identity",

@@ -16,6 +16,7 @@ arguments), and with any other dataset this loader is that ``DataLoader``.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -25,7 +26,20 @@ from monai.data import DataLoader, list_data_collate
 
 from fpt_monai.preload.dataset import KVCacheDataset, KVReference, read_kv_into
 
-__all__ = ["KVCacheLoader"]
+__all__ = ["KVCacheLoader", "default_num_workers"]
+
+
+def default_num_workers(max_workers: int = 4) -> int:
+    """Data-loading workers per training process: half the CPUs it may use, at most ``max_workers``.
+
+    The other half runs the training step (on a CPU, the step itself; on a GPU, feeding it). CPUs are those this
+    process may run on, shared by the processes ``torchrun`` starts on the node (``LOCAL_WORLD_SIZE``): 0 workers
+    on 1 CPU, 1 on 2-3, 2 on 4-5, up to ``max_workers``. From the cache a worker makes a training side view in
+    about 1.4 ms (FPT+, 2-core x86_64 CPU), and each one costs about 0.1 s of CPU to start every epoch.
+    """
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cpus //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return max(0, min(int(max_workers), cpus // 2))
 
 
 class _WithoutKV(torch.utils.data.Dataset):
