@@ -24,8 +24,11 @@ What it adds to ``PersistentDataset``:
   place (atomic; two processes filling one cache leave it correct). A truncated, altered or misplaced entry
   is detected, reported naming the file, recomputed and rewritten, never used.
 - :meth:`KVCacheDataset.preload` fills the missing (and recomputes the corrupt) entries with batched backbone
-  inference, with a progress bar; interrupted, it resumes where it stopped. Given ``rank``/``world_size`` it fills one shard, so that
-  several processes fill one cache together (:func:`~fpt_monai.preload.preload_all_ranks`).
+  inference, with a progress bar; interrupted, it resumes where it stopped. Given ``rank``/``world_size`` it
+  fills one shard, so that several processes fill one cache together (:func:`~fpt_monai.preload.preload_all_ranks`).
+- :meth:`KVCacheDataset.kv_reference` gives an item with a :class:`KVReference` to its verified entry in place of
+  its keys/values, and :func:`read_kv_into` reads them from there into a given tensor: the data-loading workers of
+  :class:`~fpt_monai.preload.KVCacheLoader` never handle the keys/values, the training process reads them.
 """
 
 from __future__ import annotations

@@ -22,11 +22,11 @@ def test_help_lists_every_benchmark():
     result = run_benchmarks("--help")
     assert result.returncode == 0, result.stderr
     listed = result.stdout + result.stderr
-    for command in ("bench", "memory", "memory3d", "speed", "accuracy", "accuracy_merge", "cache_dtype"):
+    for command in ("bench", "memory", "memory3d", "speed", "epoch", "accuracy", "accuracy_merge", "cache_dtype"):
         assert f"\n     {command}\n" in listed, command
 
 
-@pytest.mark.parametrize("command,argument", [("accuracy", "num_epochs"), ("bench", "output_dir")])
+@pytest.mark.parametrize("command,argument", [("accuracy", "num_epochs"), ("bench", "output_dir"), ("epoch", "num_train")])
 def test_help_documents_the_command_and_runs_nothing(command, argument, tmp_path):
     # accuracy takes **overrides: a plain --help must not become an override that starts a run
     result = run_benchmarks(command, "--help", cwd=tmp_path)

@@ -103,3 +103,75 @@ def test_training_and_evaluation_chains_share_one_cache(tmp_path):
         for train in (True, False)
     }
     assert caches[True] == caches[False]
+
+
+def test_side_source_is_an_8_bit_copy_at_twice_the_side_size():
+    from fpt_monai.data import SideSourced
+
+    image = torch.rand(3, 64, 64)
+    out = SideSourced("x", name="copy", size=16)({"x": image})
+    assert out["x"] is image and out["copy"].dtype == torch.uint8 and out["copy"].shape == (3, 32, 32)
+    expected = (make_side_view(image[None], (32, 32))[0] * 255).round()
+    assert (out["copy"].float() - expected).abs().max() <= 1  # rounded, not truncated
+    assert SideSourced("x", name="copy", size=48)({"x": image})["copy"].shape == (3, 64, 64)  # never above the image
+    assert SideSourced("x", name="copy", size=(8, 12), scale=1.5)({"x": image})["copy"].shape == (3, 12, 18)
+    with pytest.raises(ValueError, match="scale"):
+        SideSourced("x", name="copy", size=16, scale=0.5)
+
+
+def test_side_view_is_a_plain_tensor():
+    from monai.data import MetaTensor
+
+    view = SideViewd("x", 16)({"x": MetaTensor(torch.rand(3, 32, 32))})["x"]
+    assert type(view) is torch.Tensor and view.shape == (3, 16, 16)
+
+
+def test_training_side_views_come_from_the_cache_not_the_image_file(tmp_path, monkeypatch):
+    """Once an item is cached, its training side view is made from the stored 8-bit copy; evaluation reads the file."""
+    from fpt_monai.data.readers import RGBImageReader
+
+    root = make_folder(tmp_path / "data", {"train": {"a": 2, "b": 2}})
+    datalist = folder_datalist(root, "train")
+    backbone = make_backbone()
+    datasets = {train: make_fpt_dataset(datalist, 64, 32, [0.5] * 3, [0.5] * 3, train=train, backbone=backbone,
+                                        cache_dir=tmp_path / "cache", progress=False) for train in (True, False)}
+    datasets[True].preload()
+    stored = datasets[True]._cachecheck(datalist[0])["image"]
+    assert stored.dtype == torch.uint8 and stored.shape == (3, 64, 64)  # twice the side size, at most the image's
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("the image file was read")
+
+    monkeypatch.setattr(RGBImageReader, "read", no_reading)
+    item = datasets[True][0]
+    assert item["image"].shape == (3, 32, 32) and item["image"].dtype == torch.float32 and "high_res" not in item
+    with pytest.raises(RuntimeError, match="LoadImageRGBd") as error:
+        datasets[False][0]
+    assert "was read" in str(error.value.__cause__)
+
+
+def test_training_side_view_without_augmentation_is_the_stored_copy_resized(tmp_path):
+    from monai.transforms import Compose
+
+    from fpt_monai.data import fpt_transforms
+
+    root = make_folder(tmp_path / "data", {"train": {"a": 1}})
+    item = folder_datalist(root, "train")[0]
+    chain = fpt_transforms(64, 32, [0.5] * 3, [0.5] * 3, train=True)
+    *deterministic, copy = chain[:6]  # the side-view source ends the un-augmented part (before normalising)
+    assert [type(t).__name__ for t in chain[6:]] == ["NormalizeIntensityd", "EnsureTyped", "TorchVisiond",
+                                                    "RandTorchVisiond", "RandTorchVisiond", "RandTorchVisiond",
+                                                    "TorchVisiond", "SideViewd"]
+    for transform in chain:  # no augmentation: full crop, no flip, no jitter
+        if type(transform).__name__ == "RandTorchVisiond":
+            trans = transform.trans.trans
+            if hasattr(trans, "scale"):
+                trans.scale, trans.ratio = (1.0, 1.0), (1.0, 1.0)
+            if hasattr(trans, "p"):
+                trans.p = 0.0
+            if hasattr(trans, "brightness"):
+                trans.brightness = trans.contrast = None
+    out = Compose(chain)(dict(item))
+    source = Compose([*deterministic, copy])(dict(item))["image"]
+    expected = (make_side_view(source[None].float() / 255, (32, 32))[0] - 0.5) / 0.5
+    torch.testing.assert_close(out["image"], expected, atol=1e-5, rtol=1e-5)
