@@ -82,6 +82,7 @@ class Commands:
         device: str = "cpu",
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
+        side_img_size: int | None = None,
     ) -> None:
         """Fill the K/V cache of a dataset before training (resumable; what is cached stays cached).
 
@@ -105,6 +106,8 @@ class Commands:
             device: device the backbone runs on.
             mean: per-channel normalisation mean (default: the backbone's pre-training mean).
             std: per-channel normalisation std (default: the backbone's pre-training std).
+            side_img_size: the side network's input size (default: the preset's); entries store the source of the
+                training side views, made for this size.
         """
         import os
 
@@ -126,7 +129,7 @@ class Commands:
             dataset = make_fpt_dataset(
                 make_datalist(dataset_dir, split),
                 backbone.shape.img_size,
-                PRESETS[preset].side_img_size,
+                PRESETS[preset].side_img_size if side_img_size is None else int(side_img_size),
                 mean,
                 std,
                 train=False,

@@ -58,7 +58,8 @@ class SideSourced(MapTransform):
     Args:
         keys: the one key holding the image, (C, *spatial) in [0, 1] (before normalisation).
         name: the key the copy goes to.
-        size: the side view's size, an int or one per spatial dim.
+        size: the side view's size, an int or one per spatial dim. It is part of the cache's identity: entries
+            made for another side-view size are not read (their copy has another size).
         scale: the copy's size as a multiple of ``size``.
     """
 
@@ -69,7 +70,9 @@ class SideSourced(MapTransform):
         if scale < 1:
             raise ValueError(f"scale must be >= 1 (a copy smaller than the side view loses detail), got {scale}.")
         self.name = name
-        self.size = size
+        # one canonical form (224 and (224, 224) are the same size): the size enters the cache fingerprint
+        sizes = (size,) if isinstance(size, int) else tuple(int(s) for s in size)
+        self.size = sizes[0] if len(set(sizes)) == 1 else sizes
         self.scale = float(scale)
 
     def __call__(self, data: Mapping) -> dict:

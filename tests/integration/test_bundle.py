@@ -271,10 +271,12 @@ def test_a_cache_preloaded_from_python_or_the_cli_is_the_bundles(trained, tmp_pa
     _, override = trained
     parser = parsed(["train"], **override)
     backbone = parser.get_parsed_content("backbone")
-    chain = fpt_transforms(parser.get_parsed_content("img_size"), parser.get_parsed_content("side_img_size"),
-                           backbone.mean, backbone.std, train=True, backbone=backbone)
-    python = KVCacheDataset([], chain, tmp_path, progress=False).fingerprint
-    assert python == parser.get_parsed_content("train#dataset").fingerprint
+    side = parser.get_parsed_content("side_img_size")
+    for side_img_size in (side, side[0]):  # the bundle's (from the network) and the CLI's (the preset's int)
+        chain = fpt_transforms(parser.get_parsed_content("img_size"), side_img_size, backbone.mean, backbone.std,
+                               train=True, backbone=backbone)
+        python = KVCacheDataset([], chain, tmp_path, progress=False).fingerprint
+        assert python == parser.get_parsed_content("train#dataset").fingerprint
 
 
 # -- the Model Zoo's CI commands --------------------------------------------------------------------------------------
