@@ -2,7 +2,7 @@
 
 High-resolution view (never augmented): read, RGB, resize to the backbone's ``img_size``, scale to [0, 1],
 normalise -> :class:`~fpt_monai.preload.FrozenBackboneKVd` (cached by :class:`~fpt_monai.preload.KVCacheDataset`).
-Before normalising, :class:`~fpt_monai.data.SideSourced` keeps an 8-bit copy of that view at twice the side
+Before normalising, :class:`~fpt_monai.data.SideSourced` keeps a float16 copy of that view at 1.5 times the side
 network's input size under ``image`` (cached with the keys/values).
 Side view for training: made from that copy (the image file is not read again), with the augmentation of the papers
 (random resized crop with scale 0.8-1 and ratio 0.7-1.3, horizontal flip p=0.5, brightness/contrast jitter 0.2)
@@ -51,7 +51,7 @@ def fpt_transforms(
 
     With a ``backbone``, the high-resolution view becomes keys/values under ``"kv"`` (and is dropped); without
     one it stays under ``high_res_key`` for a network that runs the backbone itself (the online path).
-    The side view ends under ``image_key``: for training made from the 8-bit copy of the high-resolution view that
+    The side view ends under ``image_key``: for training made from the small copy of the high-resolution view that
     :class:`~fpt_monai.data.SideSourced` keeps there, for evaluation read again from the file. ``reader``: options
     of the image reading (:class:`~fpt_monai.data.readers.LoadImageRGBd`: volume slice, DICOM window, value range).
     """
@@ -69,11 +69,10 @@ def fpt_transforms(
     ]
     if backbone is not None:
         high_res.append(FrozenBackboneKVd(high_res_key, backbone, kv_key="kv", dtype=kv_dtype))
-    if train:  # from the 8-bit copy: to [0, 1], augment, normalise (torchvision's transforms keep plain tensors)
+    if train:  # from the stored copy: to float32, augment, normalise (torchvision's transforms keep plain tensors)
         size = [side_img_size] * 2 if isinstance(side_img_size, int) else list(side_img_size)
         side = [
             EnsureTyped(image_key, data_type="tensor", dtype=torch.float32, track_meta=False),
-            TorchVisiond(image_key, name="Normalize", mean=[0.0, 0.0, 0.0], std=[255.0, 255.0, 255.0]),
             RandTorchVisiond(image_key, name="RandomResizedCrop", size=size, scale=(0.8, 1.0), ratio=(0.7, 1.3)),
             RandTorchVisiond(image_key, name="RandomHorizontalFlip", p=0.5),
             RandTorchVisiond(image_key, name="ColorJitter", brightness=0.2, contrast=0.2),

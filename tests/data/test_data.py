@@ -105,16 +105,19 @@ def test_training_and_evaluation_chains_share_one_cache(tmp_path):
     assert caches[True] == caches[False]
 
 
-def test_side_source_is_an_8_bit_copy_at_twice_the_side_size():
+def test_side_source_is_a_float16_copy_at_one_and_a_half_times_the_side_size():
     from fpt_monai.data import SideSourced
+    from fpt_monai.preload.fingerprint import describe
 
     image = torch.rand(3, 64, 64)
     out = SideSourced("x", name="copy", size=16)({"x": image})
-    assert out["x"] is image and out["copy"].dtype == torch.uint8 and out["copy"].shape == (3, 32, 32)
-    expected = (make_side_view(image[None], (32, 32))[0] * 255).round()
-    assert (out["copy"].float() - expected).abs().max() <= 1  # rounded, not truncated
+    assert out["x"] is image and out["copy"].dtype == torch.float16 and out["copy"].shape == (3, 24, 24)
+    torch.testing.assert_close(out["copy"], make_side_view(image[None], (24, 24))[0].half())
     assert SideSourced("x", name="copy", size=48)({"x": image})["copy"].shape == (3, 64, 64)  # never above the image
-    assert SideSourced("x", name="copy", size=(8, 12), scale=1.5)({"x": image})["copy"].shape == (3, 12, 18)
+    assert SideSourced("x", name="copy", size=(8, 12), scale=2)({"x": image})["copy"].shape == (3, 16, 24)
+    # one description (cache fingerprint) for one stored copy: 16 and (16, 16) are the same size
+    assert describe(SideSourced("x", name="copy", size=16)) == describe(SideSourced("x", name="copy", size=(16, 16)))
+    assert "float16" in str(describe(SideSourced("x", name="copy", size=16)))
     with pytest.raises(ValueError, match="scale"):
         SideSourced("x", name="copy", size=16, scale=0.5)
 
@@ -127,7 +130,7 @@ def test_side_view_is_a_plain_tensor():
 
 
 def test_training_side_views_come_from_the_cache_not_the_image_file(tmp_path, monkeypatch):
-    """Once an item is cached, its training side view is made from the stored 8-bit copy; evaluation reads the file."""
+    """Once an item is cached, its training side view is made from the stored copy; evaluation reads the file."""
     from fpt_monai.data.readers import RGBImageReader
 
     root = make_folder(tmp_path / "data", {"train": {"a": 2, "b": 2}})
@@ -137,7 +140,7 @@ def test_training_side_views_come_from_the_cache_not_the_image_file(tmp_path, mo
                                         cache_dir=tmp_path / "cache", progress=False) for train in (True, False)}
     datasets[True].preload()
     stored = datasets[True]._cachecheck(datalist[0])["image"]
-    assert stored.dtype == torch.uint8 and stored.shape == (3, 64, 64)  # twice the side size, at most the image's
+    assert stored.dtype == torch.float16 and stored.shape == (3, 48, 48)  # 1.5 times the side size
 
     def no_reading(*args, **kwargs):
         raise AssertionError("the image file was read")
@@ -159,9 +162,9 @@ def test_training_side_view_without_augmentation_is_the_stored_copy_resized(tmp_
     item = folder_datalist(root, "train")[0]
     chain = fpt_transforms(64, 32, [0.5] * 3, [0.5] * 3, train=True)
     *deterministic, copy = chain[:6]  # the side-view source ends the un-augmented part (before normalising)
-    assert [type(t).__name__ for t in chain[6:]] == ["NormalizeIntensityd", "EnsureTyped", "TorchVisiond",
-                                                    "RandTorchVisiond", "RandTorchVisiond", "RandTorchVisiond",
-                                                    "TorchVisiond", "SideViewd"]
+    assert [type(t).__name__ for t in chain[6:]] == ["NormalizeIntensityd", "EnsureTyped", "RandTorchVisiond",
+                                                    "RandTorchVisiond", "RandTorchVisiond", "TorchVisiond",
+                                                    "SideViewd"]
     for transform in chain:  # no augmentation: full crop, no flip, no jitter
         if type(transform).__name__ == "RandTorchVisiond":
             trans = transform.trans.trans
@@ -173,5 +176,5 @@ def test_training_side_view_without_augmentation_is_the_stored_copy_resized(tmp_
                 trans.brightness = trans.contrast = None
     out = Compose(chain)(dict(item))
     source = Compose([*deterministic, copy])(dict(item))["image"]
-    expected = (make_side_view(source[None].float() / 255, (32, 32))[0] - 0.5) / 0.5
+    expected = (make_side_view(source[None].float(), (32, 32))[0] - 0.5) / 0.5
     torch.testing.assert_close(out["image"], expected, atol=1e-5, rtol=1e-5)

@@ -237,10 +237,10 @@ def test_an_augmentation_changed_from_the_command_line_takes_effect(trained):
     from fpt_monai.config_check import check_overrides
 
     root, override = trained
-    flip = "train#random_transforms#3#p"
-    check_overrides(config_files("train"), {flip: 1.0})  # what `--train#random_transforms#3#p 1.0` passes
-    fixed = {"train#random_transforms#2#scale": [1.0, 1.0], "train#random_transforms#2#ratio": [1.0, 1.0],
-             "train#random_transforms#4#brightness": 0.0, "train#random_transforms#4#contrast": 0.0}
+    flip = "train#random_transforms#2#p"
+    check_overrides(config_files("train"), {flip: 1.0})  # what `--train#random_transforms#2#p 1.0` passes
+    fixed = {"train#random_transforms#1#scale": [1.0, 1.0], "train#random_transforms#1#ratio": [1.0, 1.0],
+             "train#random_transforms#3#brightness": 0.0, "train#random_transforms#3#contrast": 0.0}
     item = {"image": str(next((root / "data" / "train").rglob("*.png"))), "label": 0}
     views = {}
     for p in (0.0, 1.0):
@@ -256,8 +256,8 @@ def test_the_cache_fingerprint_changes_when_and_only_when_a_transform_before_the
         return parsed(["train"], **override, **change).get_parsed_content("train#dataset").fingerprint
 
     reference = fingerprint()
-    assert fingerprint(**{"train#random_transforms#3#p": 1.0}) == reference  # augmentation: entries stay valid
-    assert fingerprint(**{"train#random_transforms#2#scale": [0.5, 1.0]}) == reference
+    assert fingerprint(**{"train#random_transforms#2#p": 1.0}) == reference  # augmentation: entries stay valid
+    assert fingerprint(**{"train#random_transforms#1#scale": [0.5, 1.0]}) == reference
     assert fingerprint(**{"train#deterministic_transforms#4#mode": "bicubic"}) != reference  # high-res resizing
     assert fingerprint(**{"train#deterministic_transforms#5#scale": 3.0}) != reference  # the stored side-view source
     assert fingerprint(kv_dtype="float32") != reference

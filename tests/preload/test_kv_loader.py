@@ -124,10 +124,11 @@ def test_preload_reports_and_recomputes_a_corrupt_entry(dataset, data):
     assert dataset.corrupt_entries == [path]
 
 
-def test_default_workers_leave_half_the_cpus_to_the_step(monkeypatch):
+def test_default_workers_leave_the_cpus_to_the_step(monkeypatch):
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    for cpus, workers in [(1, 0), (2, 1), (3, 1), (4, 2), (8, 4), (64, 4)]:
+    for cpus, on_cpu, on_gpu in [(1, 0, 0), (2, 0, 1), (3, 0, 1), (4, 1, 2), (8, 2, 4), (64, 4, 4)]:
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cpus: set(range(n)), raising=False)
-        assert default_num_workers() == workers
+        assert default_num_workers() == default_num_workers("cpu") == on_cpu
+        assert default_num_workers(torch.device("cuda:0")) == on_gpu
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # four training processes on these 64 CPUs
-    assert default_num_workers(max_workers=16) == 8
+    assert default_num_workers("cuda:1", max_workers=16) == 8
