@@ -14,52 +14,156 @@ from functools import partial
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from monai.networks.layers import Conv
 from monai.utils import ensure_tuple_rep
 from timm.layers import Attention, Mlp
 from timm.models.vision_transformer import Block
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["ActivationRecomputingAttention", "ActivationRecomputingMlp", "SideViT"]
+__all__ = ["ActivationRecomputingMlp", "RecomputedAttention", "SideAttention", "SideBlock", "SideViT"]
 
 
-def _recomputes(module: nn.Module) -> bool:
-    return module.training and torch.is_grad_enabled() and not torch.jit.is_tracing() and not torch.jit.is_scripting()
+def _trains(module: nn.Module) -> bool:
+    """Whether a forward builds a graph for backward (not inference, tracing, scripting, compiling or export)."""
+    return module.training and torch.is_grad_enabled() and not _exporting()
+
+
+def _exporting() -> bool:
+    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
+
+
+#: Upper bound on the attention probabilities one chunk of :class:`RecomputedAttention` holds: small enough to stay
+#: in a CPU core's cache while the chunk is softmax'ed and multiplied, large enough to amortise the per-chunk calls.
+RECOMPUTED_ATTENTION_CHUNK_BYTES = 4 * 2**20
+
+
+class RecomputedAttention(torch.autograd.Function):
+    """``softmax(q k^T * scale) v`` that keeps only its inputs and output for backward, over chunks of the batch.
+
+    The side ViT's heads are narrow (width 8): its (B, heads, queries, keys) attention probabilities are most of its
+    saved activations (31 MB per block at batch 16 for the ``fpt`` preset, against 1.3 MB of tokens). This function
+    does not keep them: backward recomputes them, chunk by chunk, from ``q`` and ``k``. PyTorch's CPU flash attention
+    keeps no matrix either but is built for wide heads; measured on a 2-core CPU at the side ViT's shapes (batch 16,
+    12 heads of 8), this is 15-20% faster for a whole block's forward and backward.
+
+    Shapes: q (B, H, Nq, D), k and v (B, H, Nk, D), contiguous; returns (B, H, Nq, D).
+    """
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        out = torch.empty_like(q)
+        chunk = RecomputedAttention._chunk(q, k)
+        for start in range(0, q.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            torch.matmul(RecomputedAttention._probabilities(q[rows] * scale, k[rows]), v[rows], out=out[rows])
+        ctx.save_for_backward(q, k, v, out)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def _chunk(q: torch.Tensor, k: torch.Tensor) -> int:
+        per_item = q.shape[1] * q.shape[2] * k.shape[2] * q.element_size()
+        return max(1, RECOMPUTED_ATTENTION_CHUNK_BYTES // per_item)
+
+    @staticmethod
+    def _probabilities(scaled_q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(scaled_q, k.transpose(-2, -1)).softmax(dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        q, k, v, out = ctx.saved_tensors
+        grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        chunk = RecomputedAttention._chunk(q, k)
+        for start in range(0, q.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            scaled_q, g = q[rows] * ctx.scale, grad_out[rows]
+            probabilities = RecomputedAttention._probabilities(scaled_q, k[rows])
+            torch.matmul(probabilities.transpose(-2, -1), g, out=grad_v[rows])
+            # softmax backward: p * (dp - rowsum(dp * p)), where rowsum(dp * p) = rowsum(g * out)
+            grad_scores = torch.matmul(g, v[rows].transpose(-2, -1))
+            grad_scores.sub_((g * out[rows]).sum(dim=-1, keepdim=True)).mul_(probabilities)
+            torch.matmul(grad_scores, k[rows], out=grad_q[rows]).mul_(ctx.scale)
+            torch.matmul(grad_scores.transpose(-2, -1), scaled_q, out=grad_k[rows])
+        return grad_q, grad_k, grad_v, None
 
 
 class ActivationRecomputingMlp(Mlp):
-    """timm's ``Mlp`` (same parameters and state dict) that keeps only its hidden pre-activation for backward.
+    """timm's ``Mlp`` (same parameters and state dict) that can keep only its hidden pre-activation for backward.
 
     A plain MLP keeps both ``fc1``'s output (for the GELU's backward) and the GELU's output (for ``fc2``'s weight
-    gradient). In training the GELU and ``fc2`` run under non-reentrant ``torch.utils.checkpoint``, so the GELU is
-    recomputed during backward: one elementwise op buys back a quarter of the side ViT's saved activations other
-    than attention (63 MB at batch 16 for the ``fpt`` preset). Inference and tracing run the plain path.
+    gradient). With ``recompute`` set, in training the GELU and ``fc2`` run under non-reentrant
+    ``torch.utils.checkpoint``, so the GELU is recomputed during backward: one elementwise op buys back a quarter of
+    the side ViT's saved activations other than attention (63 MB at batch 16 for the ``fpt`` preset). Inference
+    and tracing run the plain path.
     """
+
+    recompute: bool = True
 
     def _activate_and_project(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.norm(self.drop1(self.act(hidden))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = self.fc1(x)
-        if _recomputes(self):
+        if self.recompute and _trains(self):
             return self.drop2(checkpoint(self._activate_and_project, hidden, use_reentrant=False))
         return self.drop2(self._activate_and_project(hidden))
 
 
-class ActivationRecomputingAttention(Attention):
-    """timm's ``Attention`` (same parameters and state dict) that, with eager attention, keeps only its input.
+class SideAttention(Attention):
+    """timm's ``Attention`` (same parameters and state dict) whose queries can be the first tokens only.
 
-    Eager attention keeps every (B, heads, N, N) softmax matrix for backward: with the side ViT's 12 heads of
-    width 8 they are most of its saved activations (35 MB per block at batch 16 and 213 tokens, far more than
-    the 1.3 MB of tokens). In training with ``fused_attn=False`` the whole attention runs under non-reentrant
-    ``torch.utils.checkpoint`` and is recomputed in backward; fused attention (PyTorch's SDPA, the default)
-    stores no such matrix and runs the plain path, as do inference and tracing.
+    Prompt tokens are appended to a side block only to be attended to: their own outputs are dropped after the block.
+    ``forward(x, num_queries)`` computes keys and values of all tokens but queries, outputs and the projection of
+    the first ``num_queries`` only, which is exactly what the kept tokens receive.
+
+    Attention in training (``fused_attn`` off, the default here):
+
+    - ``recompute`` set: :class:`RecomputedAttention`, which keeps no (B, heads, queries, keys) probability matrix;
+    - ``recompute`` off: timm's eager attention, which keeps the probabilities and needs no recomputation.
+
+    ``fused_attn`` on selects PyTorch's ``scaled_dot_product_attention`` instead, as in timm; so do inference,
+    tracing and export (an export then has a dynamic batch size).
     """
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-        if self.fused_attn or not _recomputes(self):
-            return super().forward(x, attn_mask, is_causal)
-        return checkpoint(super().forward, x, attn_mask, is_causal, use_reentrant=False)
+    recompute: bool = True
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if self.attn_drop.p or self.gate is not None:
+            raise ValueError("the side ViT's attention has no attention dropout and no gate.")
+        self.fused_attn = False
+
+    def forward(self, x: torch.Tensor, num_queries: int | None = None) -> torch.Tensor:
+        batch, num_tokens, _ = x.shape
+        num_queries = num_tokens if num_queries is None else num_queries
+        qkv = self.qkv(x).reshape(batch, num_tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q[:, :, :num_queries]), self.k_norm(k)
+        if self.fused_attn or not _trains(self):
+            x = F.scaled_dot_product_attention(q, k, v)
+        elif self.recompute:
+            x = RecomputedAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), self.scale)
+        else:
+            x = (q * self.scale @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+        x = self.norm(x.transpose(1, 2).reshape(batch, num_queries, self.attn_dim))
+        return self.proj_drop(self.proj(x))
+
+
+class SideBlock(Block):
+    """timm's pre-norm ViT ``Block`` (same parameters and state dict) that takes prompt tokens beside its tokens.
+
+    ``forward(x, prompts)`` is ``Block.forward(cat(x, prompts))`` with the prompts' outputs dropped, computed
+    without them: the prompts are normalised and attended to, but get no query, projection or MLP. With
+    ``cls_only`` only the first token's output is computed (the last block of a classifier that reads CLS).
+    """
+
+    def forward(self, x: torch.Tensor, prompts: torch.Tensor | None = None, cls_only: bool = False) -> torch.Tensor:
+        tokens = x if prompts is None else torch.cat((x, prompts), dim=1)
+        if cls_only:
+            x = x[:, :1]
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(tokens), num_queries=x.shape[1])))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
 class SideViT(nn.Module):
@@ -83,6 +187,9 @@ class SideViT(nn.Module):
         mlp_ratio: MLP hidden width / ``embed_dim``.
         spatial_dims: 2 for images, 3 for volumes.
         drop_path_rate: stochastic depth rate, linearly increasing over blocks.
+        recompute: in training, recompute the attention probabilities and the MLP's activation in backward instead
+            of keeping them (:class:`RecomputedAttention`, :class:`ActivationRecomputingMlp`): less memory, more
+            time. Also an attribute that can be switched at any time.
     """
 
     def __init__(
@@ -97,6 +204,7 @@ class SideViT(nn.Module):
         mlp_ratio: float = 4.0,
         spatial_dims: int = 2,
         drop_path_rate: float = 0.0,
+        recompute: bool = True,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -126,21 +234,34 @@ class SideViT(nn.Module):
         rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         norm_layer = partial(nn.LayerNorm, eps=1e-6)  # the ViT convention (timm, original JAX ViT)
         self.blocks = nn.ModuleList(
-            Block(
+            SideBlock(
                 embed_dim,
                 num_heads,
                 mlp_ratio=mlp_ratio,
                 qkv_bias=True,
                 drop_path=rate,
                 norm_layer=norm_layer,
-                attn_layer=ActivationRecomputingAttention,
+                attn_layer=SideAttention,
                 mlp_layer=ActivationRecomputingMlp,
             )
             for rate in rates
         )
         self.norm = norm_layer(embed_dim)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.recompute = recompute
         self.reset_parameters()
+
+    @property
+    def recompute(self) -> bool:
+        """Whether training recomputes attention probabilities and MLP activations in backward (see the class)."""
+        return self._recompute
+
+    @recompute.setter
+    def recompute(self, value: bool) -> None:
+        self._recompute = bool(value)
+        for module in self.modules():
+            if isinstance(module, (SideAttention, ActivationRecomputingMlp)):
+                module.recompute = self._recompute
 
     @property
     def depth(self) -> int:
@@ -160,13 +281,7 @@ class SideViT(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
-    def forward_features(self, x: torch.Tensor, block_prompts: torch.Tensor | None = None) -> torch.Tensor:
-        """Images -> final-normed tokens ``[CLS, patches]`` of shape (B, 1 + num_patches, embed_dim).
-
-        Args:
-            x: (B, in_channels, *img_size) low-resolution images.
-            block_prompts: optional (B, depth, P, embed_dim) prompts; block i gets ``block_prompts[:, i]``.
-        """
+    def _check_inputs(self, x: torch.Tensor, block_prompts: torch.Tensor | None) -> None:
         expected = (self.in_channels, *self.img_size)
         if x.ndim != self.spatial_dims + 2 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"the side network expects (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}.")
@@ -181,16 +296,30 @@ class SideViT(nn.Module):
                 f"block_prompts must have shape ({x.shape[0]}, {self.depth}, P, {self.embed_dim}), "
                 f"got {tuple(block_prompts.shape)}."
             )
+
+    def _tokens(self, x: torch.Tensor, block_prompts: torch.Tensor | None, cls_only: bool) -> torch.Tensor:
+        self._check_inputs(x, block_prompts)
         x = self.patch_embed(x).flatten(2).transpose(1, 2)
         x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1) + self.pos_embed
+        last = self.depth - 1
         for index, block in enumerate(self.blocks):
-            if block_prompts is None:
-                x = block(x)
-            else:
-                num_prompts = block_prompts.shape[2]
-                x = block(torch.cat((x, block_prompts[:, index]), dim=1))[:, :-num_prompts]
+            prompts = None if block_prompts is None else block_prompts[:, index]
+            x = block(x, prompts, cls_only=cls_only and index == last)
         return self.norm(x)
 
+    def forward_features(self, x: torch.Tensor, block_prompts: torch.Tensor | None = None) -> torch.Tensor:
+        """Images -> final-normed tokens ``[CLS, patches]`` of shape (B, 1 + num_patches, embed_dim).
+
+        Args:
+            x: (B, in_channels, *img_size) low-resolution images.
+            block_prompts: optional (B, depth, P, embed_dim) prompts; block i attends to ``block_prompts[:, i]``
+                beside its tokens, and their outputs are dropped.
+        """
+        return self._tokens(x, block_prompts, cls_only=False)
+
     def forward(self, x: torch.Tensor, block_prompts: torch.Tensor | None = None) -> torch.Tensor:
-        """Images (and optional per-block prompts) -> logits (B, num_classes) from the CLS token."""
-        return self.head(self.forward_features(x, block_prompts)[:, 0])
+        """Images (and optional per-block prompts) -> logits (B, num_classes) from the CLS token.
+
+        The last block computes only the CLS token's output: the head reads nothing else.
+        """
+        return self.head(self._tokens(x, block_prompts, cls_only=True)[:, 0])
