@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from fpt_monai.utils import exporting
+
 __all__ = ["FUSION_VARIANTS", "FineGrainedPrompts", "FineGrainedFusion", "PromptCrossAttention"]
 
 FUSION_VARIANTS = ("fpt", "fpt_plus")
@@ -196,8 +198,8 @@ class FineGrainedFusion(nn.Module):
         query = self.query(prompts)
         query = query.reshape(num_blocks, num_prompts, self.num_heads, self.head_dim).transpose(1, 2)
         # computed in the prompts' precision whatever the storage dtype of the (preloaded) keys/values
-        if torch.jit.is_tracing() or torch.jit.is_scripting():
-            # TorchScript cannot hold a Python autograd function; an exported network does not train anyway
+        if exporting():
+            # a graph cannot hold a Python autograd function nor its loop over the batch; exports do not train
             keys, values = kv[:, :, 0].to(query.dtype), kv[:, :, 1].to(query.dtype)
             attention = (query * self.head_dim**-0.5 @ keys.transpose(-2, -1)).softmax(dim=-1)
             context = attention @ values

@@ -21,21 +21,19 @@ from timm.layers import Attention, Mlp
 from timm.models.vision_transformer import Block
 from torch.utils.checkpoint import checkpoint
 
+from fpt_monai.utils import exporting
+
 __all__ = ["ActivationRecomputingMlp", "RecomputedAttention", "SideAttention", "SideBlock", "SideViT"]
 
 
 def _trains(module: nn.Module) -> bool:
     """Whether a forward builds a graph for backward (not inference, tracing, scripting, compiling or export)."""
-    return module.training and torch.is_grad_enabled() and not _exporting()
-
-
-def _exporting() -> bool:
-    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
+    return module.training and torch.is_grad_enabled() and not exporting()
 
 
 #: Upper bound on the attention probabilities one chunk of :class:`RecomputedAttention` holds: small enough to stay
 #: in a CPU core's cache while the chunk is softmax'ed and multiplied, large enough to amortise the per-chunk calls.
-RECOMPUTED_ATTENTION_CHUNK_BYTES = 4 * 2**20
+RECOMPUTED_ATTENTION_CHUNK_BYTES = 2 * 2**20
 
 
 class RecomputedAttention(torch.autograd.Function):
