@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from fpt_monai.utils import exporting
 
-__all__ = ["ActivationRecomputingMlp", "RecomputedAttention", "SideAttention", "SideBlock", "SideViT"]
+__all__ = ["ActivationRecomputingMlp", "NarrowHeadAttention", "SideAttention", "SideBlock", "SideViT"]
 
 
 def _trains(module: nn.Module) -> bool:
@@ -31,59 +31,68 @@ def _trains(module: nn.Module) -> bool:
     return module.training and torch.is_grad_enabled() and not exporting()
 
 
-#: Upper bound on the attention probabilities one chunk of :class:`RecomputedAttention` holds: small enough to stay
-#: in a CPU core's cache while the chunk is softmax'ed and multiplied, large enough to amortise the per-chunk calls.
-RECOMPUTED_ATTENTION_CHUNK_BYTES = 2 * 2**20
+#: Upper bound on the attention probabilities one chunk of :class:`NarrowHeadAttention` computes at a time: small
+#: enough to stay in a CPU core's cache while the chunk is softmax'ed and multiplied, large enough to amortise the
+#: per-chunk calls.
+ATTENTION_CHUNK_BYTES = 2 * 2**20
 
 
-class RecomputedAttention(torch.autograd.Function):
-    """``softmax(q k^T * scale) v`` that keeps only its inputs and output for backward, over chunks of the batch.
+class NarrowHeadAttention(torch.autograd.Function):
+    """``softmax(q k^T * scale) v`` for narrow heads, on transposed operands, over chunks of the batch.
 
-    The side ViT's heads are narrow (width 8): its (B, heads, queries, keys) attention probabilities are most of its
-    saved activations (31 MB per block at batch 16 for the ``fpt`` preset, against 1.3 MB of tokens). This function
-    does not keep them: backward recomputes them, chunk by chunk, from ``q`` and ``k``. PyTorch's CPU flash attention
-    keeps no matrix either but is built for wide heads; measured on a 2-core CPU at the side ViT's shapes (batch 16,
-    12 heads of 8), this is 15-20% faster for a whole block's forward and backward.
+    The side ViT's heads are 8 wide. A matrix product whose output is 8 wide runs 3-4x slower on a CPU than the same
+    product computed transposed (8-row output), so this function takes and returns every operand transposed:
+    ``qt`` (B, H, D, Nq), ``kt`` and ``vt`` (B, H, D, Nk), contiguous; it returns ``ot`` (B, H, D, Nq), and its
+    gradients have the inputs' layouts.
 
-    Shapes: q (B, H, Nq, D), k and v (B, H, Nk, D), contiguous; returns (B, H, Nq, D).
+    The (B, H, Nq, Nk) attention probabilities are most of the side ViT's saved activations (31 MB per block at batch
+    16 for the ``fpt`` preset, against 1.3 MB of tokens). With ``keep_probabilities`` off they are not kept:
+    backward recomputes them, chunk by chunk, from ``qt`` and ``kt``; on, they are kept and backward is quicker.
+    PyTorch's CPU flash attention keeps no matrix either, but is built for wide heads.
     """
 
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        out = torch.empty_like(q)
-        chunk = RecomputedAttention._chunk(q, k)
-        for start in range(0, q.shape[0], chunk):
-            rows = slice(start, start + chunk)
-            torch.matmul(RecomputedAttention._probabilities(q[rows] * scale, k[rows]), v[rows], out=out[rows])
-        ctx.save_for_backward(q, k, v, out)
+    def forward(ctx, qt, kt, vt, scale: float, keep_probabilities: bool):
+        batch, heads, _, num_queries = qt.shape
+        ot = torch.empty_like(qt)
+        kept = qt.new_empty(batch, heads, num_queries, kt.shape[-1]) if keep_probabilities else None
+        for rows in NarrowHeadAttention._chunks(qt, kt):
+            probabilities = NarrowHeadAttention._probabilities(qt[rows], kt[rows], scale)
+            torch.matmul(vt[rows], probabilities.transpose(-2, -1), out=ot[rows])
+            if kept is not None:
+                kept[rows] = probabilities
+        ctx.save_for_backward(qt, kt, vt, ot, kept)
         ctx.scale = scale
-        return out
+        return ot
 
     @staticmethod
-    def _chunk(q: torch.Tensor, k: torch.Tensor) -> int:
-        per_item = q.shape[1] * q.shape[2] * k.shape[2] * q.element_size()
-        return max(1, RECOMPUTED_ATTENTION_CHUNK_BYTES // per_item)
+    def _chunks(qt: torch.Tensor, kt: torch.Tensor):
+        per_item = qt.shape[1] * qt.shape[3] * kt.shape[3] * qt.element_size()
+        size = max(1, ATTENTION_CHUNK_BYTES // per_item)
+        return [slice(start, start + size) for start in range(0, qt.shape[0], size)]
 
     @staticmethod
-    def _probabilities(scaled_q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        return torch.matmul(scaled_q, k.transpose(-2, -1)).softmax(dim=-1)
+    def _probabilities(qt: torch.Tensor, kt: torch.Tensor, scale: float) -> torch.Tensor:
+        return torch.matmul(qt.transpose(-2, -1) * scale, kt).softmax(dim=-1)  # (c, H, Nq, Nk)
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        q, k, v, out = ctx.saved_tensors
-        grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        chunk = RecomputedAttention._chunk(q, k)
-        for start in range(0, q.shape[0], chunk):
-            rows = slice(start, start + chunk)
-            scaled_q, g = q[rows] * ctx.scale, grad_out[rows]
-            probabilities = RecomputedAttention._probabilities(scaled_q, k[rows])
-            torch.matmul(probabilities.transpose(-2, -1), g, out=grad_v[rows])
-            # softmax backward: p * (dp - rowsum(dp * p)), where rowsum(dp * p) = rowsum(g * out)
-            grad_scores = torch.matmul(g, v[rows].transpose(-2, -1))
-            grad_scores.sub_((g * out[rows]).sum(dim=-1, keepdim=True)).mul_(probabilities)
-            torch.matmul(grad_scores, k[rows], out=grad_q[rows]).mul_(ctx.scale)
-            torch.matmul(grad_scores.transpose(-2, -1), scaled_q, out=grad_k[rows])
-        return grad_q, grad_k, grad_v, None
+    def backward(ctx, grad_ot: torch.Tensor):
+        qt, kt, vt, ot, kept = ctx.saved_tensors
+        grad_ot = grad_ot.contiguous()
+        grad_qt, grad_kt, grad_vt = torch.empty_like(qt), torch.empty_like(kt), torch.empty_like(vt)
+        for rows in NarrowHeadAttention._chunks(qt, kt):
+            g = grad_ot[rows]
+            if kept is None:
+                probabilities = NarrowHeadAttention._probabilities(qt[rows], kt[rows], ctx.scale)
+            else:
+                probabilities = kept[rows]
+            torch.matmul(g, probabilities, out=grad_vt[rows])
+            # softmax backward: p * (dp - rowsum(dp * p)), where rowsum(dp * p) = rowsum(g * o)
+            grad_scores = torch.matmul(g.transpose(-2, -1), vt[rows])
+            grad_scores.sub_((g * ot[rows]).sum(dim=-2).unsqueeze(-1)).mul_(probabilities)
+            torch.matmul(kt[rows], grad_scores.transpose(-2, -1), out=grad_qt[rows]).mul_(ctx.scale)
+            torch.matmul(qt[rows] * ctx.scale, grad_scores, out=grad_kt[rows])
+        return grad_qt, grad_kt, grad_vt, None, None
 
 
 class ActivationRecomputingMlp(Mlp):
@@ -117,8 +126,8 @@ class SideAttention(Attention):
 
     Attention in training (``fused_attn`` off, the default here):
 
-    - ``recompute`` set: :class:`RecomputedAttention`, which keeps no (B, heads, queries, keys) probability matrix;
-    - ``recompute`` off: timm's eager attention, which keeps the probabilities and needs no recomputation.
+    - ``recompute`` set: :class:`NarrowHeadAttention` keeps no (B, heads, queries, keys) probability matrix;
+    - ``recompute`` off: it keeps them, and backward needs no recomputation.
 
     ``fused_attn`` on selects PyTorch's ``scaled_dot_product_attention`` instead, as in timm; so do inference,
     tracing and export (an export then has a dynamic batch size).
@@ -128,23 +137,23 @@ class SideAttention(Attention):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        if self.attn_drop.p or self.gate is not None:
-            raise ValueError("the side ViT's attention has no attention dropout and no gate.")
+        if self.attn_drop.p or self.gate is not None or not isinstance(self.q_norm, nn.Identity):
+            raise ValueError("the side ViT's attention has no attention dropout, no gate and no query/key norm.")
         self.fused_attn = False
 
     def forward(self, x: torch.Tensor, num_queries: int | None = None) -> torch.Tensor:
         batch, num_tokens, _ = x.shape
         num_queries = num_tokens if num_queries is None else num_queries
-        qkv = self.qkv(x).reshape(batch, num_tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = self.q_norm(q[:, :, :num_queries]), self.k_norm(k)
+        qkv = self.qkv(x).reshape(batch, num_tokens, 3, self.num_heads, self.head_dim)
         if self.fused_attn or not _trains(self):
-            x = F.scaled_dot_product_attention(q, k, v)
-        elif self.recompute:
-            x = RecomputedAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), self.scale)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            x = F.scaled_dot_product_attention(q[:, :, :num_queries], k, v).transpose(1, 2)
         else:
-            x = (q * self.scale @ k.transpose(-2, -1)).softmax(dim=-1) @ v
-        x = self.norm(x.transpose(1, 2).reshape(batch, num_queries, self.attn_dim))
+            qt = qkv[:, :num_queries, 0].permute(0, 2, 3, 1).contiguous()  # (B, H, D, Nq)
+            kt, vt = qkv[:, :, 1:].permute(2, 0, 3, 4, 1).contiguous().unbind(0)  # each (B, H, D, N)
+            ot = NarrowHeadAttention.apply(qt, kt, vt, self.scale, not self.recompute)
+            x = ot.permute(0, 3, 1, 2)
+        x = self.norm(x.reshape(batch, num_queries, self.attn_dim))
         return self.proj_drop(self.proj(x))
 
 
@@ -186,7 +195,7 @@ class SideViT(nn.Module):
         spatial_dims: 2 for images, 3 for volumes.
         drop_path_rate: stochastic depth rate, linearly increasing over blocks.
         recompute: in training, recompute the attention probabilities and the MLP's activation in backward instead
-            of keeping them (:class:`RecomputedAttention`, :class:`ActivationRecomputingMlp`): less memory, more
+            of keeping them (:class:`NarrowHeadAttention`, :class:`ActivationRecomputingMlp`): less memory, more
             time. Also an attribute that can be switched at any time.
     """
 
