@@ -116,6 +116,9 @@ def training_step_comparison(
                 "images_per_second": round(batch_size / s, 2),
                 "peak_mib": round(memory[name]["total_bytes"] / 2**20, 1),
                 "activations_mib": round(memory[name]["activations_bytes"] / 2**20, 1),
+                "saved_for_backward_mib": round(memory[name]["saved_for_backward_bytes"] / 2**20, 1),
+                "peak_bytes": memory[name]["total_bytes"],
+                "saved_for_backward_bytes": memory[name]["saved_for_backward_bytes"],
             }
             if "yardstick" in seconds:
                 row["speed_ratio"] = round(seconds["yardstick"] / s, 3)
