@@ -139,3 +139,16 @@ def test_recompute_is_one_switch_over_every_block():
     assert not any(block.attn.recompute or block.mlp.recompute for block in side.blocks)
     side.recompute = True
     assert all(block.attn.recompute and block.mlp.recompute for block in side.blocks)
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_linear_gradients(approximate):
+    from fpt_monai.networks.side import GeluLinear
+
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda h, w, b: GeluLinear.apply(h, w, b, approximate), (hidden, weight, bias))
+    expected = torch.nn.functional.linear(torch.nn.functional.gelu(hidden, approximate=approximate), weight, bias)
+    torch.testing.assert_close(GeluLinear.apply(hidden, weight, bias, approximate), expected)
