@@ -124,11 +124,12 @@ class PromptCrossAttention(torch.autograd.Function):
             grad_attention = torch.matmul(values, grad_output[images, block].transpose(0, 1).transpose(-2, -1))
             # softmax backward over the tokens: a * (da - sum(da * a))
             grad_scores = grad_attention.sub_((grad_attention * attention).sum(dim=2, keepdim=True)).mul_(attention)
-            grad_q[block].baddbmm_(
+            # one batched product per chunk (an in-place baddbmm_ on this transposed view runs one product per head)
+            grad_q_chunk = torch.bmm(
                 grad_scores.view(heads, batch * tokens, num_prompts).transpose(-2, -1),
                 keys.reshape(heads, batch * tokens, head_dim),
-                alpha=ctx.scale,
             )
+            grad_q[block].add_(grad_q_chunk, alpha=ctx.scale)
         return grad_q, None, None
 
 
