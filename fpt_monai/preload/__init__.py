@@ -11,7 +11,14 @@ from fpt_monai.preload.dataset import (
 )
 from fpt_monai.preload.fingerprint import CACHE_FORMAT_VERSION, cache_fingerprint, describe, weights_digest
 from fpt_monai.preload.handler import PreloadHandler, preload_all_ranks
-from fpt_monai.preload.quantize import dequantize_int8, dequantize_item, int8_scale_shape, quantize_int8, scale_key
+from fpt_monai.preload.quantize import (
+    dequantize_int8,
+    dequantize_item,
+    int8_scale_shape,
+    kv_read_dtype,
+    quantize_int8,
+    scale_key,
+)
 from fpt_monai.preload.transform import STORAGE_DTYPES, FrozenBackboneKVd, storage_dtype
 
 __all__ = [
@@ -31,6 +38,7 @@ __all__ = [
     "int8_scale_shape",
     "item_digest",
     "item_identity",
+    "kv_read_dtype",
     "preload_all_ranks",
     "quantize_int8",
     "read_entry",

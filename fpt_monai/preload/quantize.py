@@ -19,7 +19,15 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-__all__ = ["INT8_SCALE_DIMS", "quantize_int8", "dequantize_int8", "int8_scale_shape", "scale_key", "dequantize_item"]
+__all__ = [
+    "INT8_SCALE_DIMS",
+    "quantize_int8",
+    "dequantize_int8",
+    "int8_scale_shape",
+    "kv_read_dtype",
+    "scale_key",
+    "dequantize_item",
+]
 
 #: Dimensions of an item's ``(blocks, 2, heads, tokens, head_dim)`` keys/values that share one scale (counted
 #: from the end, so a batch dimension in front changes nothing): heads and head_dim, i.e. one scale per token.
@@ -55,6 +63,11 @@ def int8_scale_shape(kv_shape: Sequence[int]) -> tuple[int, ...]:
     """Shape of the scales that :func:`quantize_int8` stores for keys/values of shape ``kv_shape``."""
     dims = {d % len(kv_shape) for d in INT8_SCALE_DIMS}
     return tuple(1 if d in dims else size for d, size in enumerate(kv_shape))
+
+
+def kv_read_dtype(storage: torch.dtype) -> torch.dtype:
+    """The dtype of the keys/values a network receives from a cache of ``storage`` dtype (int8: float16)."""
+    return torch.float16 if storage == torch.int8 else storage
 
 
 def scale_key(kv_key: str) -> str:
