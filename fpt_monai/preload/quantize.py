@@ -2,12 +2,13 @@
 
 An item's keys/values, shape ``(blocks, 2, heads, tokens, head_dim)``, are stored as int8 values ``q`` and one
 float16 scale ``s`` per token of each block's keys and of its values (shared by the heads: ``heads x head_dim``
-values per scale), ``x ~= q * s`` with ``s = max|x| / 127`` over those values. Per token, not per channel: on
-the pretrained features of the ``fpt_demo`` backbone the per-token error is the smaller one of the granularities
-whose scales fit the entry budget (``benchmarks/README.md``, K/V cache dtype). For the ``fpt`` preset (ViT-B/16
-at 512: 12 blocks, 205 kept tokens) that is 4,920 scales, 9,840 bytes next to 3,778,560 int8 values; a scale per
-head and token (59,040) or per head and channel (18,432) would add 118,080 or 36,864 bytes and take the entry
-over 3.8 MB.
+values per scale), ``x ~= q * s`` with ``s = max|x| / 127`` over those values. For the ``fpt`` preset (ViT-B/16 at
+512: 12 blocks, 205 kept tokens) that is 4,920 scales, 9,840 bytes next to 3,778,560 int8 values: an entry of
+3,789,080 bytes. A scale per head and token (59,040 scales) or per head and channel (18,432) is more accurate but
+adds 118,080 or 36,864 bytes and takes the entry over 3.8 MB. Of the granularities that fit, per token was
+measured against one scale per head-dimension index (over heads and tokens): the smaller error on the pretrained
+``fpt_demo`` backbone's keys/values (0.74% against 0.79%) and the smaller largest logit difference on the
+``cache_dtype`` benchmark (``benchmarks/README.md``, K/V cache dtype).
 
 Reading dequantises to float16 (:func:`dequantize_item`), so the network receives float16 keys/values, in the
 same shape and memory as from a float16 cache.
