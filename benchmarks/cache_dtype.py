@@ -112,8 +112,9 @@ def _scores(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
 
 
 def _mean_std(values: list[float]) -> str:
+    # the median too: one run of several that stays near chance moves the mean of this unstable task
     values_t = torch.tensor(values)
-    return f"{values_t.mean():.4f} +- {values_t.std():.4f}"
+    return f"{values_t.mean():.4f} +- {values_t.std():.4f} (median {values_t.median():.4f})"
 
 
 def run(
@@ -123,8 +124,8 @@ def run(
 
     - ``inference``: networks trained on the float32 cache, tested on each dtype's copy of the test keys/values
       (isolates what storage precision does to predictions).
-    - ``training``: networks trained and tested on each dtype's copy (mean +- std over seeds; training runs
-      diverge chaotically from tiny differences, so compare means, not single seeds).
+    - ``training``: networks trained and tested on each dtype's copy (mean +- std and median over seeds;
+      training runs diverge chaotically from tiny differences, so compare over seeds, not single seeds).
     - ``int8_granularity``: where the int8 scales sit (see the module doc); ``pretrained_features=False`` skips
       the pretrained backbone's features (it builds the demo backbone's weights on first use).
     """
