@@ -162,6 +162,29 @@ class Commands:
             result["latency_ratio"] = latency["fpt_network"] / fastest
         print(json.dumps(result, indent=2))
 
+    def step(self, presets: str | Sequence[str] = ("fpt", "fpt_plus"), yardstick: str | None = None,
+             repeats: int = 9, batch_size: int = 16, kv_dtype: str = "float16", table: bool = False) -> None:
+        """The FPT/FPT+ training step with ``recompute`` on and off, against a yardstick (JSON; minutes on a CPU).
+
+        The protocol is in :mod:`benchmarks.step`.
+
+        Args:
+            presets: comma-separated or a list, out of fpt, fpt_plus.
+            yardstick: path of a plain FPT implementation (a file defining ``PlainFPT``) timed alongside.
+            repeats: timed samples per arm (the median is reported).
+            batch_size: images per step.
+            kv_dtype: the cache's storage dtype the project's arms read.
+            table: print a Markdown table after the JSON.
+        """
+        from benchmarks.step import step_table, training_step_comparison
+
+        presets = tuple(p for p in presets.split(",") if p) if isinstance(presets, str) else tuple(presets)
+        rows = training_step_comparison(presets, batch_size=int(batch_size), kv_dtype=kv_dtype,
+                                        repeats=int(repeats), yardstick=yardstick)
+        print(json.dumps({"command": _command_line(), "threads": torch.get_num_threads(), "rows": rows}, indent=2))
+        if table:
+            print(step_table(rows))
+
     def profile_extraction(self, preset: str = "fpt", img_size: int = 512, calls: int = 3, top: int = 30) -> None:
         """Per-operator CPU time of one image: the K/V extraction against bare ``forward_features`` (a table; a minute).
 
@@ -277,14 +300,19 @@ class Commands:
         merged = merge_accuracy(results, sources=list(files))
         print(write_accuracy(merged, output_dir, command=_command_line()))
 
-    def cache_dtype(self, train_size: int = 256, test_size: int = 256, epochs: int = 8, seeds: int = 5) -> None:
-        """What float16/bfloat16 storage of the K/V cache does to accuracy (JSON; about a minute on a CPU).
+    def cache_dtype(
+        self, train_size: int = 256, test_size: int = 256, epochs: int = 8, seeds: int = 5,
+        pretrained_features: bool = True,
+    ) -> None:
+        """What float16/bfloat16/int8 storage of the K/V cache does to accuracy, and where int8 scales could sit
+        (JSON; a few minutes on a CPU).
 
-        See :mod:`benchmarks.cache_dtype` for the protocol.
+        See :mod:`benchmarks.cache_dtype` for the protocol. ``--pretrained_features False`` skips the int8 error
+        on the pretrained demo backbone's features.
         """
         from benchmarks.cache_dtype import run
 
-        print(json.dumps(run(train_size, test_size, epochs, seeds), indent=2))
+        print(json.dumps(run(train_size, test_size, epochs, seeds, pretrained_features), indent=2))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

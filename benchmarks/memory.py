@@ -27,7 +27,8 @@ Images (:func:`measure_training_memory`, :func:`memory_table`): the ViT-B/16 bac
 512x512, batch 16, 5 classes; every method of :data:`METHODS`. FPT/FPT+ setups:
 
 - ``preloaded`` (default): the step reads the side view and the cached keys/values (``kv_dtype``, float16 in
-  the bundle); the frozen backbone's weights are not resident (the network is built from its shape only).
+  the bundle; an int8 cache gives float16 keys/values, as it dequantises them when an item is read); the frozen
+  backbone's weights are not resident (the network is built from its shape only).
 - ``preloaded`` with ``backbone_resident=True``: the same, with the 86 M frozen weights in memory as well.
 - ``online``: no cache; the frozen backbone runs in every step under no-grad (weights resident).
 
@@ -214,6 +215,15 @@ def step_memory(
 # -- images -----------------------------------------------------------------------------------------------------------
 
 
+def _kv_read_dtype(kv_dtype: str) -> torch.dtype:
+    """The dtype a training step receives from a cache of storage dtype ``kv_dtype`` (int8 is read as float16)."""
+    from fpt_monai.preload import STORAGE_DTYPES, kv_read_dtype
+
+    if kv_dtype not in STORAGE_DTYPES:
+        raise ValueError(f"kv_dtype must be one of {list(STORAGE_DTYPES)}, got {kv_dtype!r}.")
+    return kv_read_dtype(STORAGE_DTYPES[kv_dtype])
+
+
 def _build_2d(method: str, preset: str, img_size: int, num_classes: int, setup: str, backbone_resident: bool,
               kv_dtype: torch.dtype):
     """(network on the meta device, forward(network, inputs) -> logits, input specs)."""
@@ -255,7 +265,8 @@ def measure_training_memory(
         batch_size: images per step.
         img_size: the backbone's input size (the side network keeps its preset size).
         attention: ``eager`` or ``fused``.
-        kv_dtype: storage dtype of the preloaded keys/values (FPT ``preloaded`` only).
+        kv_dtype: storage dtype of the preloaded keys/values (FPT ``preloaded`` only): ``float16``, ``bfloat16``,
+            ``float32``, or ``int8`` (read as float16).
         setup: FPT only: ``preloaded`` or ``online`` (see the module doc).
         backbone_resident: FPT ``preloaded`` only: keep the frozen backbone's weights in memory too.
         num_classes: classifier outputs.
@@ -273,9 +284,7 @@ def measure_training_memory(
         raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}.")
     if setup not in FPT_SETUPS:
         raise ValueError(f"setup must be one of {FPT_SETUPS}, got {setup!r}.")
-    kv_torch_dtype = getattr(torch, kv_dtype, None)
-    if not isinstance(kv_torch_dtype, torch.dtype) or not kv_torch_dtype.is_floating_point:
-        raise ValueError(f"kv_dtype must name a floating torch dtype, got {kv_dtype!r}.")
+    kv_torch_dtype = _kv_read_dtype(kv_dtype)
     is_fpt = method in FPT_METHODS
     with random_weights_expected():  # no weights are needed to count bytes
         net, forward, specs = _build_2d(method, preset, img_size, num_classes, setup, backbone_resident, kv_torch_dtype)
@@ -366,7 +375,7 @@ def measure_3d_memory(
         blocks: extracted backbone blocks (default all; FPT+ uses the second half).
         token_ratio: kept tokens per block and head.
         num_prompts, reduction: prompts per side block; backbone width / side width.
-        kv_dtype: storage dtype of the preloaded keys/values (``float16``, ``bfloat16``, ``float32``).
+        kv_dtype: storage dtype of the preloaded keys/values (``float16``, ``bfloat16``, ``float32``, ``int8``).
         attention: ``"fused"`` or ``"eager"``.
         fake: fake tensors (no data, no compute); ``False`` runs real tensors on the CPU.
 
@@ -377,13 +386,14 @@ def measure_3d_memory(
     from monai.networks.nets import ViT
 
     from fpt_monai.networks import FPTNet, MonaiViTBackbone
-    from fpt_monai.preload import storage_dtype
+    from fpt_monai.preload import int8_scale_shape, storage_dtype
 
     if attention not in ATTENTION:
         raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}.")
     if img_size % patch_size or side_img_size % patch_size:
         raise ValueError(f"img_size {img_size} and side_img_size {side_img_size} must be multiples of {patch_size}.")
     dtype = storage_dtype(kv_dtype)
+    read_dtype = _kv_read_dtype(str(dtype).removeprefix("torch."))
     vit = dict(in_channels=in_channels, img_size=img_size, patch_size=patch_size, hidden_size=hidden_size,
                mlp_dim=mlp_dim, num_layers=num_layers, num_heads=num_heads, spatial_dims=3)
     fpt_args = dict(num_classes=num_classes, side_img_size=side_img_size, variant=variant, num_prompts=num_prompts,
@@ -402,7 +412,7 @@ def measure_3d_memory(
     cases = {
         "full_finetuning": (full, lambda n, x: n(x[0])[0], [volume]),
         "fpt_preloaded": (preloaded, lambda n, x: n.forward_side(x[0], x[1]),
-                          [side_view, (tuple(shape.kv_shape), dtype)]),
+                          [side_view, (tuple(shape.kv_shape), read_dtype)]),
         "fpt_online": (online, lambda n, x: n(x[0]), [volume]),
     }
     methods: dict[str, dict] = {}
@@ -429,7 +439,8 @@ def measure_3d_memory(
             "variant": variant,
             "extracted_blocks": list(shape.blocks),
             "kv_dtype": str(dtype).removeprefix("torch."),
-            "kv_bytes_per_volume": math.prod(shape.kv_shape) * dtype.itemsize,
+            "kv_bytes_per_volume": math.prod(shape.kv_shape) * dtype.itemsize
+            + (2 * math.prod(int8_scale_shape(shape.kv_shape)) if dtype == torch.int8 else 0),  # float16 scales
             "attention": attention,
             "compute_dtype": "float32",
             "optimizer": "AdamW",

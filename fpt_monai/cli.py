@@ -100,7 +100,8 @@ class Commands:
             preset: network preset whose frozen backbone fills the cache.
             pretrained: ``True`` for the preset's hub weights, a local weights file, or ``False`` (random).
             splits: the splits to preload (comma-separated or a list).
-            dtype: storage dtype: ``float16``, ``bfloat16`` or ``float32``.
+            dtype: storage dtype: ``float16``, ``bfloat16``, ``float32`` or ``int8`` (a float16 scale per token,
+                read back as float16).
             batch_size: images per backbone forward pass.
             num_workers: data-loading worker processes.
             device: device the backbone runs on.
@@ -113,6 +114,7 @@ class Commands:
 
         from fpt_monai.data import make_datalist, make_fpt_dataset
         from fpt_monai.engine.distributed import rank_and_world_size
+        from fpt_monai.preload import int8_scale_shape, storage_dtype
 
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         splits = [s for s in splits.split(",") if s] if isinstance(splits, str) else list(splits)
@@ -142,9 +144,9 @@ class Commands:
             result["splits"][split] = {**report, "cache_dir": str(dataset.cache_dir)}
             if entries:
                 result["entry_bytes"] = entries[0].stat().st_size
-        result["kv_bytes"] = (
-            math.prod(backbone.shape.kv_shape) * torch.empty(0, dtype=getattr(torch, dtype)).element_size()
-        )
+        result["kv_bytes"] = math.prod(backbone.shape.kv_shape) * storage_dtype(dtype).itemsize
+        if storage_dtype(dtype) == torch.int8:
+            result["int8_scale_bytes"] = math.prod(int8_scale_shape(backbone.shape.kv_shape)) * 2  # float16
         print(json.dumps(result, indent=2))
 
     def sample_data(

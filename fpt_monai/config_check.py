@@ -11,7 +11,7 @@ traceback. :func:`check_overrides` compares overrides with the config files they
   for a ``float``, ``bool``, ``str``, ``list``, ``dict``), with the exceptions given in ``extra_types`` (e.g.
   ``pretrained`` takes ``true``/``false`` or a weights file path);
 - a value must be one the key accepts (``value_checks``: ``num_epochs`` and ``batch_size`` at least 1, a
-  positive finite ``learning_rate``, a ``preset`` that exists);
+  positive finite ``learning_rate``, a ``preset`` that exists, a ``kv_dtype`` of the cache's storage dtypes);
 - a top-level key holding a literal must be used by the configs (referred to as ``@key``): an override of a
   setting that nothing reads (e.g. ``--kv_dtype`` for a baseline, which preloads nothing) would have no effect.
 
@@ -82,12 +82,21 @@ def _known_preset(value: Any) -> str | None:
     return f"unknown preset {value!r} (the presets: {', '.join(names)}){hint}"
 
 
+def _known_storage_dtype(value: Any) -> str | None:
+    from fpt_monai.preload.transform import STORAGE_DTYPES
+
+    if not isinstance(value, str) or value in STORAGE_DTYPES:
+        return None
+    return f"unknown K/V storage dtype {value!r} (the storage dtypes: {', '.join(STORAGE_DTYPES)})"
+
+
 #: Checks of the values of the FPT bundle's keys (after the type check): value -> problem or ``None``.
 FPT_VALUE_CHECKS: dict[str, Callable[[Any], str | None]] = {
     "num_epochs": _at_least_one,
     "batch_size": _at_least_one,
     "learning_rate": _positive_finite,
     "preset": _known_preset,
+    "kv_dtype": _known_storage_dtype,
 }
 _SPECIAL_KEYS = ("_target_", "_disabled_", "_requires_", "_desc_", "_mode_")
 

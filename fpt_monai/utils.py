@@ -1,4 +1,5 @@
-"""Helpers the whole package shares: atomic file writes and SHA-256 digests of tensors and of weights."""
+"""Helpers the whole package shares: atomic file writes, SHA-256 digests of tensors and of weights, and whether a
+network is being traced or exported."""
 
 from __future__ import annotations
 
@@ -13,7 +14,16 @@ from typing import IO
 import torch
 import torch.nn as nn
 
-__all__ = ["atomic_write", "state_dict_sha256", "weights_digest"]
+__all__ = ["atomic_write", "exporting", "state_dict_sha256", "weights_digest"]
+
+
+def exporting() -> bool:
+    """Whether the forward is being traced, scripted, compiled or exported.
+
+    Such a forward must not loop over the batch in Python (the batch size would be frozen into the graph) nor call
+    Python autograd functions, so the networks take their plain tensor paths then.
+    """
+    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
 
 
 @contextmanager

@@ -95,6 +95,11 @@ class FPTNet(nn.Module):
         side_only: ablation: cut the high-resolution branch. The side network runs alone on the low-resolution
             view, without prompts; keys/values are accepted and ignored, and the prompts and fusion module are
             frozen. Trained with the same pipeline, it shows what the frozen backbone's features add.
+        recompute: where training memory and speed pull apart. ``True`` (default): the side ViT recomputes its
+            attention probabilities and MLP activations in backward instead of keeping them. ``False``: it keeps
+            them, which is faster and costs more memory (at batch 16 with ViT-B/16 shapes, measured on a 2-core
+            CPU: see the ``step`` benchmark in ``benchmarks/README.md``). Also settable later through
+            ``net.side.recompute``.
 
     Example::
 
@@ -114,6 +119,7 @@ class FPTNet(nn.Module):
         fusion_dropout: float = 0.5,
         side_drop_path_rate: float = 0.0,
         side_only: bool = False,
+        recompute: bool = True,
     ) -> None:
         super().__init__()
         if isinstance(backbone, FrozenBackbone):
@@ -149,6 +155,7 @@ class FPTNet(nn.Module):
             num_classes=num_classes,
             spatial_dims=shape.spatial_dims,
             drop_path_rate=side_drop_path_rate,
+            recompute=recompute,
         )
         self.fusion = FineGrainedFusion(
             variant,
@@ -493,6 +500,7 @@ def create_fpt(
     pretrained: bool | str = True,
     fusion_dropout: float = 0.5,
     side_only: bool = False,
+    recompute: bool = True,
     **overrides,
 ) -> FPTNet:
     """Build an :class:`FPTNet` from a named preset.
@@ -508,6 +516,8 @@ def create_fpt(
             weights (warned about loudly: FPT then has nothing to transfer).
         fusion_dropout: dropout on the fused prompts.
         side_only: the ablation without the high-resolution branch (see :class:`FPTNet`).
+        recompute: recompute the side ViT's activations in backward (less memory) or keep them (faster); see
+            :class:`FPTNet`.
         **overrides: any :class:`FPTPreset` field (``img_size``, ``side_img_size``, ``token_ratio``,
             ``blocks``, ``num_prompts``, ``reduction``, ``model_name``; for the 3D presets also any
             :class:`MonaiViTPreset` field: ``patch_size``, ``hidden_size``, ``num_layers``, ``mean``, ...).
@@ -523,4 +533,5 @@ def create_fpt(
         reduction=config.reduction,
         fusion_dropout=fusion_dropout,
         side_only=side_only,
+        recompute=recompute,
     )

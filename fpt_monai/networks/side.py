@@ -14,52 +14,190 @@ from functools import partial
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from monai.networks.layers import Conv
 from monai.utils import ensure_tuple_rep
 from timm.layers import Attention, Mlp
 from timm.models.vision_transformer import Block
-from torch.utils.checkpoint import checkpoint
 
-__all__ = ["ActivationRecomputingAttention", "ActivationRecomputingMlp", "SideViT"]
+from fpt_monai.utils import exporting
+
+__all__ = ["ActivationRecomputingMlp", "GeluLinear", "NarrowHeadAttention", "SideAttention", "SideBlock", "SideViT"]
 
 
-def _recomputes(module: nn.Module) -> bool:
-    return module.training and torch.is_grad_enabled() and not torch.jit.is_tracing() and not torch.jit.is_scripting()
+def _trains(module: nn.Module) -> bool:
+    """Whether a forward builds a graph for backward (not inference, tracing, scripting, compiling or export)."""
+    return module.training and torch.is_grad_enabled() and not exporting()
+
+
+#: Upper bound on the attention probabilities one chunk of :class:`NarrowHeadAttention` computes at a time: small
+#: enough to stay in a CPU core's cache while the chunk is softmax'ed and multiplied, large enough to amortise the
+#: per-chunk calls.
+ATTENTION_CHUNK_BYTES = 2 * 2**20
+
+
+class NarrowHeadAttention(torch.autograd.Function):
+    """``softmax(q k^T * scale) v`` for narrow heads, on transposed operands, over chunks of the batch.
+
+    The side ViT's heads are 8 wide. A matrix product whose output is 8 wide runs 3-4x slower on a CPU than the same
+    product computed transposed (8-row output), so this function takes and returns every operand transposed:
+    ``qt`` (B, H, D, Nq), ``kt`` and ``vt`` (B, H, D, Nk), contiguous; it returns ``ot`` (B, H, D, Nq), and its
+    gradients have the inputs' layouts.
+
+    The (B, H, Nq, Nk) attention probabilities are most of the side ViT's saved activations (31 MB per block at batch
+    16 for the ``fpt`` preset, against 1.3 MB of tokens). With ``keep_probabilities`` off they are not kept:
+    backward recomputes them, chunk by chunk, from ``qt`` and ``kt``; on, they are kept and backward is quicker.
+    PyTorch's CPU flash attention keeps no matrix either, but is built for wide heads.
+    """
+
+    @staticmethod
+    def forward(ctx, qt, kt, vt, scale: float, keep_probabilities: bool):
+        batch, heads, _, num_queries = qt.shape
+        ot = torch.empty_like(qt)
+        kept = qt.new_empty(batch, heads, num_queries, kt.shape[-1]) if keep_probabilities else None
+        for rows in NarrowHeadAttention._chunks(qt, kt):
+            probabilities = NarrowHeadAttention._probabilities(qt[rows], kt[rows], scale)
+            torch.matmul(vt[rows], probabilities.transpose(-2, -1), out=ot[rows])
+            if kept is not None:
+                kept[rows] = probabilities
+        ctx.save_for_backward(qt, kt, vt, ot, kept)
+        ctx.scale = scale
+        return ot
+
+    @staticmethod
+    def _chunks(qt: torch.Tensor, kt: torch.Tensor):
+        per_item = qt.shape[1] * qt.shape[3] * kt.shape[3] * qt.element_size()
+        size = max(1, ATTENTION_CHUNK_BYTES // per_item)
+        return [slice(start, start + size) for start in range(0, qt.shape[0], size)]
+
+    @staticmethod
+    def _probabilities(qt: torch.Tensor, kt: torch.Tensor, scale: float) -> torch.Tensor:
+        return torch.matmul(qt.transpose(-2, -1) * scale, kt).softmax(dim=-1)  # (c, H, Nq, Nk)
+
+    @staticmethod
+    def backward(ctx, grad_ot: torch.Tensor):
+        qt, kt, vt, ot, kept = ctx.saved_tensors
+        grad_ot = grad_ot.contiguous()
+        grad_qt, grad_kt, grad_vt = torch.empty_like(qt), torch.empty_like(kt), torch.empty_like(vt)
+        for rows in NarrowHeadAttention._chunks(qt, kt):
+            g = grad_ot[rows]
+            if kept is None:
+                probabilities = NarrowHeadAttention._probabilities(qt[rows], kt[rows], ctx.scale)
+            else:
+                probabilities = kept[rows]
+            torch.matmul(g, probabilities, out=grad_vt[rows])
+            # softmax backward: p * (dp - rowsum(dp * p)), where rowsum(dp * p) = rowsum(g * o)
+            grad_scores = torch.matmul(g.transpose(-2, -1), vt[rows])
+            grad_scores.sub_((g * ot[rows]).sum(dim=-2).unsqueeze(-1)).mul_(probabilities)
+            torch.matmul(kt[rows], grad_scores.transpose(-2, -1), out=grad_qt[rows]).mul_(ctx.scale)
+            torch.matmul(qt[rows] * ctx.scale, grad_scores, out=grad_kt[rows])
+        return grad_qt, grad_kt, grad_vt, None, None
+
+
+class GeluLinear(torch.autograd.Function):
+    """``linear(gelu(hidden), weight, bias)`` that keeps only ``hidden`` for backward and recomputes the GELU there.
+
+    ``torch.utils.checkpoint`` around the same two ops would recompute the linear layer's output too, which backward
+    does not need: a whole matrix product per block.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, approximate: str):
+        ctx.save_for_backward(hidden, weight)
+        ctx.approximate = approximate
+        ctx.has_bias = bias is not None
+        return F.linear(F.gelu(hidden, approximate=approximate), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        hidden, weight = ctx.saved_tensors
+        with torch.enable_grad():
+            leaf = hidden.detach().requires_grad_()
+            activation = F.gelu(leaf, approximate=ctx.approximate)
+        grad_out = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_weight = grad_out.t() @ activation.detach().reshape(-1, activation.shape[-1])
+        grad_bias = grad_out.sum(dim=0) if ctx.has_bias else None
+        (grad_hidden,) = torch.autograd.grad(activation, leaf, (grad_out @ weight).view_as(hidden))
+        return grad_hidden, grad_weight, grad_bias, None
 
 
 class ActivationRecomputingMlp(Mlp):
-    """timm's ``Mlp`` (same parameters and state dict) that keeps only its hidden pre-activation for backward.
+    """timm's ``Mlp`` (same parameters and state dict) that can keep only its hidden pre-activation for backward.
 
     A plain MLP keeps both ``fc1``'s output (for the GELU's backward) and the GELU's output (for ``fc2``'s weight
-    gradient). In training the GELU and ``fc2`` run under non-reentrant ``torch.utils.checkpoint``, so the GELU is
-    recomputed during backward: one elementwise op buys back a quarter of the side ViT's saved activations other
-    than attention (63 MB at batch 16 for the ``fpt`` preset). Inference and tracing run the plain path.
+    gradient). With ``recompute`` set, in training the GELU and ``fc2`` run as :class:`GeluLinear`, which recomputes
+    the GELU during backward: one elementwise op buys back a quarter of the side ViT's saved activations other than
+    attention (53 MB at batch 16 for the ``fpt`` preset). Inference and tracing run the plain path.
     """
 
-    def _activate_and_project(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.norm(self.drop1(self.act(hidden))))
+    recompute: bool = True
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.act, nn.GELU) or not isinstance(self.norm, nn.Identity) or self.drop1.p:
+            raise ValueError("the side ViT's MLP is fc1, GELU, fc2 (no hidden norm or dropout).")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = self.fc1(x)
-        if _recomputes(self):
-            return self.drop2(checkpoint(self._activate_and_project, hidden, use_reentrant=False))
-        return self.drop2(self._activate_and_project(hidden))
+        if self.recompute and _trains(self):
+            return self.drop2(GeluLinear.apply(hidden, self.fc2.weight, self.fc2.bias, self.act.approximate))
+        return self.drop2(self.fc2(self.act(hidden)))
 
 
-class ActivationRecomputingAttention(Attention):
-    """timm's ``Attention`` (same parameters and state dict) that, with eager attention, keeps only its input.
+class SideAttention(Attention):
+    """timm's ``Attention`` (same parameters and state dict) whose queries can be the first tokens only.
 
-    Eager attention keeps every (B, heads, N, N) softmax matrix for backward: with the side ViT's 12 heads of
-    width 8 they are most of its saved activations (35 MB per block at batch 16 and 213 tokens, far more than
-    the 1.3 MB of tokens). In training with ``fused_attn=False`` the whole attention runs under non-reentrant
-    ``torch.utils.checkpoint`` and is recomputed in backward; fused attention (PyTorch's SDPA, the default)
-    stores no such matrix and runs the plain path, as do inference and tracing.
+    Prompt tokens are appended to a side block only to be attended to: their own outputs are dropped after the block.
+    ``forward(x, num_queries)`` computes keys and values of all tokens but queries, outputs and the projection of
+    the first ``num_queries`` only, which is exactly what the kept tokens receive.
+
+    Attention in training (``fused_attn`` off, the default here):
+
+    - ``recompute`` set: :class:`NarrowHeadAttention` keeps no (B, heads, queries, keys) probability matrix;
+    - ``recompute`` off: it keeps them, and backward needs no recomputation.
+
+    ``fused_attn`` on selects PyTorch's ``scaled_dot_product_attention`` instead, as in timm; so do inference,
+    tracing and export (an export then has a dynamic batch size).
     """
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-        if self.fused_attn or not _recomputes(self):
-            return super().forward(x, attn_mask, is_causal)
-        return checkpoint(super().forward, x, attn_mask, is_causal, use_reentrant=False)
+    recompute: bool = True
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if self.attn_drop.p or self.gate is not None or not isinstance(self.q_norm, nn.Identity):
+            raise ValueError("the side ViT's attention has no attention dropout, no gate and no query/key norm.")
+        self.fused_attn = False
+
+    def forward(self, x: torch.Tensor, num_queries: int | None = None) -> torch.Tensor:
+        batch, num_tokens, _ = x.shape
+        num_queries = num_tokens if num_queries is None else num_queries
+        qkv = self.qkv(x).reshape(batch, num_tokens, 3, self.num_heads, self.head_dim)
+        if self.fused_attn or not _trains(self):
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            x = F.scaled_dot_product_attention(q[:, :, :num_queries], k, v).transpose(1, 2)
+        else:
+            qt = qkv[:, :num_queries, 0].permute(0, 2, 3, 1).contiguous()  # (B, H, D, Nq)
+            kt, vt = qkv[:, :, 1:].permute(2, 0, 3, 4, 1).contiguous().unbind(0)  # each (B, H, D, N)
+            ot = NarrowHeadAttention.apply(qt, kt, vt, self.scale, not self.recompute)
+            x = ot.permute(0, 3, 1, 2)
+        x = self.norm(x.reshape(batch, num_queries, self.attn_dim))
+        return self.proj_drop(self.proj(x))
+
+
+class SideBlock(Block):
+    """timm's pre-norm ViT ``Block`` (same parameters and state dict) that takes prompt tokens beside its tokens.
+
+    ``forward(x, prompts)`` is ``Block.forward(cat(x, prompts))`` with the prompts' outputs dropped, computed
+    without them: the prompts are normalised and attended to, but get no query, projection or MLP. With
+    ``cls_only`` only the first token's output is computed (the last block of a classifier that reads CLS).
+    """
+
+    def forward(self, x: torch.Tensor, prompts: torch.Tensor | None = None, cls_only: bool = False) -> torch.Tensor:
+        tokens = x if prompts is None else torch.cat((x, prompts), dim=1)
+        if cls_only:
+            x = x[:, :1]
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(tokens), num_queries=x.shape[1])))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
 class SideViT(nn.Module):
@@ -83,6 +221,9 @@ class SideViT(nn.Module):
         mlp_ratio: MLP hidden width / ``embed_dim``.
         spatial_dims: 2 for images, 3 for volumes.
         drop_path_rate: stochastic depth rate, linearly increasing over blocks.
+        recompute: in training, recompute the attention probabilities and the MLP's activation in backward instead
+            of keeping them (:class:`NarrowHeadAttention`, :class:`ActivationRecomputingMlp`): less memory, more
+            time. Also an attribute that can be switched at any time.
     """
 
     def __init__(
@@ -97,6 +238,7 @@ class SideViT(nn.Module):
         mlp_ratio: float = 4.0,
         spatial_dims: int = 2,
         drop_path_rate: float = 0.0,
+        recompute: bool = True,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -126,21 +268,34 @@ class SideViT(nn.Module):
         rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         norm_layer = partial(nn.LayerNorm, eps=1e-6)  # the ViT convention (timm, original JAX ViT)
         self.blocks = nn.ModuleList(
-            Block(
+            SideBlock(
                 embed_dim,
                 num_heads,
                 mlp_ratio=mlp_ratio,
                 qkv_bias=True,
                 drop_path=rate,
                 norm_layer=norm_layer,
-                attn_layer=ActivationRecomputingAttention,
+                attn_layer=SideAttention,
                 mlp_layer=ActivationRecomputingMlp,
             )
             for rate in rates
         )
         self.norm = norm_layer(embed_dim)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.recompute = recompute
         self.reset_parameters()
+
+    @property
+    def recompute(self) -> bool:
+        """Whether training recomputes attention probabilities and MLP activations in backward (see the class)."""
+        return self._recompute
+
+    @recompute.setter
+    def recompute(self, value: bool) -> None:
+        self._recompute = bool(value)
+        for module in self.modules():
+            if isinstance(module, (SideAttention, ActivationRecomputingMlp)):
+                module.recompute = self._recompute
 
     @property
     def depth(self) -> int:
@@ -160,13 +315,7 @@ class SideViT(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
-    def forward_features(self, x: torch.Tensor, block_prompts: torch.Tensor | None = None) -> torch.Tensor:
-        """Images -> final-normed tokens ``[CLS, patches]`` of shape (B, 1 + num_patches, embed_dim).
-
-        Args:
-            x: (B, in_channels, *img_size) low-resolution images.
-            block_prompts: optional (B, depth, P, embed_dim) prompts; block i gets ``block_prompts[:, i]``.
-        """
+    def _check_inputs(self, x: torch.Tensor, block_prompts: torch.Tensor | None) -> None:
         expected = (self.in_channels, *self.img_size)
         if x.ndim != self.spatial_dims + 2 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"the side network expects (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}.")
@@ -181,16 +330,30 @@ class SideViT(nn.Module):
                 f"block_prompts must have shape ({x.shape[0]}, {self.depth}, P, {self.embed_dim}), "
                 f"got {tuple(block_prompts.shape)}."
             )
+
+    def _tokens(self, x: torch.Tensor, block_prompts: torch.Tensor | None, cls_only: bool) -> torch.Tensor:
+        self._check_inputs(x, block_prompts)
         x = self.patch_embed(x).flatten(2).transpose(1, 2)
         x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1) + self.pos_embed
+        last = self.depth - 1
         for index, block in enumerate(self.blocks):
-            if block_prompts is None:
-                x = block(x)
-            else:
-                num_prompts = block_prompts.shape[2]
-                x = block(torch.cat((x, block_prompts[:, index]), dim=1))[:, :-num_prompts]
+            prompts = None if block_prompts is None else block_prompts[:, index]
+            x = block(x, prompts, cls_only=cls_only and index == last)
         return self.norm(x)
 
+    def forward_features(self, x: torch.Tensor, block_prompts: torch.Tensor | None = None) -> torch.Tensor:
+        """Images -> final-normed tokens ``[CLS, patches]`` of shape (B, 1 + num_patches, embed_dim).
+
+        Args:
+            x: (B, in_channels, *img_size) low-resolution images.
+            block_prompts: optional (B, depth, P, embed_dim) prompts; block i attends to ``block_prompts[:, i]``
+                beside its tokens, and their outputs are dropped.
+        """
+        return self._tokens(x, block_prompts, cls_only=False)
+
     def forward(self, x: torch.Tensor, block_prompts: torch.Tensor | None = None) -> torch.Tensor:
-        """Images (and optional per-block prompts) -> logits (B, num_classes) from the CLS token."""
-        return self.head(self.forward_features(x, block_prompts)[:, 0])
+        """Images (and optional per-block prompts) -> logits (B, num_classes) from the CLS token.
+
+        The last block computes only the CLS token's output: the head reads nothing else.
+        """
+        return self.head(self._tokens(x, block_prompts, cls_only=True)[:, 0])

@@ -4,8 +4,9 @@ What it adds to ``PersistentDataset``:
 
 - The cached part of the transform chain ends right after the :class:`FrozenBackboneKVd` transform, so an entry
   holds the backbone's selected keys/values (plus the item's small fields), not images: an FPT ViT-B/16 entry in
-  float16 is 7,557,120 bytes of K/V plus a header. Everything after the K/V transform (loading and augmenting
-  the side view) runs every epoch.
+  float16 is 7,557,120 bytes of K/V plus a header (int8: 3,778,560 bytes and 9,840 bytes of scales). Everything
+  after the K/V transform (loading and augmenting the side view) runs every epoch. int8 keys/values are
+  dequantised to float16 as an item is read (:mod:`fpt_monai.preload.quantize`).
 - Cache identity: entries live in ``cache_dir/<fingerprint>/``, the fingerprint covering the backbone's
   architecture, weights, input size, blocks and token ratio, every transform before the K/V transform, the
   storage dtype and the cache format version (:func:`~fpt_monai.preload.fingerprint.cache_fingerprint`).
@@ -54,6 +55,7 @@ from safetensors.torch import save as safetensors_save
 from torch.utils.data import DataLoader
 
 from fpt_monai.preload.fingerprint import CACHE_FORMAT_VERSION, cache_fingerprint
+from fpt_monai.preload.quantize import dequantize_item
 from fpt_monai.preload.transform import FrozenBackboneKVd
 from fpt_monai.utils import atomic_write, state_dict_sha256
 
@@ -359,7 +361,8 @@ class KVCacheDataset(PersistentDataset):
 
     # -- where the cached part of the chain ends --------------------------------------------------------
     def _pre_transform(self, item_transformed):
-        return self.transform(item_transformed, end=self.kv_index + 1, threading=True)
+        # what an entry holds: the K/V transform's cache form (int8 storage: values and scales, not dequantised)
+        return self.kv_transform.cache_form(self.transform(item_transformed, end=self.kv_index, threading=True))
 
     def _post_transform(self, item_transformed):
         return self.transform(item_transformed, start=self.kv_index + 1)
@@ -377,7 +380,7 @@ class KVCacheDataset(PersistentDataset):
         return self.entry_path(item).is_file()
 
     def _cachecheck(self, item_transformed):
-        return self._cached(item_transformed)[0]
+        return dequantize_item(self._cached(item_transformed)[0], self.kv_transform.kv_key)
 
     def _cached(self, item: Any) -> tuple[dict, Path, tuple[int, int, int, int] | None]:
         """(the item through the cached transforms, its entry file, the file's signature when read; ``None`` when
@@ -411,11 +414,12 @@ class KVCacheDataset(PersistentDataset):
     def kv_reference(self, index: int) -> dict:
         """Item ``index`` as ``dataset[index]`` gives it, its keys/values left in the cache: a :class:`KVReference`
         to the verified entry in their place (:class:`~fpt_monai.preload.KVCacheLoader` reads them in the process
-        that trains). An entry computed now (it was missing or corrupt) gives its keys/values themselves."""
+        that trains). An entry computed now (it was missing or corrupt), and one of int8 storage (dequantised
+        where it is read), gives its keys/values themselves."""
         entry, path, signature = self._cached(self.data[index])
-        if signature is not None:
+        if signature is not None and self.kv_transform.dtype != torch.int8:
             entry = {**entry, self.kv_transform.kv_key: KVReference(str(path), signature, int(index))}
-        return self._post_transform(entry)
+        return self._post_transform(dequantize_item(entry, self.kv_transform.kv_key))
 
     # -- batched filling -------------------------------------------------------------------------------
     def _verifies(self, identity: str) -> bool:
@@ -490,10 +494,8 @@ class KVCacheDataset(PersistentDataset):
                 for batch in loader:
                     kv = self.kv_transform.compute(torch.stack([prepared[key] for _, prepared in batch]))
                     for (identity, prepared), item_kv in zip(batch, kv):
-                        prepared[self.kv_transform.kv_key] = item_kv
-                        if self.kv_transform.delete_input:
-                            del prepared[key]
-                        write_entry(self._entry_path(identity), prepared, self.fingerprint, identity)
+                        entry = self.kv_transform.cache_form(prepared, item_kv)
+                        write_entry(self._entry_path(identity), entry, self.fingerprint, identity)
                     report["computed"] += len(batch)
                     bar.update(len(batch))
         seconds = time.perf_counter() - start

@@ -36,12 +36,18 @@ def test_help_documents_the_command_and_runs_nothing(command, argument, tmp_path
 
 
 def test_cache_dtype_reports_every_dtype():
-    result = run_benchmarks("cache_dtype", "--train_size", "32", "--test_size", "16", "--epochs", "1", "--seeds", "2")
+    result = run_benchmarks("cache_dtype", "--train_size", "32", "--test_size", "16", "--epochs", "1", "--seeds", "2",
+                            "--pretrained_features", "False")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert set(report["inference"]) == set(report["training"]) == {"float32", "float16", "bfloat16"}
+    assert set(report["inference"]) == set(report["training"]) == {"float32", "float16", "bfloat16", "int8"}
     assert report["inference"]["float32"]["max_abs_logit_diff"] == 0.0
     assert 0.0 < report["inference"]["float16"]["max_abs_logit_diff"] < 0.05
+    assert 0.0 < report["inference"]["int8"]["max_abs_logit_diff"] < 0.5
+    stored = report["int8_granularity"]["per token (stored)"]
+    assert stored["fits_3_8_MB"] and stored["fpt_scale_bytes"] == 9840
+    assert stored["max_abs_logit_diff"] == report["inference"]["int8"]["max_abs_logit_diff"]
+    assert not report["int8_granularity"]["per channel and head"]["fits_3_8_MB"]
 
 
 def test_memory3d_command_prints_json_and_table(capsys):

@@ -42,6 +42,14 @@ def test_float16_cache_costs_no_more_than_float32():
     assert half["activations_bytes"] <= single["activations_bytes"]  # no upcast copy kept for backward
 
 
+def test_int8_cache_costs_what_a_float16_cache_costs():
+    # an int8 cache is dequantised when an item is read: the step receives float16 keys/values
+    half = measured("fpt_tiny")
+    quarter = measured("fpt_tiny", kv_dtype="int8", fake=False)
+    for key in ("total_bytes", "inputs_bytes", "activations_bytes", "saved_for_backward_bytes"):
+        assert quarter[key] == half[key], key
+
+
 def test_full_fine_tuning_keeps_gradients_and_optimizer_state_of_every_weight():
     full = measured("full")
     linear = measured("linear")
@@ -57,7 +65,7 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="attention must be one of"):
         measure_training_memory("fpt", attention="flash")
     with pytest.raises(ValueError, match="kv_dtype"):
-        measure_training_memory("fpt", kv_dtype="int8")
+        measure_training_memory("fpt", kv_dtype="uint8")
     with pytest.raises(ValueError, match="fake=False"):
         measure_training_memory("fpt", device="cuda")
 

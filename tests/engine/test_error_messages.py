@@ -155,6 +155,8 @@ def test_overflowing_learning_rate_stops_through_the_non_finite_guard(lr):
     (["train"], {"learning_rate": -0.1}, r"--learning_rate: must be a positive finite number, got -0.1"),
     (["train"], {"preset": "fpt_tinny"}, r"--preset: unknown preset 'fpt_tinny' .*did you mean 'fpt_tiny'\?"),
     (["train", "demo"], {"preset": "nonsense"}, r"--preset: unknown preset 'nonsense'"),
+    (["train"], {"kv_dtype": "int4"}, r"--kv_dtype: unknown K/V storage dtype 'int4' \(the storage dtypes: "
+                                      r"float16, bfloat16, float32, int8\)"),
     (["train", "demo", "baseline", "demo_baseline"], {"preset": "fpt_plus"},
      r"--preset: has no effect: nothing in these configs refers to @preset"),
 ])

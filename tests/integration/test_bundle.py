@@ -261,6 +261,20 @@ def test_the_cache_fingerprint_changes_when_and_only_when_a_transform_before_the
     assert fingerprint(**{"train#deterministic_transforms#4#mode": "bicubic"}) != reference  # high-res resizing
     assert fingerprint(**{"train#deterministic_transforms#5#scale": 3.0}) != reference  # the stored side-view source
     assert fingerprint(kv_dtype="float32") != reference
+    assert fingerprint(kv_dtype="int8") != reference
+
+
+def test_an_int8_cache_gives_the_training_loader_float16_keys_values(trained, tmp_path):
+    from fpt_monai.preload import dtype_checked_collate, scale_key
+
+    _, override = trained
+    parser = parsed(["train"], **{**override, "kv_dtype": "int8", "cache_dir": str(tmp_path / "cache")})
+    loader = parser.get_parsed_content("train#dataloader")
+    assert loader.collate_fn is dtype_checked_collate
+    batch = next(iter(loader))
+    backbone = parser.get_parsed_content("backbone")
+    assert batch["kv"].dtype == torch.float16 and tuple(batch["kv"].shape[1:]) == tuple(backbone.shape.kv_shape)
+    assert scale_key("kv") not in batch
 
 
 def test_a_cache_preloaded_from_python_or_the_cli_is_the_bundles(trained, tmp_path):

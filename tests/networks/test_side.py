@@ -22,15 +22,58 @@ def test_side_vit_is_a_standard_vit_without_prompts():
     torch.testing.assert_close(side(x), timm_vit(x), atol=1e-6, rtol=1e-5)
 
 
-def test_prompts_are_appended_for_one_block_then_dropped():
+def test_prompts_are_given_to_one_block_each_and_dropped():
     side = SideViT(32, 8, in_channels=1, embed_dim=16, depth=3, num_heads=2, num_classes=2).eval()
-    lengths = []
+    calls = []
     for block in side.blocks:
-        block.register_forward_pre_hook(lambda m, args: lengths.append(args[0].shape[1]))
+        block.register_forward_hook(
+            lambda m, args, kwargs, out: calls.append((args[0].shape[1], args[1].shape[1], out.shape[1])),
+            with_kwargs=True,
+        )
     prompts = torch.randn(2, 3, 5, 16)
-    out = side(torch.randn(2, 1, 32, 32), prompts)
-    assert out.shape == (2, 2)
-    assert lengths == [1 + 16 + 5] * 3  # [CLS, 16 patches, 5 prompts] at every block, never accumulated
+    assert side.forward_features(torch.randn(2, 1, 32, 32), prompts).shape == (2, 17, 16)
+    assert calls == [(1 + 16, 5, 1 + 16)] * 3  # [CLS, 16 patches] beside 5 prompts, prompts never accumulated
+
+
+def reference_logits(side, x, prompts):
+    """The papers' injection with timm's own blocks: block(cat(tokens, prompts)), then the prompts dropped."""
+    import copy
+
+    from timm.layers import Attention, Mlp
+    from timm.models.vision_transformer import Block
+
+    plain = copy.deepcopy(side)
+    for block in plain.blocks:
+        block.__class__, block.attn.__class__, block.mlp.__class__ = Block, Attention, Mlp
+        block.attn.fused_attn = False
+    tokens = plain.patch_embed(x).flatten(2).transpose(1, 2)
+    tokens = torch.cat((plain.cls_token.expand(tokens.shape[0], -1, -1), tokens), dim=1) + plain.pos_embed
+    for index, block in enumerate(plain.blocks):
+        tokens = block(torch.cat((tokens, prompts[:, index]), dim=1))[:, : -prompts.shape[2]]
+    return plain.head(plain.norm(tokens)[:, 0]), plain
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+@pytest.mark.parametrize("fused", [False, True])
+def test_side_vit_matches_timm_blocks_on_concatenated_prompts(recompute, fused):
+    """Queries, MLP and projection only for the kept tokens (CLS only in the last block) change no result."""
+    torch.manual_seed(0)
+    side = SideViT(32, 8, in_channels=3, embed_dim=16, depth=3, num_heads=4, num_classes=3, recompute=recompute)
+    for block in side.blocks:
+        block.attn.fused_attn = fused
+    x, prompts = torch.randn(5, 3, 32, 32), torch.randn(5, 3, 4, 16, requires_grad=True)
+    logits = side.train()(x, prompts)
+    (grad_prompts,) = torch.autograd.grad(logits.square().sum(), prompts, retain_graph=True)
+    logits.square().sum().backward()
+    reference, plain = reference_logits(side, x, prompts)
+    torch.testing.assert_close(logits, reference, atol=1e-6, rtol=1e-5)
+    (grad_reference,) = torch.autograd.grad(reference.square().sum(), prompts, retain_graph=True)
+    reference.square().sum().backward()
+    torch.testing.assert_close(grad_prompts, grad_reference, atol=1e-6, rtol=1e-5)
+    for (name, p), q in zip(side.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5, msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(side.eval()(x, prompts), reference, atol=1e-6, rtol=1e-5)
 
 
 def test_each_blocks_prompts_change_the_output():
@@ -77,29 +120,35 @@ def _saved_bytes(fn) -> int:
     return sum(saved)
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_recomputing_attention_gives_plain_gradients_and_keeps_no_attention_matrix(fused):
-    import copy
+def test_recompute_keeps_no_attention_matrix_and_stored_keeps_them():
+    torch.manual_seed(0)
+    side = SideViT(32, 8, in_channels=3, embed_dim=16, depth=3, num_heads=4, num_classes=3).train()
+    x, prompts = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 3, 16)
+    side.recompute = True
+    recomputing = _saved_bytes(lambda: side(x, prompts))
+    side.recompute = False
+    storing = _saved_bytes(lambda: side(x, prompts))
+    # two full blocks (17 queries over 17 tokens + 3 prompts) and the CLS-only last block, batch 2, 4 heads, float32
+    attention_matrices = 2 * 4 * (2 * 17 + 1) * 20 * 4
+    assert storing - recomputing >= attention_matrices
 
-    from timm.layers import Attention
+
+def test_recompute_is_one_switch_over_every_block():
+    side = SideViT(32, 8, in_channels=3, embed_dim=16, depth=2, num_heads=4, num_classes=3, recompute=False)
+    assert not side.recompute
+    assert not any(block.attn.recompute or block.mlp.recompute for block in side.blocks)
+    side.recompute = True
+    assert all(block.attn.recompute and block.mlp.recompute for block in side.blocks)
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_linear_gradients(approximate):
+    from fpt_monai.networks.side import GeluLinear
 
     torch.manual_seed(0)
-    side = SideViT(32, 8, in_channels=3, embed_dim=16, depth=2, num_heads=4, num_classes=3).train()
-    plain = copy.deepcopy(side)
-    for block in plain.blocks:  # timm's own attention: same parameters, nothing recomputed
-        block.attn.__class__ = Attention
-    for net in (side, plain):
-        for block in net.blocks:
-            block.attn.fused_attn = fused
-    x, prompts = torch.randn(2, 3, 32, 32), torch.randn(2, 2, 3, 16)
-    side(x, prompts).sum().backward()
-    plain(x, prompts).sum().backward()
-    for (name, p), q in zip(side.named_parameters(), plain.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5, msg=name)
-    recomputing, stock = _saved_bytes(lambda: side(x, prompts)), _saved_bytes(lambda: plain(x, prompts))
-    attention_matrices = 2 * 2 * 4 * 20 * 20 * 4  # blocks x batch x heads x (17 tokens + 3 prompts)^2 x float32
-    # eager: the softmax matrices are no longer kept; fused attention runs the plain path
-    if fused:
-        assert recomputing == stock
-    else:
-        assert stock - recomputing >= attention_matrices
+    hidden = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda h, w, b: GeluLinear.apply(h, w, b, approximate), (hidden, weight, bias))
+    expected = torch.nn.functional.linear(torch.nn.functional.gelu(hidden, approximate=approximate), weight, bias)
+    torch.testing.assert_close(GeluLinear.apply(hidden, weight, bias, approximate), expected)

@@ -73,6 +73,7 @@ def test_batched_preload_equals_lazy_single_item_computation(data, tmp_path):
         {"blocks": (0, 1)},
         {"dtype": "float32"},
         {"dtype": "bfloat16"},
+        {"dtype": "int8"},
     ],
 )
 def test_any_feature_change_uses_a_new_cache(data, tmp_path, change):

@@ -24,13 +24,9 @@ from monai.utils import ensure_tuple_rep
 from fpt_monai._compat import timm_vit_tokens
 from fpt_monai.networks.backbones.base import FrozenBackbone
 from fpt_monai.networks.selection import mean_received_attention, select_important_tokens
+from fpt_monai.utils import exporting
 
 __all__ = ["FrozenViTBackbone", "TimmViTBackbone", "MonaiViTBackbone"]
-
-
-def _exporting() -> bool:
-    """Whether the forward is being traced, scripted, compiled or exported (the eager CPU loops are skipped)."""
-    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
 
 
 class FrozenViTBackbone(FrozenBackbone):
@@ -72,7 +68,7 @@ class FrozenViTBackbone(FrozenBackbone):
         """
         q = q * scale
         # batched on accelerators and for export (a traced or exported loop would fix the batch size)
-        if q.device.type != "cpu" or _exporting():
+        if q.device.type != "cpu" or exporting():
             attention = (q @ k.transpose(-2, -1)).softmax(dim=-1)
             return (None if v is None else attention @ v), mean_received_attention(attention)
         # On the CPU one (image, head) at a time: its N x N matrix (4 MB at N=1025) stays in cache, which measured
@@ -104,11 +100,11 @@ class FrozenViTBackbone(FrozenBackbone):
 
     def _run(self, images: torch.Tensor, all_blocks: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         self.check_input(images)
-        if type(images) is not torch.Tensor and not _exporting():
+        if type(images) is not torch.Tensor and not exporting():
             # a MONAI MetaTensor (or other subclass): its per-op metadata handling would be paid by every op of the
             # per-head loops below, and the keys/values carry no image metadata
             images = images.as_subclass(torch.Tensor)
-        if images.device.type == "cpu" and images.shape[0] > 1 and not _exporting():
+        if images.device.type == "cpu" and images.shape[0] > 1 and not exporting():
             # One image at a time on the CPU: a ViT-B/16 block's largest intermediates at 512 (the MLP's 4100 x 3072
             # activations, 50 MB at batch 4) are then 13 MB, small enough for the allocator to reuse instead of
             # mapping fresh, page-faulting memory on every call; measured 6.52 vs 7.30 s per batch of 4 (best of 5).
