@@ -50,9 +50,17 @@ def test_keys_values_held_by_the_caller_are_never_overwritten(dataset, data):
     held = [batch["kv"] for _ in range(2) for batch in loader]  # two epochs, every batch kept
     expected = [dataset[i]["kv"] for i in range(len(data))] * 2
     torch.testing.assert_close(torch.cat(held), torch.stack(expected), atol=0, rtol=0)
-    if loader._buffers.reusable:  # released batches give their memory to the next ones
-        pointers = [batch["kv"].data_ptr() for _ in range(2) for batch in loader]
-        assert len(set(pointers)) < len(pointers)
+    pointers = [batch["kv"].data_ptr() for _ in range(2) for batch in loader]  # each batch released at once
+    assert len(set(pointers)) < len(pointers)  # released batches give their memory to the next ones
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_an_int8_cache_is_read_as_float16_keys_values(data, tmp_path, num_workers):
+    dataset = make_dataset(data, tmp_path / "cache", dtype="int8", augment=False)
+    dataset.preload(batch_size=4)
+    batch = next(iter(KVCacheLoader(dataset, batch_size=len(data), num_workers=num_workers)))
+    assert batch["kv"].dtype == torch.float16 and "kv_int8_scale" not in batch
+    torch.testing.assert_close(batch["kv"], torch.stack([dataset[i]["kv"] for i in range(len(data))]), atol=0, rtol=0)
 
 
 def test_workers_send_references_and_the_loader_reads_them(dataset, data):
