@@ -270,7 +270,7 @@ def test_an_int8_cache_gives_the_training_loader_float16_keys_values(trained, tm
     _, override = trained
     parser = parsed(["train"], **{**override, "kv_dtype": "int8", "cache_dir": str(tmp_path / "cache")})
     loader = parser.get_parsed_content("train#dataloader")
-    assert loader.collate_fn is dtype_checked_collate
+    assert parser.get_parsed_content("train#dataloader#collate_fn") is dtype_checked_collate
     batch = next(iter(loader))
     backbone = parser.get_parsed_content("backbone")
     assert batch["kv"].dtype == torch.float16 and tuple(batch["kv"].shape[1:]) == tuple(backbone.shape.kv_shape)
