@@ -421,6 +421,15 @@ class KVCacheDataset(PersistentDataset):
             entry = {**entry, self.kv_transform.kv_key: KVReference(str(path), signature, int(index))}
         return self._post_transform(dequantize_item(entry, self.kv_transform.kv_key))
 
+    def verified_reference(self, index: int) -> KVReference | None:
+        """A :class:`KVReference` to item ``index``'s entry if this process verified that entry (nothing is read but
+        the item's files' status); ``None`` otherwise, and for int8 storage (read through :meth:`kv_reference`)."""
+        if self.kv_transform.dtype == torch.int8:
+            return None
+        path = str(self._entry_path(item_identity(self.data[index])))
+        signature = self._verified.get(path)
+        return None if signature is None else KVReference(path, signature, int(index))
+
     # -- batched filling -------------------------------------------------------------------------------
     def _verifies(self, identity: str) -> bool:
         """Whether the entry of the item with this identity is on disk and sound (a corrupt one is reported)."""

@@ -8,7 +8,10 @@ training process: 48 ms of CPU per FPT+ batch for the stacking alone, against 7.
 a batch tensor that is already mapped (one thread, 2-core x86_64 CPU, 2026-11-30). This loader leaves the
 keys/values on disk in the workers, which make the side views and send a :class:`~fpt_monai.preload.KVReference`
 per item; the training process reads each entry's keys/values straight into a batch tensor it reuses once nothing
-refers to it any more. With workers, a thread reads the next batch's keys/values while the current batch trains.
+refers to it any more. A thread reads the next batch's keys/values while the current batch trains: with workers,
+from the references they sent; without workers, from the entries this process verified, by index (the batch
+sampler's order is known in advance, and reading keys/values draws no random number, so the items and their random
+transforms are made as PyTorch's single-process loading makes them).
 
 Everything else is MONAI's ``DataLoader`` (same sampler, collation of the other fields, worker seeding and
 arguments), and with any other dataset this loader is that ``DataLoader``.
@@ -135,13 +138,8 @@ class KVCacheLoader(DataLoader):
         batches = super().__iter__()
         if self.kv_dataset is None:
             yield from batches
-        elif self.num_workers == 0:  # one process: the dataset's random transforms and the step share its RNG
-            helper = ThreadPoolExecutor(1, thread_name_prefix="fpt-kv-reader")  # reads half of each batch
-            try:
-                while (batch := next(batches, None)) is not None:
-                    yield self._read_kv(batch, helper)
-            finally:
-                helper.shutdown(wait=False, cancel_futures=True)
+        elif self.num_workers == 0 and self.batch_sampler is not None and not self.pin_memory:
+            yield from self._single_process(batches)
         else:
             reader = ThreadPoolExecutor(1, thread_name_prefix="fpt-kv-reader")
             try:
@@ -152,21 +150,53 @@ class KVCacheLoader(DataLoader):
             finally:  # also when the consumer stops early: the thread ends with the batch it is reading
                 reader.shutdown(wait=False, cancel_futures=True)
 
+    def _single_process(self, iterator: Iterator) -> Iterator[dict]:
+        """Without workers: the items of each batch of the batch sampler made here, in order, as PyTorch's
+        single-process loading makes them (``iterator``, created for that, is not advanced: the random transforms
+        draw from this process's generator in the same order), while a thread reads the next batch's keys/values
+        from the entries this process verified. That read draws no random number, and it runs while the training
+        step runs."""
+        reader = ThreadPoolExecutor(1, thread_name_prefix="fpt-kv-reader")
+        try:
+            batches = iter(self.batch_sampler)
+            indices = next(batches, None)
+            pending = reader.submit(self._read_verified, indices) if indices is not None else None
+            while indices is not None:
+                items = [self.dataset[i] for i in indices]
+                upcoming = next(batches, None)
+                out, read = pending.result()
+                pending = reader.submit(self._read_verified, upcoming) if upcoming is not None else None
+                batch = self.collate_fn(items)
+                references = batch[self.kv_key]
+                rows = zip(out, references, read)
+                self._read_rows(
+                    [(row, item) for row, item, done in rows if not (isinstance(item, KVReference) and item == done)]
+                )
+                batch[self.kv_key] = out
+                yield batch
+                indices = upcoming
+        finally:  # also when the consumer stops early: the thread ends with the batch it is reading
+            reader.shutdown(wait=False, cancel_futures=True)
+            del iterator
+
+    def _read_verified(self, indices: Sequence[int]) -> tuple[torch.Tensor, list[KVReference | None]]:
+        """A batch tensor for ``indices`` with the rows of verified entries read, and what each row was read from."""
+        transform = self.kv_dataset.kv_transform
+        out = self._buffers.take((len(indices), *transform.backbone.shape.kv_shape), kv_read_dtype(transform.dtype))
+        references = [self.kv_dataset.verified_reference(i) for i in indices]
+        read = [r if r is not None and read_kv_into(r, self.kv_key, row) else None for row, r in zip(out, references)]
+        return out, read
+
     def _next_with_kv(self, batches: Iterator) -> dict | None:
         batch = next(batches, None)
         return None if batch is None else self._read_kv(batch)
 
-    def _read_kv(self, batch: dict, helper: ThreadPoolExecutor | None = None) -> dict:
-        """The batch with its keys/values read into one (reused) tensor; with a ``helper`` thread reading the second
-        half of the entries meanwhile (the training step does not run then, a second core is free)."""
+    def _read_kv(self, batch: dict) -> dict:
+        """The batch with its keys/values read into one (reused) tensor."""
         items = batch[self.kv_key]
         transform = self.kv_dataset.kv_transform
         out = self._buffers.take((len(items), *transform.backbone.shape.kv_shape), kv_read_dtype(transform.dtype))
-        rows = list(zip(out, items))
-        half = helper.submit(self._read_rows, rows[len(rows) // 2 :]) if helper is not None else None
-        self._read_rows(rows if half is None else rows[: len(rows) // 2])
-        if half is not None:
-            half.result()
+        self._read_rows(list(zip(out, items)))
         batch[self.kv_key] = out
         return batch
 

@@ -45,6 +45,30 @@ def test_batches_are_those_of_monais_dataloader(dataset, num_workers):
         torch.testing.assert_close(a["image"], b["image"], atol=0, rtol=0)
 
 
+def test_without_workers_the_keys_values_of_verified_entries_are_read_ahead(dataset, data, monkeypatch):
+    """Read in a thread before the batch is asked for (during the training step), with the same batches."""
+    monkeypatch.setattr(dataset_module, "_RECENT_NS", -10**12)  # as if the entries had been written long ago
+    dataset._verified.clear()
+    dataset.preload()  # verifies them
+    kwargs = {"batch_size": 4, "shuffle": True}
+    torch.manual_seed(0)
+    expected = batches(DataLoader(dataset, generator=torch.Generator().manual_seed(1), **kwargs))
+    loader = KVCacheLoader(dataset, generator=torch.Generator().manual_seed(1), **kwargs)
+    read_here = []
+    monkeypatch.setattr(loader, "_read_rows", lambda rows: read_here.extend(rows))
+    torch.manual_seed(0)
+    got = batches(loader)
+    assert read_here == [] and len(got) == len(expected) == 2
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a["kv"], b["kv"], atol=0, rtol=0)
+        torch.testing.assert_close(a["image"], b["image"], atol=0, rtol=0)
+    path = dataset.entry_path(data[0])
+    path.write_bytes(path.read_bytes())  # another file: its row is read again, here, verified
+    torch.manual_seed(0)
+    got = batches(loader)
+    assert len(read_here) == 1 and read_here[0][1].path == str(path)
+
+
 def test_keys_values_held_by_the_caller_are_never_overwritten(dataset, data):
     loader = KVCacheLoader(dataset, batch_size=2, shuffle=False)
     held = [batch["kv"] for _ in range(2) for batch in loader]  # two epochs, every batch kept
