@@ -95,6 +95,9 @@ class NonFiniteLossGuard:
     def check_grads(self, engine: Engine) -> None:
         if getattr(engine, "amp", False):
             return
+        state = engine.state
+        if getattr(state, "grad_norm_iteration", None) == state.iteration and math.isfinite(state.grad_norm):
+            return  # this backward's global norm (GradientNormClipping) is finite, so is every gradient
         grads = [p.grad for group in engine.optimizer.param_groups for p in group["params"] if p.grad is not None]
         if not grads:
             return

@@ -32,7 +32,8 @@ class GradientNormClipping:
     """Clip the global gradient norm of the trained parameters after each backward pass (before the step).
 
     Attach to a MONAI ``SupervisedTrainer``: it runs on ``IterationEvents.BACKWARD_COMPLETED``, unscales the
-    gradients first under AMP, and leaves the norm before clipping in ``engine.state.grad_norm`` (for logging).
+    gradients first under AMP, and leaves the norm before clipping in ``engine.state.grad_norm`` (for logging) and
+    the iteration it belongs to in ``engine.state.grad_norm_iteration``.
 
     Args:
         max_norm: the largest allowed norm (1.0 in the FPT papers).
@@ -54,6 +55,7 @@ class GradientNormClipping:
         params = [p for group in engine.optimizer.param_groups for p in group["params"] if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, self.max_norm, norm_type=self.norm_type)
         engine.state.grad_norm = float(norm)
+        engine.state.grad_norm_iteration = engine.state.iteration
 
 
 class ProgressBarHandler:

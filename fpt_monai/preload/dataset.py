@@ -415,20 +415,21 @@ class KVCacheDataset(PersistentDataset):
         """Item ``index`` as ``dataset[index]`` gives it, its keys/values left in the cache: a :class:`KVReference`
         to the verified entry in their place (:class:`~fpt_monai.preload.KVCacheLoader` reads them in the process
         that trains). An entry computed now (it was missing or corrupt), and one of int8 storage (dequantised
-        where it is read), gives its keys/values themselves."""
+        where it is read), gives its keys/values themselves. Equals ``transform_cached(cached_item(index))``."""
+        return self.transform_cached(self.cached_item(index))
+
+    def cached_item(self, index: int) -> dict:
+        """Item ``index`` through the cached transforms only (its entry, read, or computed and written now), with a
+        :class:`KVReference` in place of the keys/values as :meth:`kv_reference` gives them. Draws no random number."""
         entry, path, signature = self._cached(self.data[index])
         if signature is not None and self.kv_transform.dtype != torch.int8:
             entry = {**entry, self.kv_transform.kv_key: KVReference(str(path), signature, int(index))}
-        return self._post_transform(dequantize_item(entry, self.kv_transform.kv_key))
+        return dequantize_item(entry, self.kv_transform.kv_key)
 
-    def verified_reference(self, index: int) -> KVReference | None:
-        """A :class:`KVReference` to item ``index``'s entry if this process verified that entry (nothing is read but
-        the item's files' status); ``None`` otherwise, and for int8 storage (read through :meth:`kv_reference`)."""
-        if self.kv_transform.dtype == torch.int8:
-            return None
-        path = str(self._entry_path(item_identity(self.data[index])))
-        signature = self._verified.get(path)
-        return None if signature is None else KVReference(path, signature, int(index))
+    def transform_cached(self, item: dict) -> dict:
+        """The transforms after the cached ones (from the first random transform on) applied to an item of
+        :meth:`cached_item`."""
+        return self._post_transform(item)
 
     # -- batched filling -------------------------------------------------------------------------------
     def _verifies(self, identity: str) -> bool:

@@ -151,41 +151,34 @@ class KVCacheLoader(DataLoader):
                 reader.shutdown(wait=False, cancel_futures=True)
 
     def _single_process(self, iterator: Iterator) -> Iterator[dict]:
-        """Without workers: the items of each batch of the batch sampler made here, in order, as PyTorch's
-        single-process loading makes them (``iterator``, created for that, is not advanced: the random transforms
-        draw from this process's generator in the same order), while a thread reads the next batch's keys/values
-        from the entries this process verified. That read draws no random number, and it runs while the training
-        step runs."""
+        """Without workers: the batches of the batch sampler's indices, as PyTorch's single-process loading makes
+        them (``iterator``, created for that, is not advanced). A thread reads each batch's entries and
+        keys/values, one batch ahead, while this thread makes the items' side views (the random transforms, which
+        draw from this process's generator in the same order as there) and the step trains: reading draws no
+        random number."""
         reader = ThreadPoolExecutor(1, thread_name_prefix="fpt-kv-reader")
         try:
             batches = iter(self.batch_sampler)
             indices = next(batches, None)
-            pending = reader.submit(self._read_verified, indices) if indices is not None else None
+            pending = reader.submit(self._read_cached, indices) if indices is not None else None
             while indices is not None:
-                items = [self.dataset[i] for i in indices]
-                upcoming = next(batches, None)
-                out, read = pending.result()
-                pending = reader.submit(self._read_verified, upcoming) if upcoming is not None else None
-                batch = self.collate_fn(items)
-                references = batch[self.kv_key]
-                rows = zip(out, references, read)
-                self._read_rows(
-                    [(row, item) for row, item, done in rows if not (isinstance(item, KVReference) and item == done)]
-                )
-                batch[self.kv_key] = out
+                cached, kv = pending.result()
+                indices = next(batches, None)
+                pending = reader.submit(self._read_cached, indices) if indices is not None else None
+                batch = self.collate_fn([self.kv_dataset.transform_cached(item) for item in cached])
+                batch[self.kv_key] = kv
                 yield batch
-                indices = upcoming
         finally:  # also when the consumer stops early: the thread ends with the batch it is reading
             reader.shutdown(wait=False, cancel_futures=True)
             del iterator
 
-    def _read_verified(self, indices: Sequence[int]) -> tuple[torch.Tensor, list[KVReference | None]]:
-        """A batch tensor for ``indices`` with the rows of verified entries read, and what each row was read from."""
+    def _read_cached(self, indices: Sequence[int]) -> tuple[list[dict], torch.Tensor]:
+        """The cached items of ``indices`` and their keys/values read into one batch tensor."""
+        cached = [self.kv_dataset.cached_item(i) for i in indices]
         transform = self.kv_dataset.kv_transform
         out = self._buffers.take((len(indices), *transform.backbone.shape.kv_shape), kv_read_dtype(transform.dtype))
-        references = [self.kv_dataset.verified_reference(i) for i in indices]
-        read = [r if r is not None and read_kv_into(r, self.kv_key, row) else None for row, r in zip(out, references)]
-        return out, read
+        self._read_rows([(row, item[self.kv_key]) for row, item in zip(out, cached)])
+        return cached, out
 
     def _next_with_kv(self, batches: Iterator) -> dict | None:
         batch = next(batches, None)

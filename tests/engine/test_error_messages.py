@@ -149,6 +149,34 @@ def test_overflowing_learning_rate_stops_through_the_non_finite_guard(lr):
         assert torch.equal(p, before[name]), name
 
 
+class _SqrtLogits(torch.nn.Module):
+    """Finite logits whose gradient is not finite: sqrt at 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :2] + torch.sqrt(self.w)
+
+
+@pytest.mark.parametrize("with_clipping", [False, True])
+def test_a_non_finite_gradient_stops_training_with_or_without_clipping(with_clipping):
+    from fpt_monai.engine import GradientNormClipping
+
+    network = _SqrtLogits()
+    data = [{"image": torch.randn(2, 4), "label": torch.tensor([0, 1])}]
+    handlers = [GradientNormClipping(1.0)] if with_clipping else []  # the norm it leaves is not finite
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"), max_epochs=1, train_data_loader=data, network=network,
+        optimizer=torch.optim.SGD(network.parameters(), lr=0.1), loss_function=torch.nn.CrossEntropyLoss(),
+        train_handlers=[*handlers, NonFiniteLossGuard()],
+    )
+    with pytest.raises(NonFiniteLossError, match=r"a gradient is (nan|inf) at epoch 1, iteration 1"):
+        trainer.run()
+    assert torch.equal(network.w.detach(), torch.zeros(2))
+
+
 @pytest.mark.parametrize("names,overrides,message", [
     (["train"], {"num_epochs": 0}, r"--num_epochs: must be at least 1, got 0"),
     (["train"], {"batch_size": -2}, r"--batch_size: must be at least 1, got -2"),

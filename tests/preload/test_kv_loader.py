@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
 import torch
@@ -45,28 +46,35 @@ def test_batches_are_those_of_monais_dataloader(dataset, num_workers):
         torch.testing.assert_close(a["image"], b["image"], atol=0, rtol=0)
 
 
-def test_without_workers_the_keys_values_of_verified_entries_are_read_ahead(dataset, data, monkeypatch):
-    """Read in a thread before the batch is asked for (during the training step), with the same batches."""
-    monkeypatch.setattr(dataset_module, "_RECENT_NS", -10**12)  # as if the entries had been written long ago
-    dataset._verified.clear()
-    dataset.preload()  # verifies them
+def test_without_workers_entries_are_read_ahead_in_a_thread_with_the_same_batches(dataset, data, monkeypatch):
+    """Entries and keys/values are read by a thread, one batch ahead; the random transforms still draw as in
+    MONAI's DataLoader, so the batches are the same."""
+    import fpt_monai.preload.loader as loader_module
+
+    threads = []
+
+    def recording(*args):
+        threads.append(threading.current_thread().name)
+        return read_kv_into(*args)
+
+    monkeypatch.setattr(loader_module, "read_kv_into", recording)
     kwargs = {"batch_size": 4, "shuffle": True}
-    torch.manual_seed(0)
-    expected = batches(DataLoader(dataset, generator=torch.Generator().manual_seed(1), **kwargs))
-    loader = KVCacheLoader(dataset, generator=torch.Generator().manual_seed(1), **kwargs)
-    read_here = []
-    monkeypatch.setattr(loader, "_read_rows", lambda rows: read_here.extend(rows))
-    torch.manual_seed(0)
-    got = batches(loader)
-    assert read_here == [] and len(got) == len(expected) == 2
-    for a, b in zip(got, expected):
-        torch.testing.assert_close(a["kv"], b["kv"], atol=0, rtol=0)
-        torch.testing.assert_close(a["image"], b["image"], atol=0, rtol=0)
+    for _ in range(2):  # the second time the entries are known (verified) in this process
+        torch.manual_seed(0)
+        expected = batches(DataLoader(dataset, generator=torch.Generator().manual_seed(1), **kwargs))
+        threads.clear()
+        torch.manual_seed(0)
+        got = batches(KVCacheLoader(dataset, generator=torch.Generator().manual_seed(1), **kwargs))
+        assert len(got) == len(expected) == 2
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a["kv"], b["kv"], atol=0, rtol=0)
+            torch.testing.assert_close(a["image"], b["image"], atol=0, rtol=0)
+        assert len(threads) == len(data) and all(name.startswith("fpt-kv-reader") for name in threads)
     path = dataset.entry_path(data[0])
-    path.write_bytes(path.read_bytes())  # another file: its row is read again, here, verified
-    torch.manual_seed(0)
-    got = batches(loader)
-    assert len(read_here) == 1 and read_here[0][1].path == str(path)
+    path.write_bytes(path.read_bytes()[:-1] + bytes([path.read_bytes()[-1] ^ 1]))  # altered: found, recomputed
+    with pytest.warns(UserWarning, match=path.name):
+        got = batches(KVCacheLoader(dataset, batch_size=len(data)))
+    torch.testing.assert_close(got[0]["kv"], torch.stack([dataset[i]["kv"] for i in range(len(data))]), atol=0, rtol=0)
 
 
 def test_keys_values_held_by_the_caller_are_never_overwritten(dataset, data):
