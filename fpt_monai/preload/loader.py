@@ -163,10 +163,10 @@ class KVCacheLoader(DataLoader):
             pending = reader.submit(self._read_cached, indices) if indices is not None else None
             while indices is not None:
                 cached, kv = pending.result()
-                indices = next(batches, None)
-                pending = reader.submit(self._read_cached, indices) if indices is not None else None
                 batch = self.collate_fn([self.kv_dataset.transform_cached(item) for item in cached])
                 batch[self.kv_key] = kv
+                indices = next(batches, None)
+                pending = reader.submit(self._read_cached, indices) if indices is not None else None
                 yield batch
         finally:  # also when the consumer stops early: the thread ends with the batch it is reading
             reader.shutdown(wait=False, cancel_futures=True)
