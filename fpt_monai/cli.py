@@ -83,6 +83,7 @@ class Commands:
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         side_img_size: int | None = None,
+        side_source: bool = True,
     ) -> None:
         """Fill the K/V cache of a dataset before training (resumable; what is cached stays cached).
 
@@ -109,6 +110,8 @@ class Commands:
             std: per-channel normalisation std (default: the backbone's pre-training std).
             side_img_size: the side network's input size (default: the preset's); entries store the source of the
                 training side views, made for this size.
+            side_source: store that source in the entries (training then reads no image file); ``False`` for a
+                smaller cache (the bundle's ``side_source``), whose training reads every image file again.
         """
         import os
 
@@ -138,6 +141,7 @@ class Commands:
                 backbone=backbone,
                 cache_dir=cache_dir,
                 kv_dtype=dtype,
+                side_source=bool(side_source),
             )
             report = dataset.preload(batch_size=batch_size, num_workers=num_workers, rank=rank, world_size=world_size)
             entries = sorted(dataset.cache_dir.glob("*.safetensors"))

@@ -46,6 +46,7 @@ def fpt_transforms(
     image_key: str = "image",
     high_res_key: str = "high_res",
     reader: dict | None = None,
+    side_source: bool = True,
 ) -> list:
     """The two-view transform chain of FPT.
 
@@ -54,6 +55,9 @@ def fpt_transforms(
     The side view ends under ``image_key``: for training made from the small copy of the high-resolution view that
     :class:`~fpt_monai.data.SideSourced` keeps there, for evaluation read again from the file. ``reader``: options
     of the image reading (:class:`~fpt_monai.data.readers.LoadImageRGBd`: volume slice, DICOM window, value range).
+    ``side_source``: whether the copy is made with the keys/values (and cached with them, 677,376 bytes per
+    image for the ``fpt`` preset) or, for training, from the image file read again for every side view: the same
+    side views, a smaller cache, more work per image in every epoch.
     """
     # the source path travels with the item (as "filename") for per-image reports. The bundle's
     # train#deterministic_transforms is this same chain: both fill and read the same K/V cache entries.
@@ -64,14 +68,18 @@ def fpt_transforms(
         CopyItemsd(image_key, names=["filename"]),
         CopyItemsd(image_key, names=[high_res_key]),
         *load,
-        SideSourced(high_res_key, name=image_key, size=side_img_size),
+        *([SideSourced(high_res_key, name=image_key, size=side_img_size)] if side_source else []),
         normalize,
     ]
     if backbone is not None:
         high_res.append(FrozenBackboneKVd(high_res_key, backbone, kv_key="kv", dtype=kv_dtype))
     if train:  # from the stored copy: to float32, augment, normalise (torchvision's transforms keep plain tensors)
         size = [side_img_size] * 2 if isinstance(side_img_size, int) else list(side_img_size)
-        side = [
+        side = []
+        if not side_source:  # the same copy, made from the image file read again (its path is still there)
+            *load_side, _ = load_and_normalize(image_key, img_size, mean, std, reader)
+            side = [*load_side, SideSourced(image_key, name=image_key, size=side_img_size)]
+        side += [
             EnsureTyped(image_key, data_type="tensor", dtype=torch.float32, track_meta=False),
             RandTorchVisiond(image_key, name="RandomResizedCrop", size=size, scale=(0.8, 1.0), ratio=(0.7, 1.3)),
             RandTorchVisiond(image_key, name="RandomHorizontalFlip", p=0.5),
@@ -143,11 +151,15 @@ def make_fpt_dataset(
     kv_dtype: str = "float16",
     progress: bool = True,
     reader: dict | None = None,
+    side_source: bool = True,
 ) -> Dataset:
-    """A MONAI dataset of FPT items; with ``backbone`` and ``cache_dir``, a preloading :class:`KVCacheDataset`."""
+    """A MONAI dataset of FPT items; with ``backbone`` and ``cache_dir``, a preloading :class:`KVCacheDataset`.
+    ``side_source``: see :func:`fpt_transforms`."""
     if cache_dir is not None and backbone is None:
         raise ValueError("a K/V cache needs the backbone that fills it.")
-    transforms = fpt_transforms(img_size, side_img_size, mean, std, train, backbone, kv_dtype, reader=reader)
+    transforms = fpt_transforms(
+        img_size, side_img_size, mean, std, train, backbone, kv_dtype, reader=reader, side_source=side_source
+    )
     if cache_dir is None:
         return Dataset(list(datalist), Compose(transforms))
     return KVCacheDataset(list(datalist), transforms, cache_dir, progress=progress)

@@ -178,3 +178,26 @@ def test_training_side_view_without_augmentation_is_the_stored_copy_resized(tmp_
     source = Compose([*deterministic, copy])(dict(item))["image"]
     expected = (make_side_view(source[None].float(), (32, 32))[0] - 0.5) / 0.5
     torch.testing.assert_close(out["image"], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_without_a_cached_side_source_training_reads_the_file_and_makes_the_same_side_views(tmp_path):
+    """side_source=False: a smaller entry (no copy), and the same augmented side views, made from the image file."""
+    root = make_folder(tmp_path / "data", {"train": {"a": 2, "b": 2}})
+    datalist = folder_datalist(root, "train")
+    backbone = make_backbone()
+    datasets = {source: make_fpt_dataset(datalist, 64, 32, [0.5] * 3, [0.5] * 3, train=True, backbone=backbone,
+                                         cache_dir=tmp_path / "cache", progress=False, side_source=source)
+                for source in (True, False)}
+    assert datasets[True].cache_dir != datasets[False].cache_dir  # the source is part of the cache's identity
+    for dataset in datasets.values():
+        dataset.preload()
+    without = datasets[False]._cachecheck(datalist[0])
+    assert "image" not in without or isinstance(without["image"], str)  # the path only
+    entry = {source: datasets[source].entry_path(datalist[0]).stat().st_size for source in (True, False)}
+    assert entry[True] - entry[False] > 0.99 * 3 * 48 * 48 * 2  # the float16 copy at 1.5 times the side size
+    views = {}
+    for source, dataset in datasets.items():
+        torch.manual_seed(3)
+        views[source] = [dataset[i]["image"] for i in range(len(datalist))]
+    for a, b in zip(views[True], views[False]):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)

@@ -277,6 +277,27 @@ def test_an_int8_cache_gives_the_training_loader_float16_keys_values(trained, tm
     assert scale_key("kv") not in batch
 
 
+def test_without_a_cached_side_source_the_bundle_trains_from_the_image_files(trained, tmp_path):
+    from fpt_monai.preload import read_entry
+
+    _, override = trained
+    settings = {**override, "cache_dir": str(tmp_path / "cache")}
+    with_source = parsed(["train"], **settings).get_parsed_content("train#dataset")
+    parser = parsed(["train"], **settings, side_source=False)
+    dataset = parser.get_parsed_content("train#dataset")
+    assert dataset.fingerprint != with_source.fingerprint
+    dataset.preload()
+    entry = read_entry(dataset.entry_path(dataset.data[0]), dataset.fingerprint)
+    assert not isinstance(entry.get("image"), torch.Tensor)  # no stored copy: the item's path only
+    torch.manual_seed(0)
+    ours = dataset[0]["image"]
+    with_source.preload()
+    torch.manual_seed(0)
+    torch.testing.assert_close(ours, with_source[0]["image"], atol=0, rtol=0)  # the same side view
+    batch = next(iter(parser.get_parsed_content("train#dataloader")))
+    assert batch["image"].shape[2:] == ours.shape[1:]
+
+
 def test_a_cache_preloaded_from_python_or_the_cli_is_the_bundles(trained, tmp_path):
     """`fpt-monai preload` and make_fpt_dataset build the chain in Python: the same entries as the bundle's."""
     from fpt_monai.data import fpt_transforms
