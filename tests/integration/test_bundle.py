@@ -88,7 +88,11 @@ def test_preprocessing_is_written_out_as_transform_lists():
     assert all("_target_" in t for t in deterministic + parser["train#random_transforms"])
     assert deterministic[-1]["_target_"] == "fpt_monai.preload.FrozenBackboneKVd"  # the cached part ends there
     assert [t["_target_"] for t in parser["train#random_transforms"]].count("RandTorchVisiond") == 3
-    assert parser["train#preprocessing#transforms"] == "$@train#deterministic_transforms + @train#random_transforms"
+    assert parser["train#preprocessing#transforms"] == (
+        "$@train#deterministic_transforms + ([] if @side_source else @train#side_source_transforms) "
+        "+ @train#random_transforms"
+    )
+    assert all("_target_" in t for t in parser["train#side_source_transforms"])
     # evaluation reuses the deterministic part by reference (the same K/V cache entries)
     for split in ("validate", "test"):
         assert "@train#deterministic_transforms" in parser[f"{split}#preprocessing#transforms"]
