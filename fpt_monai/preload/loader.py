@@ -3,9 +3,9 @@ workers never carry the cached keys/values.
 
 A training batch of FPT is mostly keys/values (ViT-B/16, float16, batch 16: 121 MB for FPT, 60 MB for FPT+),
 against a few MB of side views. Through a plain ``DataLoader`` with workers, a worker's collation stacks them
-into a new shared-memory block for every batch, whose pages are then faulted in twice, by the worker and by the
-training process: 48 ms of CPU per FPT+ batch for the stacking alone, against 7.5 ms to read the same entries into
-a batch tensor that is already mapped (one thread, 2-core x86_64 CPU, 2026-11-30). This loader leaves the
+into a new shared-memory block for every batch, whose pages are then touched again by the training process;
+reading an FPT+ batch's keys/values into a batch tensor that is already mapped takes 7.4 ms (one thread, 2-core
+x86_64 CPU, 2026-11-30). This loader leaves the
 keys/values on disk in the workers, which make the side views and send a :class:`~fpt_monai.preload.KVReference`
 per item; the training process reads each entry's keys/values straight into a batch tensor it reuses once nothing
 refers to it any more. A thread reads the next batch's keys/values while the current batch trains: with workers,
@@ -44,8 +44,8 @@ def default_num_workers(device: str | torch.device | None = None, max_workers: i
     (``LOCAL_WORLD_SIZE``). On a GPU the training process needs little CPU: half the CPUs, at most ``max_workers``.
     On the CPU the training step's threads use every core and a worker takes its time from them: none up to
     3 CPUs, a quarter of them beyond, at most ``max_workers``. From the cache the data path of an image is cheap
-    (about 2 ms of CPU for FPT+: a side view and one read), and on a 2-core x86_64 CPU a bundle epoch of FPT+
-    moved 0.83-0.84 of the bare step's images/s with no worker against 0.72-0.77 with one (2026-11-30).
+    (about 1.3 ms for FPT+: a side view and one read), and on a 2-core x86_64 CPU a bundle epoch of FPT+ moved
+    0.74 of the bare step's images/s with no worker against 0.64 with one (2026-11-30).
     """
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     cpus //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
@@ -175,10 +175,7 @@ class KVCacheLoader(DataLoader):
     def _read_cached(self, indices: Sequence[int]) -> tuple[list[dict], torch.Tensor]:
         """The cached items of ``indices`` and their keys/values read into one batch tensor."""
         cached = [self.kv_dataset.cached_item(i) for i in indices]
-        transform = self.kv_dataset.kv_transform
-        out = self._buffers.take((len(indices), *transform.backbone.shape.kv_shape), kv_read_dtype(transform.dtype))
-        self._read_rows([(row, item[self.kv_key]) for row, item in zip(out, cached)])
-        return cached, out
+        return cached, self._batch_kv([item[self.kv_key] for item in cached])
 
     def _next_with_kv(self, batches: Iterator) -> dict | None:
         batch = next(batches, None)
@@ -186,12 +183,15 @@ class KVCacheLoader(DataLoader):
 
     def _read_kv(self, batch: dict) -> dict:
         """The batch with its keys/values read into one (reused) tensor."""
-        items = batch[self.kv_key]
+        batch[self.kv_key] = self._batch_kv(batch[self.kv_key])
+        return batch
+
+    def _batch_kv(self, items: Sequence[Any]) -> torch.Tensor:
+        """One (reused) batch tensor holding the keys/values of ``items`` (references or tensors)."""
         transform = self.kv_dataset.kv_transform
         out = self._buffers.take((len(items), *transform.backbone.shape.kv_shape), kv_read_dtype(transform.dtype))
         self._read_rows(list(zip(out, items)))
-        batch[self.kv_key] = out
-        return batch
+        return out
 
     def _read_rows(self, rows: Sequence[tuple[torch.Tensor, Any]]) -> None:
         for row, item in rows:
