@@ -35,6 +35,8 @@ def _trains(module: nn.Module) -> bool:
 #: per-chunk calls.
 ATTENTION_CHUNK_BYTES = 2 * 2**20
 
+LOG2_E = math.log2(math.e)
+
 
 class NarrowHeadAttention(torch.autograd.Function):
     """``softmax(q k^T * scale) v`` for narrow heads, on transposed operands, over chunks of the batch.
@@ -42,11 +44,18 @@ class NarrowHeadAttention(torch.autograd.Function):
     The side ViT's heads are 8 wide. A matrix product whose output is 8 wide runs 3-4x slower on a CPU than the same
     product computed transposed (8-row output), so this function takes and returns every operand transposed:
     ``qt`` (B, H, D, Nq), ``kt`` and ``vt`` (B, H, D, Nk), contiguous; it returns ``ot`` (B, H, D, Nq), and its
-    gradients have the inputs' layouts.
+    gradients have the inputs' layouts. The attention probabilities are laid out keys-major, (B, H, Nk, Nq): the
+    softmax then reduces over rows, which vectorises across the queries (a maximum over each 81-wide row of the other
+    layout runs 3x slower than its sum), and every product keeps a wide output.
 
-    The (B, H, Nq, Nk) attention probabilities are most of the side ViT's saved activations (31 MB per block at batch
+    The softmax is taken in base 2: the scores are computed in log2 units (``scale * log2(e)`` folded into the
+    queries) and exponentiated with ``exp2``, which is about 3x faster than ``exp`` on a CPU and gives the same
+    probabilities. Its log-sum-exp per query, a (B, H, 1, Nq) tensor, is kept for backward.
+
+    The (B, H, Nk, Nq) attention probabilities are most of the side ViT's saved activations (31 MB per block at batch
     16 for the ``fpt`` preset, against 1.3 MB of tokens). With ``keep_probabilities`` off they are not kept:
-    backward recomputes them, chunk by chunk, from ``qt`` and ``kt``; on, they are kept and backward is quicker.
+    backward recomputes them, chunk by chunk, from ``qt``, ``kt`` and the log-sum-exp (one product and one
+    ``exp2``, no second softmax); on, they are kept and backward is quicker.
     PyTorch's CPU flash attention keeps no matrix either, but is built for wide heads.
     """
 
@@ -54,13 +63,19 @@ class NarrowHeadAttention(torch.autograd.Function):
     def forward(ctx, qt, kt, vt, scale: float, keep_probabilities: bool):
         batch, heads, _, num_queries = qt.shape
         ot = torch.empty_like(qt)
-        kept = qt.new_empty(batch, heads, num_queries, kt.shape[-1]) if keep_probabilities else None
+        log_sum = qt.new_empty((batch, heads, 1, num_queries))
+        kept = qt.new_empty((batch, heads, kt.shape[-1], num_queries)) if keep_probabilities else None
         for rows in NarrowHeadAttention._chunks(qt, kt):
-            probabilities = NarrowHeadAttention._probabilities(qt[rows], kt[rows], scale)
-            torch.matmul(vt[rows], probabilities.transpose(-2, -1), out=ot[rows])
+            scores = NarrowHeadAttention._log2_scores(qt[rows], kt[rows], scale)
+            maximum = scores.amax(dim=-2, keepdim=True)
+            probabilities = scores.sub_(maximum).exp2_()
+            total = probabilities.sum(dim=-2, keepdim=True)
+            probabilities.div_(total)
+            torch.add(maximum, total.log2_(), out=log_sum[rows])
+            torch.matmul(vt[rows], probabilities, out=ot[rows])
             if kept is not None:
                 kept[rows] = probabilities
-        ctx.save_for_backward(qt, kt, vt, ot, kept)
+        ctx.save_for_backward(qt, kt, vt, ot, log_sum, kept)
         ctx.scale = scale
         return ot
 
@@ -71,26 +86,28 @@ class NarrowHeadAttention(torch.autograd.Function):
         return [slice(start, start + size) for start in range(0, qt.shape[0], size)]
 
     @staticmethod
-    def _probabilities(qt: torch.Tensor, kt: torch.Tensor, scale: float) -> torch.Tensor:
-        return torch.matmul(qt.transpose(-2, -1) * scale, kt).softmax(dim=-1)  # (c, H, Nq, Nk)
+    def _log2_scores(qt: torch.Tensor, kt: torch.Tensor, scale: float) -> torch.Tensor:
+        """Keys-major scores in log2 units, ``k q^T * scale * log2(e)``: (c, H, Nk, Nq)."""
+        return torch.matmul(kt.transpose(-2, -1), qt * (scale * LOG2_E))
 
     @staticmethod
     def backward(ctx, grad_ot: torch.Tensor):
-        qt, kt, vt, ot, kept = ctx.saved_tensors
+        qt, kt, vt, ot, log_sum, kept = ctx.saved_tensors
         grad_ot = grad_ot.contiguous()
         grad_qt, grad_kt, grad_vt = torch.empty_like(qt), torch.empty_like(kt), torch.empty_like(vt)
         for rows in NarrowHeadAttention._chunks(qt, kt):
             g = grad_ot[rows]
             if kept is None:
-                probabilities = NarrowHeadAttention._probabilities(qt[rows], kt[rows], ctx.scale)
+                scores = NarrowHeadAttention._log2_scores(qt[rows], kt[rows], ctx.scale)
+                probabilities = scores.sub_(log_sum[rows]).exp2_()
             else:
                 probabilities = kept[rows]
-            torch.matmul(g, probabilities, out=grad_vt[rows])
-            # softmax backward: p * (dp - rowsum(dp * p)), where rowsum(dp * p) = rowsum(g * o)
-            grad_scores = torch.matmul(g.transpose(-2, -1), vt[rows])
-            grad_scores.sub_((g * ot[rows]).sum(dim=-2).unsqueeze(-1)).mul_(probabilities)
-            torch.matmul(kt[rows], grad_scores.transpose(-2, -1), out=grad_qt[rows]).mul_(ctx.scale)
-            torch.matmul(qt[rows] * ctx.scale, grad_scores, out=grad_kt[rows])
+            torch.matmul(g, probabilities.transpose(-2, -1), out=grad_vt[rows])
+            # softmax backward: p * (dp - colsum(dp * p)), where colsum(dp * p) = colsum(g * o)
+            grad_scores = torch.matmul(vt[rows].transpose(-2, -1), g)
+            grad_scores.sub_((g * ot[rows]).sum(dim=-2, keepdim=True)).mul_(probabilities)
+            torch.matmul(kt[rows], grad_scores, out=grad_qt[rows]).mul_(ctx.scale)
+            torch.matmul(qt[rows] * ctx.scale, grad_scores.transpose(-2, -1), out=grad_kt[rows])
         return grad_qt, grad_kt, grad_vt, None, None
 
 
