@@ -152,3 +152,30 @@ def test_gelu_linear_gradients(approximate):
     assert torch.autograd.gradcheck(lambda h, w, b: GeluLinear.apply(h, w, b, approximate), (hidden, weight, bias))
     expected = torch.nn.functional.linear(torch.nn.functional.gelu(hidden, approximate=approximate), weight, bias)
     torch.testing.assert_close(GeluLinear.apply(hidden, weight, bias, approximate), expected)
+
+
+@pytest.mark.parametrize("keep_probabilities", [False, True])
+def test_narrow_head_attention_gradients(keep_probabilities):
+    from fpt_monai.networks.side import NarrowHeadAttention
+
+    torch.manual_seed(0)
+    qt, kt, vt = (torch.randn(3, 2, 4, n, dtype=torch.float64, requires_grad=True) for n in (5, 7, 7))
+    fn = lambda q, k, v: NarrowHeadAttention.apply(q, k, v, 0.5, keep_probabilities)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (qt, kt, vt))
+    expected = ((qt.transpose(-2, -1) @ kt) * 0.5).softmax(dim=-1) @ vt.transpose(-2, -1)
+    torch.testing.assert_close(fn(qt, kt, vt), expected.transpose(-2, -1))
+
+
+def test_narrow_head_attention_is_stable_for_large_scores():
+    """Scores in the thousands (far beyond exp's float32 range) give the softmax, not inf or NaN."""
+    from fpt_monai.networks.side import NarrowHeadAttention
+
+    torch.manual_seed(0)
+    qt, kt, vt = (torch.randn(2, 2, 8, n) * 30 for n in (5, 6, 6))
+    for t in (qt, kt, vt):
+        t.requires_grad_()
+    out = NarrowHeadAttention.apply(qt, kt, vt, 8**-0.5, False)
+    expected = ((qt.transpose(-2, -1) @ kt) * 8**-0.5).softmax(dim=-1) @ vt.transpose(-2, -1)
+    torch.testing.assert_close(out, expected.transpose(-2, -1))
+    out.square().sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (qt, kt, vt))
