@@ -38,7 +38,7 @@ __all__ = ["KVCacheLoader", "default_num_workers"]
 
 
 def default_num_workers(device: str | torch.device | None = None, max_workers: int = 4) -> int:
-    """Data-loading workers per training process for training on ``device`` (default: the CPU).
+    """Data-loading workers per process for training or inference on ``device`` (default: the CPU).
 
     CPUs are those this process may run on, shared by the processes ``torchrun`` starts on the node
     (``LOCAL_WORLD_SIZE``). On a GPU the training process needs little CPU: half the CPUs, at most ``max_workers``.

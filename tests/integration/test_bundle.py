@@ -110,6 +110,41 @@ def test_class_names_are_literals_shared_by_the_configs_and_the_metadata():
     assert outputs["num_channels"] == len(SAMPLE_CLASSES)
 
 
+def test_metadata_describes_the_default_network():
+    """What metadata.json says of the network is what the configs build by default (preset, counts, input)."""
+    from fpt_monai.networks import PRESETS, create_fpt
+    from fpt_monai.weights import random_weights_expected
+
+    meta = json.loads(Path(META).read_text())
+    assert meta["version"] in meta["changelog"]
+    parser = ConfigParser()
+    parser.read_config(config_files("inference"))
+    preset = PRESETS[parser["preset"]]
+    with random_weights_expected(), torch.device("meta"):
+        net = create_fpt(parser["preset"], num_classes=parser["num_classes"], pretrained=False)
+    counts = net.parameter_counts()
+    assert f"preset {parser['preset']}" in meta["description"]
+    assert f"{counts['learnable']:,}" in meta["description"] and f"{counts['frozen']:,}" in meta["description"]
+    backbone_name = {"tf_efficientnet_lite0": "EfficientNet-Lite0"}.get(preset.model_name, preset.model_name)
+    assert backbone_name in meta["description"]
+    assert any(backbone_name.split("-")[0] in reference for reference in meta["references"])
+    image = meta["network_data_format"]["inputs"]["image"]
+    assert image["spatial_shape"] == list(net.shape.img_size)
+    mean, std = net.backbone.mean, net.backbone.std
+    assert image["value_range"] == pytest.approx([(0 - mean[0]) / std[0], (1 - mean[0]) / std[0]])
+
+
+def test_inference_workers_follow_the_machine_and_can_be_overridden():
+    from fpt_monai.preload import default_num_workers
+
+    parser = ConfigParser()
+    parser.read_config(config_files("inference"))
+    assert parser.get_parsed_content("num_workers") == default_num_workers(parser.get_parsed_content("device"))
+    assert parser["dataloader#num_workers"] == "@num_workers"  # `--num_workers N` reaches the loader
+    parser["num_workers"] = 3
+    assert parser.get_parsed_content("num_workers") == 3
+
+
 def test_metadata_verifies_offline_against_the_shipped_schema():
     verify_metadata(meta_file=META, filepath=str(BUNDLE / "schema" / "meta_schema.json"))
 
