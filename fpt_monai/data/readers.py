@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
@@ -584,9 +585,13 @@ class LoadImageRGBd(LoadImaged):
         allow_missing_keys: bool = False,
     ) -> None:
         self.reader = RGBImageReader(volume_slice, volume_axis, dicom_window, value_range)
-        super().__init__(
-            keys, reader=self.reader, dtype=np.float32, image_only=True, allow_missing_keys=allow_missing_keys
-        )
+        with warnings.catch_warnings():
+            # LoadImage builds every installed reader first; the ones dropped below warn about their optional
+            # decoders (nvImageCodec) although they never read a file here
+            warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader", category=UserWarning)
+            super().__init__(
+                keys, reader=self.reader, dtype=np.float32, image_only=True, allow_missing_keys=allow_missing_keys
+            )
         # this reader only: LoadImage also registers every installed reader, which would read what this one
         # refuses and make a cache's fingerprint depend on which optional packages are installed
         self._loader.readers = [self.reader]

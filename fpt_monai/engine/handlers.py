@@ -80,7 +80,9 @@ class ProgressBarHandler:
 
 def _loss(output: Any) -> float:
     item = output[0] if isinstance(output, (list, tuple)) else output
-    return float(item[CommonKeys.LOSS])
+    loss = item[CommonKeys.LOSS]
+    # the step's loss still holds its graph: reading it must not convert a tensor that requires grad
+    return float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
 
 
 def write_training_scalars(engine: Engine, writer) -> None:

@@ -145,6 +145,23 @@ def test_inference_workers_follow_the_machine_and_can_be_overridden():
     assert parser.get_parsed_content("num_workers") == 3
 
 
+def test_logging_conf_filters_only_the_known_third_party_noise():
+    """The bundle's logging.conf drops MONAI's note that the optional nvImageCodec is absent; a user's own
+    warnings, logged or raised with ``warnings.warn``, still show."""
+    code = (
+        "import logging, logging.config, warnings; "
+        f"logging.config.fileConfig({str(BUNDLE / 'configs' / 'logging.conf')!r}, disable_existing_loggers=False); "
+        "logging.getLogger('monai.data.nvimgcodec_pydicom_plugin').warning('nvImageCodec is not available'); "
+        "logging.getLogger('monai.data.nvimgcodec_pydicom_plugin').error('a real decoder error'); "
+        "logging.getLogger('user.code').warning('a user warning'); "
+        "warnings.warn('a user UserWarning')"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    output = result.stdout + result.stderr
+    assert "nvImageCodec is not available" not in output
+    assert "a real decoder error" in output and "a user warning" in output and "a user UserWarning" in output
+
+
 def test_metadata_verifies_offline_against_the_shipped_schema():
     verify_metadata(meta_file=META, filepath=str(BUNDLE / "schema" / "meta_schema.json"))
 
@@ -460,9 +477,14 @@ def test_exported_bundle_runs_monai_bundle_commands_with_its_own_copy_of_the_pac
     assert str(exported / "scripts" / "fpt_monai") in line
     assert (run_root / "models" / "model.pt").is_file()
     images = root / "data" / "test"
-    monai_bundle_run("configs/inference.json", {
+    inference = monai_bundle_run("configs/inference.json", {
         **infer_override(run_root, override["pretrained"]), "input_dir": images,
     })
+    for run in (result, inference):  # quiet runs: no warning of the package, no known third-party noise
+        output = run.stdout + run.stderr
+        assert "nvImageCodec" not in output and "NvImgCodec" not in output
+        assert "Warning" not in output and "requires_grad" not in output, output[-3000:]
+        assert not [line for line in output.splitlines() if " - fpt_monai" in line and " - WARNING - " in line]
     with open(run_root / "eval" / "inference" / "predictions.csv") as f:
         assert len(list(csv.DictReader(f))) == 3
     # the Model Zoo's commands, as the bundle's README shows them, on the export (tiny network and input size)
