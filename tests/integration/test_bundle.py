@@ -547,3 +547,75 @@ def test_the_bundle_readme_shows_the_tested_commands():
     lines = [line.strip() for line in (BUNDLE / "docs" / "README.md").read_text().splitlines()]
     shown = {line for line in lines if line.startswith("python -m monai.bundle")}
     assert shown == TESTED_COMMANDS
+
+
+# -- ONNX -----------------------------------------------------------------------------------------------------------
+
+
+def documented_command(name: str) -> list[str]:
+    """The bundle README's bash line that runs ``python -m monai.bundle <name>``, split as the shell would."""
+    import shlex
+
+    readme = (BUNDLE / "docs" / "README.md").read_text()
+    line = next(line for line in readme.splitlines() if line.startswith(f"python -m monai.bundle {name} "))
+    return shlex.split(line)
+
+
+def test_onnx_export_as_documented_has_a_dynamic_batch_and_the_overlay_predicts_as_eager(trained, tmp_path):
+    import onnx
+
+    from fpt_monai.engine.onnx_runtime import OnnxRuntimeNetwork
+
+    root, override = trained
+    exported = export_bundle(tmp_path / "fpt_classification")
+    (exported / "models").mkdir()
+    (exported / "models" / "model.pt").write_bytes((root / "models" / "model.pt").read_bytes())
+    tiny = [f"--{k}={v}" for k, v in infer_override(exported, override["pretrained"]).items() if k != "bundle_root"]
+    shape = ["--_meta_#network_data_format#inputs#image#spatial_shape=[64,64]"]
+    command = documented_command("onnx_export")
+    assert "models/model.onnx" in command and "models/model.pt" in command
+    result = subprocess.run([sys.executable, *command[1:], *tiny, *shape], cwd=exported, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    model = onnx.load(str(exported / "models" / "model.onnx"))
+    assert not model.graph.input[0].type.tensor_type.shape.dim[0].HasField("dim_value")  # the batch is dynamic
+
+    parser = ConfigParser()
+    parser.read_config(config_files("inference"))
+    parser.update({k.replace("#", "::"): v for k, v in infer_override(root, override["pretrained"]).items()})
+    network = parser.get_parsed_content("network_def").eval()
+    network.load_state_dict(torch.load(root / "models" / "model.pt", weights_only=True))
+    runtime = OnnxRuntimeNetwork(exported / "models" / "model.onnx")
+    for batch in (1, 3):
+        images = torch.randn(batch, 3, 64, 64)
+        with torch.no_grad():
+            torch.testing.assert_close(runtime(images), network(images), atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match=r"model\.onnx takes input of shape \(N, 3, 64, 64\), got \[1, 3, 32, 32\]"):
+        runtime(torch.rand(1, 3, 32, 32))
+
+    # the overlay runs the same folder inference with ONNX Runtime: the same predictions as PyTorch
+    images = root / "data" / "test"
+    tables = {}
+    for name, configs in (("eager", ["inference"]), ("onnx", ["inference", "inference_onnx"])):
+        out = tmp_path / name
+        (out / "models").mkdir(parents=True)
+        for file in ("model.pt", "model.onnx"):
+            (out / "models" / file).write_bytes((exported / "models" / file).read_bytes())
+        check_workflow(configs, "infer", **infer_override(out, override["pretrained"], input_dir=str(images)))
+        with open(out / "eval" / "inference" / "predictions.csv") as f:
+            tables[name] = list(csv.DictReader(f))
+    assert len(tables["onnx"]) == 3
+    for eager, runtime_row in zip(tables["eager"], tables["onnx"]):
+        assert eager["filename"] == runtime_row["filename"] and eager["prediction"] == runtime_row["prediction"]
+        for key in eager:
+            if key.startswith("probability_"):
+                assert abs(float(eager[key]) - float(runtime_row[key])) <= 1e-4
+
+
+def test_the_onnx_overlay_names_a_missing_export(trained, tmp_path):
+    root, override = trained
+    with pytest.raises(RuntimeError) as error:
+        check_workflow(["inference", "inference_onnx"], "infer",
+                       **infer_override(tmp_path, override["pretrained"], input_dir=str(root / "data" / "test")))
+    assert isinstance(root_cause(error.value), FileNotFoundError)
+    assert "model.onnx" in str(root_cause(error.value)) and "onnx_export" in str(root_cause(error.value))
