@@ -242,6 +242,31 @@ class Commands:
         if table:
             print(epoch_markdown(result))
 
+    def onnx(self, preset: str = "fpt_demo", num_classes: int = 3, batch_sizes: str | Sequence[int] = (1, 16),
+             repeats: int = 5, pretrained: bool | str = True, table: bool = False) -> None:
+        """Inference images/s of ONNX Runtime against eager PyTorch, same network and inputs, one process (JSON).
+
+        The network is exported as the bundle's ``monai.bundle onnx_export`` command does (dynamic batch); both
+        arms run in turn at every batch size (median of ``repeats``), the forward pass only. The default preset is
+        the bundle's demo network (its weights build offline on first use); the ViT-B/16 presets need their
+        weights (``pretrained``). ``--table`` prints a Markdown table after the JSON. See :mod:`benchmarks.onnx`.
+
+        Args:
+            preset: the network preset.
+            num_classes: classes of its head.
+            batch_sizes: comma-separated or a list of batch sizes.
+            repeats: timed rounds per arm; medians are reported.
+            pretrained: the backbone's weights (``True``, a file, or ``False``: random weights, the same speed).
+            table: also print a Markdown table.
+        """
+        from benchmarks.onnx import onnx_markdown, run_onnx_benchmark
+
+        sizes = [int(b) for b in batch_sizes.split(",")] if isinstance(batch_sizes, str) else list(batch_sizes)
+        result = run_onnx_benchmark(preset, int(num_classes), sizes, int(repeats), pretrained, command=_command_line())
+        print(json.dumps(result, indent=2))
+        if table:
+            print(onnx_markdown(result))
+
     def accuracy(
         self,
         work_dir: str = "fpt_accuracy",
