@@ -538,10 +538,8 @@ def create_baseline(
     if isinstance(PRESETS.get(preset), CNNPreset):  # the same offline demo network as the FPT preset
         from fpt_monai.pretrained import create_demo_baseline
 
-        network = create_demo_baseline(
-            method, num_classes, pretrained, **({"img_size": img_size} if img_size else {}), **kwargs
-        )
-        return bind_class_names(network, class_names)
+        size = {"img_size": img_size} if img_size else {}
+        return create_demo_baseline(method, num_classes, pretrained, class_names=class_names, **size, **kwargs)
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}.")
     config = PRESETS[preset]

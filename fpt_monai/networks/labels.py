@@ -45,6 +45,7 @@ __all__ = [
     "class_names_of",
     "decode_class_names",
     "encode_class_names",
+    "set_class_mapping",
 ]
 
 logger = logging.getLogger(__name__)
