@@ -68,7 +68,7 @@ def load_weights(
     try:
         target.load_state_dict(state)
     except ClassNamesMismatchError as err:
-        raise ClassNamesMismatchError(f"checkpoint {path}: {err}") from err
+        raise ClassNamesMismatchError(f"checkpoint {path} does not fit this network: {err}") from err
     except RuntimeError as err:
         details = " ".join(line.strip() for line in str(err).splitlines()[1:4]) or str(err)
         raise ValueError(
