@@ -14,29 +14,43 @@ from monai.engines import Evaluator
 
 from fpt_monai.engine.checkpoint import _allow_missing_backbone_digest, load_checkpoint
 from fpt_monai.engine.handlers import ClassificationReport
+from fpt_monai.networks.labels import ClassNamesMismatchError, set_class_mapping
 
 __all__ = ["evaluate_checkpoints", "load_weights"]
 
 logger = logging.getLogger(__name__)
 
 
-def load_weights(network: nn.Module, path: str | os.PathLike, allow_missing_backbone_digest: bool = False) -> nn.Module:
+def load_weights(
+    network: nn.Module,
+    path: str | os.PathLike,
+    allow_missing_backbone_digest: bool = False,
+    class_mapping: str = "strict",
+) -> nn.Module:
     """Load a trained checkpoint into ``network`` (a DDP wrapper's module too) and return the network.
 
     The file is read with :func:`~fpt_monai.engine.load_checkpoint` (``torch.load(weights_only=True)``: no
     arbitrary unpickling; errors name the file) and may be a bare state dict or a training checkpoint holding
     one under ``"model"``.
 
+    The checkpoint's class names are checked against the network's (the config's ``class_names``, bound to the
+    network when it is built; see :mod:`fpt_monai.networks.labels`) before any weight is copied. A checkpoint
+    without class names (written before they were stored) loads with one warning that they cannot be checked.
+
     Args:
         network: the network the checkpoint belongs to.
         path: the checkpoint file.
         allow_missing_backbone_digest: accept an FPT checkpoint without the frozen backbone's digest
             (``backbone_sha256``), vouching that it was trained with this network's backbone.
+        class_mapping: ``"strict"`` (default): refuse a checkpoint whose class names differ from the network's in
+            any way, order included. ``"by_name"``: accept the same names in another order and reorder the
+            network's outputs to its own (the config's) class order; other names are still refused.
 
     Raises:
         FileNotFoundError: no such file (the message says how a bundle gets its ``models/model.pt``).
         ValueError: the checkpoint does not fit the network (another class count, preset or backbone), naming the
-            file and the first mismatches.
+            file and the first mismatches; :class:`~fpt_monai.networks.ClassNamesMismatchError` (a
+            ``ValueError``) when its class names differ, naming the file and showing both lists.
     """
     path = Path(path)
     if not path.is_file():
@@ -48,10 +62,13 @@ def load_weights(network: nn.Module, path: str | os.PathLike, allow_missing_back
     if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
         state = state["model"]
     target = network.module if hasattr(network, "module") else network
+    set_class_mapping(target, class_mapping)
     if allow_missing_backbone_digest:
         _allow_missing_backbone_digest({"model": target})
     try:
         target.load_state_dict(state)
+    except ClassNamesMismatchError as err:
+        raise ClassNamesMismatchError(f"checkpoint {path} does not fit this network: {err}") from err
     except RuntimeError as err:
         details = " ".join(line.strip() for line in str(err).splitlines()[1:4]) or str(err)
         raise ValueError(
@@ -67,6 +84,7 @@ def evaluate_checkpoints(
     report: ClassificationReport,
     output_dir: str | os.PathLike,
     allow_missing_backbone_digest: bool = False,
+    class_mapping: str = "strict",
 ) -> dict[str, dict[str, float]]:
     """Load each checkpoint into ``network``, run ``evaluator`` and write its report to ``output_dir/<name>/``.
 
@@ -83,6 +101,7 @@ def evaluate_checkpoints(
         output_dir: parent folder of the per-checkpoint reports.
         allow_missing_backbone_digest: accept FPT checkpoints without the frozen backbone's digest
             (``backbone_sha256``), vouching that they were trained with this network's backbone.
+        class_mapping: what a checkpoint's class names may differ in (see :func:`load_weights`).
 
     Returns:
         name -> the evaluator's scalar metrics.
@@ -92,7 +111,7 @@ def evaluate_checkpoints(
         raise FileNotFoundError(f"checkpoint files not found: {missing}; train first or set the paths.")
     results = {}
     for name, path in checkpoints.items():
-        load_weights(network, path, allow_missing_backbone_digest)
+        load_weights(network, path, allow_missing_backbone_digest, class_mapping)
         report.output_dir = Path(output_dir) / name
         report.extra = {"checkpoint": str(Path(path).resolve()), "checkpoint_name": name}
         evaluator.run()

@@ -21,6 +21,7 @@ from monai.engines import IterationEvents
 from monai.utils import CommonKeys
 
 from fpt_monai.engine.metrics import classification_output
+from fpt_monai.networks.labels import class_names_of
 from fpt_monai.utils import atomic_write
 
 __all__ = ["GradientNormClipping", "ProgressBarHandler", "write_training_scalars", "ClassificationReport"]
@@ -119,27 +120,61 @@ class ClassificationReport:
     ``extra`` such as the checkpoint evaluated). Files are written to a temporary name and renamed, so a
     crash never leaves a half-written report. Only rank 0 writes; per-image rows are gathered from all ranks.
 
+    The class names of the report are the network's (those of the checkpoint loaded into it, in output order;
+    see :mod:`fpt_monai.networks.labels`) when ``network`` is given and carries names: the names describe what the
+    outputs mean, which the checkpoint knows, not the config. ``class_names`` then only has to agree with them.
+
     Args:
         output_dir: folder of the report (created); may be changed between runs (see ``evaluate_checkpoints``).
-        class_names: names of the classes in label order.
+        class_names: names of the classes in label order (``None``: the network's).
         image_key: batch key whose metadata names the image file.
         output_transform: engine output -> (probabilities (B, C), labels (B,)); default
             :func:`classification_output`.
+        network: the network whose outputs are reported; its class names, read when the report is written,
+            name the columns and predictions.
     """
 
     def __init__(
         self,
         output_dir: str | os.PathLike,
-        class_names: Sequence[str],
+        class_names: Sequence[str] | None = None,
         image_key: str = CommonKeys.IMAGE,
         output_transform: Callable = classification_output,
+        network: torch.nn.Module | None = None,
     ) -> None:
+        if class_names is None and network is None:
+            raise ValueError("ClassificationReport needs class_names or a network that carries them.")
         self.output_dir = Path(output_dir)
-        self.class_names = [str(c) for c in class_names]
+        self.network = network
+        self.class_names = class_names
         self.image_key = image_key
         self.output_transform = output_transform
         self.extra: dict = {}
         self._rows: list[dict] = []
+
+    @property
+    def class_names(self) -> list[str]:
+        """The class names in output order: the network's when it carries them, else the ones given.
+
+        Read from the network when a run starts (after its checkpoint is loaded) and kept for the run."""
+        if self._run_class_names is not None:
+            return list(self._run_class_names)
+        names = class_names_of(self.network) if self.network is not None else None
+        if names is None:
+            if self._class_names is None:
+                raise ValueError("the network carries no class names and none were given to ClassificationReport.")
+            return list(self._class_names)
+        if self._class_names is not None and names != self._class_names:
+            raise ValueError(
+                f"the network's (checkpoint's) class names {names} differ from the report's class_names "
+                f"{self._class_names}: give the checkpoint's class names."
+            )
+        return names
+
+    @class_names.setter
+    def class_names(self, class_names: Sequence[str] | None) -> None:
+        self._class_names = None if class_names is None else [str(c) for c in class_names]
+        self._run_class_names = None
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
@@ -148,6 +183,8 @@ class ClassificationReport:
 
     def _reset(self, engine: Engine) -> None:
         self._rows = []
+        self._run_class_names = None
+        self._run_class_names = self.class_names
 
     def _collect(self, engine: Engine) -> None:
         # MONAI engines decollate batch and output into per-item lists by default; accept batched ones too

@@ -25,6 +25,13 @@ from fpt_monai.networks.fpt import (
     make_side_view,
 )
 from fpt_monai.networks.fusion import FineGrainedFusion, FineGrainedPrompts
+from fpt_monai.networks.labels import (
+    CLASS_MAPPINGS,
+    ClassNamesMismatchError,
+    UncheckedClassNamesWarning,
+    bind_class_names,
+    class_names_of,
+)
 from fpt_monai.networks.methods import METHODS, Method, method_names
 from fpt_monai.networks.selection import mean_received_attention, num_selected_tokens, select_important_tokens
 from fpt_monai.networks.side import SideViT
@@ -48,6 +55,11 @@ __all__ = [
     "create_backbone",
     "create_fpt",
     "make_side_view",
+    "CLASS_MAPPINGS",
+    "ClassNamesMismatchError",
+    "UncheckedClassNamesWarning",
+    "bind_class_names",
+    "class_names_of",
     "FineGrainedFusion",
     "FineGrainedPrompts",
     "METHODS",

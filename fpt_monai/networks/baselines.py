@@ -43,7 +43,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +51,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
+from fpt_monai.networks.labels import bind_class_names
 from fpt_monai.networks.methods import method_names
 
 __all__ = [
@@ -343,6 +344,7 @@ class _TimmBaseline(nn.Module):
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
         self.model.reset_classifier(num_classes)
+        bind_class_names(self)  # class names travel with the classifier's weights (set by create_baseline)
         if self.method != "full":
             self.model.requires_grad_(False)
             self.model.get_classifier().requires_grad_(True)
@@ -508,6 +510,7 @@ def create_baseline(
     preset: str = "fpt",
     pretrained: bool | str | os.PathLike = True,
     img_size: int | None = None,
+    class_names: Sequence[str] | None = None,
     **kwargs,
 ) -> ViTBaseline | CNNBaseline:
     """A baseline on the same timm backbone and resolution as an FPT preset.
@@ -520,6 +523,8 @@ def create_baseline(
         pretrained: as for :func:`~fpt_monai.networks.create_fpt` (hub name, local file, or ``False`` with a loud
             warning).
         img_size: input size; default: the preset's (512 for ``fpt``).
+        class_names: the class names in output order, bound to the network as on an FPTNet
+            (:func:`~fpt_monai.networks.labels.bind_class_names`).
         **kwargs: method settings of :class:`ViTBaseline` (``num_prompts``, ``lora_rank``, ``lora_alpha``,
             ``adapter_bottleneck``, ``adapter_scale``).
     """
@@ -528,14 +533,15 @@ def create_baseline(
 
     if method not in BASELINE_METHODS:
         raise ValueError(f"method must be one of {BASELINE_METHODS}, got {method!r}.")
+    if class_names is not None and len(class_names) != num_classes:
+        raise ValueError(f"class_names {list(class_names)} has {len(class_names)} names for {num_classes} classes.")
     if isinstance(PRESETS.get(preset), CNNPreset):  # the same offline demo network as the FPT preset
         from fpt_monai.pretrained import create_demo_baseline
 
-        return create_demo_baseline(
-            method, num_classes, pretrained, **({"img_size": img_size} if img_size else {}), **kwargs
-        )
+        size = {"img_size": img_size} if img_size else {}
+        return create_demo_baseline(method, num_classes, pretrained, class_names=class_names, **size, **kwargs)
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}.")
     config = PRESETS[preset]
     model = create_timm_vit(config.model_name, img_size=img_size or config.img_size, pretrained=pretrained)
-    return ViTBaseline(model, method, num_classes, **kwargs)
+    return bind_class_names(ViTBaseline(model, method, num_classes, **kwargs), class_names)

@@ -32,6 +32,7 @@ from monai.utils import ensure_tuple_rep
 
 from fpt_monai.networks.backbones import BackboneShape, FrozenBackbone, TimmViTBackbone
 from fpt_monai.networks.fusion import FUSION_VARIANTS, FineGrainedFusion, FineGrainedPrompts
+from fpt_monai.networks.labels import bind_class_names, class_names_of
 from fpt_monai.networks.side import SideViT
 
 __all__ = [
@@ -100,6 +101,9 @@ class FPTNet(nn.Module):
             them, which is faster and costs more memory (at batch 16 with ViT-B/16 shapes, measured on a 2-core
             CPU: see the ``step`` benchmark in ``benchmarks/README.md``). Also settable later through
             ``net.side.recompute``.
+        class_names: the names of the classes in output order, bound to the network
+            (:func:`~fpt_monai.networks.labels.bind_class_names`): saved in its state dict and exports, and
+            checked against a checkpoint's when one is loaded. ``None``: taken from the first checkpoint loaded.
 
     Example::
 
@@ -120,6 +124,7 @@ class FPTNet(nn.Module):
         side_drop_path_rate: float = 0.0,
         side_only: bool = False,
         recompute: bool = True,
+        class_names: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         if isinstance(backbone, FrozenBackbone):
@@ -134,6 +139,8 @@ class FPTNet(nn.Module):
             raise ValueError(f"variant must be one of {FUSION_VARIANTS}, got {variant!r}.")
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"class_names {list(class_names)} has {len(class_names)} names for {num_classes} classes.")
         if reduction < 1 or shape.embed_dim % reduction:
             raise ValueError(f"reduction {reduction} must divide the backbone width {shape.embed_dim}.")
         side_dim = shape.embed_dim // reduction
@@ -175,6 +182,7 @@ class FPTNet(nn.Module):
         self.allow_missing_backbone_digest = False
         self.register_state_dict_post_hook(_reference_frozen_backbone)
         self.register_load_state_dict_pre_hook(_check_and_keep_frozen_backbone)
+        bind_class_names(self, class_names)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters that learn (side network, fusion, prompts): what the optimizer should get."""
@@ -234,6 +242,10 @@ class FPTNet(nn.Module):
         the fusion's memory-saving autograd function) runs in training alone; so a trace in eval mode is the
         same graph scripting would compile, for any batch size. ``torch.export.export(network, (images,))`` needs
         none of this and is the forward-looking export (TorchScript is deprecated).
+
+        A trace keeps no Python shape check, so :class:`TracedNetwork` holds the input-shape check the eager
+        network makes (other image sizes are refused, not turned into plausible logits), and the class names as
+        the attribute ``class_names`` (``torch.jit.load(path).class_names``).
         """
         if self.backbone is None:
             raise RuntimeError("an FPTNet built from a BackboneShape has no backbone to export; build it with one.")
@@ -247,7 +259,7 @@ class FPTNet(nn.Module):
                 traced = torch.jit.trace(self, example, check_trace=False)
         finally:
             self.train(training)
-        return TracedNetwork(traced)
+        return TracedNetwork(traced, (self.shape.in_channels, *self.shape.img_size), class_names_of(self) or [])
 
     def parameter_counts(self) -> dict[str, int]:
         """Parameter counts: side network, fusion (prompts included), learnable total, frozen backbone."""
@@ -258,13 +270,32 @@ class FPTNet(nn.Module):
 
 
 class TracedNetwork(nn.Module):
-    """A traced module behind a scriptable ``forward(images)``: what scripting an :class:`FPTNet` compiles."""
+    """A traced module behind a scriptable ``forward(images)``: what scripting an :class:`FPTNet` compiles.
 
-    def __init__(self, traced: torch.jit.ScriptModule) -> None:
+    ``forward`` refuses images whose shape is not (B, *input_shape), as the eager network's backbone does: a trace
+    drops Python shape checks, and the traced graph would otherwise return plausible logits for other image
+    sizes (a CNN backbone runs on any size). ``class_names`` (in output order) and ``input_shape`` are kept as
+    TorchScript attributes of the saved module.
+    """
+
+    # real types, not strings (this module's annotations are postponed): TorchScript reads them for the attributes
+    __annotations__ = {"class_names": list[str], "input_shape": list[int]}
+
+    def __init__(self, traced: torch.jit.ScriptModule, input_shape: Sequence[int], class_names: Sequence[str]) -> None:
         super().__init__()
         self.traced = traced
+        self.input_shape = [int(s) for s in input_shape]
+        self.class_names = [str(c) for c in class_names]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dim() != len(self.input_shape) + 1 or list(images.shape[1:]) != self.input_shape:
+            raise ValueError(
+                "the network expects images of shape (B, "
+                + ", ".join([str(s) for s in self.input_shape])
+                + "), got "
+                + str(images.shape)
+                + "; resize the images to the size it was built for."
+            )
         return self.traced(images)
 
 
@@ -501,6 +532,7 @@ def create_fpt(
     fusion_dropout: float = 0.5,
     side_only: bool = False,
     recompute: bool = True,
+    class_names: Sequence[str] | None = None,
     **overrides,
 ) -> FPTNet:
     """Build an :class:`FPTNet` from a named preset.
@@ -518,6 +550,7 @@ def create_fpt(
         side_only: the ablation without the high-resolution branch (see :class:`FPTNet`).
         recompute: recompute the side ViT's activations in backward (less memory) or keep them (faster); see
             :class:`FPTNet`.
+        class_names: the class names in output order, bound to the network (see :class:`FPTNet`).
         **overrides: any :class:`FPTPreset` field (``img_size``, ``side_img_size``, ``token_ratio``,
             ``blocks``, ``num_prompts``, ``reduction``, ``model_name``; for the 3D presets also any
             :class:`MonaiViTPreset` field: ``patch_size``, ``hidden_size``, ``num_layers``, ``mean``, ...).
@@ -534,4 +567,5 @@ def create_fpt(
         fusion_dropout=fusion_dropout,
         side_only=side_only,
         recompute=recompute,
+        class_names=class_names,
     )

@@ -390,6 +390,7 @@ def create_demo_baseline(
     pretrained: bool | str | os.PathLike = True,
     img_size: int = DEMO_SETTINGS["img_size"],
     sha256: str | bool | None = True,
+    class_names: Sequence[str] | None = None,
     **kwargs,
 ):
     """A baseline on the demo network, for comparing FPT with the usual methods offline.
@@ -410,18 +411,24 @@ def create_demo_baseline(
         img_size: input resolution.
         sha256: expected hash of the weights file; ``True``: the one recorded when it was built; ``None`` skips
             the check.
+        class_names: the class names in output order, bound to the network
+            (:func:`~fpt_monai.networks.labels.bind_class_names`).
         **kwargs: method settings of :class:`~fpt_monai.networks.baselines.CNNBaseline` (``lora_rank``,
             ``lora_alpha``, ``adapter_bottleneck``, ``adapter_scale``).
     """
     from fpt_monai.networks.baselines import CNNBaseline, check_cnn_method
+    from fpt_monai.networks.labels import bind_class_names
 
     check_cnn_method(method)  # before any weights are read
+    if class_names is not None and len(class_names) != num_classes:
+        raise ValueError(f"class_names {list(class_names)} has {len(class_names)} names for {num_classes} classes.")
     model = _timm_model()
     if pretrained is not False:
         state = load_demo_weights(None if pretrained is True else pretrained, sha256=sha256)
         model.load_state_dict({k: v for k, v in state.items() if not k.startswith("adapter.")}, strict=True)
     else:
         logger.warning("create_demo_baseline(pretrained=False): RANDOM CNN weights; use only for tests.")
-    return CNNBaseline(
+    network = CNNBaseline(
         model, method, num_classes, img_size=img_size, mean=DEMO_SETTINGS["mean"], std=DEMO_SETTINGS["std"], **kwargs
     )
+    return bind_class_names(network, class_names)

@@ -435,6 +435,31 @@ def test_inference_refuses_a_checkpoint_of_another_class_count(trained, tmp_path
     assert "model.pt does not fit this network" in str(root_cause(error.value))
 
 
+def test_monai_bundle_run_inference_refuses_reordered_class_names_and_maps_them_on_request(trained, tmp_path):
+    root, override = trained
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "model.pt").write_bytes((root / "models" / "model.pt").read_bytes())
+    reordered = [SAMPLE_CLASSES[1], SAMPLE_CLASSES[0], *SAMPLE_CLASSES[2:]]
+    options = infer_override(tmp_path, override["pretrained"], input_dir=root / "data" / "test")
+
+    def run(**extra):
+        command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(config_files("inference")[0])]
+        for key, value in {**options, "class_names": json.dumps(reordered), **extra}.items():
+            command += [f"--{key}", str(value)]
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+        return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+
+    refused = run()
+    assert refused.returncode != 0 and not (tmp_path / "eval" / "inference" / "predictions.csv").exists()
+    message = [line for line in refused.stderr.splitlines() if "ClassNamesMismatchError: " in line][-1]
+    assert str(list(SAMPLE_CLASSES)) in message and str(reordered) in message
+    mapped = run(class_mapping="by_name")
+    assert mapped.returncode == 0, mapped.stderr[-3000:]
+    with open(tmp_path / "eval" / "inference" / "predictions.csv") as f:
+        columns = [k for k in next(csv.DictReader(f)) if k.startswith("probability_")]
+    assert columns == [f"probability_{c}" for c in reordered]
+
+
 def test_inference_on_a_folder_without_images_names_the_folder(trained, tmp_path):
     root, override = trained
     empty = tmp_path / "empty"

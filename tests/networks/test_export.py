@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fpt_monai.networks import create_fpt
+from fpt_monai.networks import class_names_of, create_fpt
 
 CASES = [("fpt_tiny", 64, 32), ("fpt_plus_tiny", 64, 32), ("fpt_3d_tiny", 32, 16)]
 
@@ -46,3 +46,40 @@ def test_scripting_keeps_the_training_mode(network):
     network.train()
     torch.jit.script(network)
     assert network.training and network.side.training
+
+
+
+NAMES = ["normal", "benign", "malignant"]
+GUARD_CASES = [("fpt_tiny", 64, 32), ("fpt_demo", 64, 32)]  # a ViT and the demo CNN (which runs on any size)
+
+
+def named(preset, img_size, side_img_size):
+    torch.manual_seed(0)
+    net = create_fpt(
+        preset, num_classes=3, pretrained=False, img_size=img_size, side_img_size=side_img_size, class_names=NAMES
+    )
+    return net.eval()
+
+
+@pytest.mark.parametrize("case", GUARD_CASES, ids=[c[0] for c in GUARD_CASES])
+def test_torchscript_carries_the_class_names_and_refuses_another_image_size(case, random_weights_quiet, tmp_path):
+    network = named(*case)
+    torch.jit.save(torch.jit.script(network), str(tmp_path / "model.ts"))
+    loaded = torch.jit.load(str(tmp_path / "model.ts"))
+    assert loaded.class_names == NAMES and class_names_of(loaded) == NAMES
+    assert loaded(images(network, 2)).shape == (2, 3)
+    for size in (48, 80):
+        with pytest.raises(torch.jit.Error, match=r"expects images of shape \(B, 3, 64, 64\)"):
+            loaded(torch.rand(2, 3, size, size))
+
+
+def test_torch_export_carries_the_class_names_and_refuses_another_image_size(random_weights_quiet, tmp_path):
+    network = named("fpt_demo", 64, 32)  # the CNN, which would run on any size; exporting a ViT too adds 15 s
+    batch = torch.export.Dim("batch", min=1, max=256)
+    program = torch.export.export(network, (images(network, 2),), dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(tmp_path / "model.pt2"))
+    loaded = torch.export.load(str(tmp_path / "model.pt2"))
+    assert class_names_of(loaded) == NAMES
+    for size in (48, 80):
+        with pytest.raises(Exception, match="64"):
+            loaded.module()(torch.rand(2, 3, size, size))
