@@ -21,7 +21,7 @@ from monai.engines import IterationEvents
 from monai.utils import CommonKeys
 
 from fpt_monai.engine.metrics import classification_output
-from fpt_monai.utils import atomic_write
+from fpt_monai.utils import atomic_write, escape_path
 
 __all__ = ["GradientNormClipping", "ProgressBarHandler", "write_training_scalars", "ClassificationReport"]
 
@@ -112,7 +112,7 @@ class ClassificationReport:
     """Write what an evaluation or inference run saw, image by image, when it completes.
 
     Files in ``output_dir``: ``predictions.csv`` (filename, label when known, predicted class, one probability
-    per class); with labels, ``confusion_matrix.csv`` (rows: true class, columns: predicted) and
+    per class; a file name that is not valid UTF-8 is written escaped, see :func:`~fpt_monai.utils.escape_path`); with labels, ``confusion_matrix.csv`` (rows: true class, columns: predicted) and
     ``metrics.json`` (every scalar metric of the engine, the confusion matrix, class names, image count, and
     ``extra`` such as the checkpoint evaluated). Files are written to a temporary name and renamed, so a
     crash never leaves a half-written report. Only rank 0 writes; per-image rows are gathered from all ranks.
@@ -189,9 +189,11 @@ class ClassificationReport:
                     f"the network gives {len(row['probabilities'])} scores for {n} classes {self.class_names}."
                 )
             predicted = max(range(n), key=lambda c: row["probabilities"][c])
-            line = [row["filename"]] + ([self.class_names[row["label"]]] if "label" in row else [])
+            line = [escape_path(row["filename"])] + ([self.class_names[row["label"]]] if "label" in row else [])
             table.append(line + [self.class_names[predicted]] + [f"{p:.6f}" for p in row["probabilities"]])
-        with atomic_write(self.output_dir / "predictions.csv", "w", what="report", fsync=True, newline="") as f:
+        with atomic_write(
+            self.output_dir / "predictions.csv", "w", what="report", fsync=True, newline="", encoding="utf-8"
+        ) as f:
             _write_csv(f, header, table)
         if not rows or "label" not in rows[0]:
             logger.info("predictions for %d images written to %s", len(rows), self.output_dir / "predictions.csv")
