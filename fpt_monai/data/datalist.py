@@ -110,8 +110,9 @@ def _search(root: Path) -> tuple[list[Path], list[dict]]:
     return sorted(found), sorted(not_read, key=lambda entry: Path(entry["image"]))
 
 
-def _not_read_summary(not_read: Sequence[dict], shown: int = 20) -> str:
-    """The files not read, one per line with the reason (the first ``shown``)."""
+def not_read_lines(not_read: Sequence[dict], shown: int = 20) -> str:
+    """The files not read, one per line with the reason (the first ``shown``; paths escaped, see
+    :func:`~fpt_monai.utils.escape_path`), for messages and the log."""
     lines = [f"  {escape_path(entry['image'])}: {escape_path(entry['reason'])}" for entry in not_read[:shown]]
     if len(not_read) > shown:
         lines.append(f"  ... and {len(not_read) - shown} more")
@@ -295,7 +296,7 @@ def image_datalist(source: str | os.PathLike | list) -> list[dict]:
         if root.is_dir():
             found, not_read = _search(root.absolute())
             if not found:
-                listed = f":\n{_not_read_summary(not_read)}" if not_read else " (it is empty)"
+                listed = f":\n{not_read_lines(not_read)}" if not_read else " (it is empty)"
                 raise ValueError(
                     f"no image files ({', '.join(IMAGE_SUFFIXES)}, or DICOM/PNG/JPEG/TIFF of any name) in "
                     f"{escape_path(root)}{listed}"

@@ -104,7 +104,12 @@ def _is_dicom_head(head: bytes) -> bool:
 
 
 #: Leading bytes of the formats read whatever a file's name, besides DICOM (see :func:`sniff_format`).
-_READ_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
+_READ_SIGNATURES = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+)
 #: Leading bytes of common files that are not read, so that reports can say what they are.
 _OTHER_SIGNATURES = (
     (b"GIF87a", "GIF image"),

@@ -50,6 +50,7 @@ from typing import Any
 
 import numpy as np
 
+from fpt_monai.data.datalist import not_read_lines
 from fpt_monai.data.readers import ImageReadError, RGBImageReader, image_size
 from fpt_monai.utils import atomic_write, escape_path
 
@@ -62,8 +63,6 @@ BAD_ITEM_POLICIES = ("raise", "skip")
 #: A decoded image (values in [0, 1]) whose every channel spans less than this, one gray level of an 8-bit
 #: display, is (near) constant: it shows nothing to classify and is a bad item (checked with ``decode=True``).
 MIN_INTENSITY_SPREAD = 1 / 255
-#: How many files not read the log names (the report names all of them).
-_LOGGED_NOT_READ = 20
 
 
 class DatalistError(ValueError):
@@ -367,12 +366,8 @@ def _item_line(problem: dict) -> str:
 
 def _log_not_read(split: str, not_read: list[dict], where: str) -> None:
     """A warning naming the files a folder search did not read (the first ones; the report has all)."""
-    if not not_read:
-        return
-    lines = [f"  {escape_path(e['image'])}: {escape_path(e['reason'])}" for e in not_read[:_LOGGED_NOT_READ]]
-    if len(not_read) > _LOGGED_NOT_READ:
-        lines.append(f"  ... and {len(not_read) - _LOGGED_NOT_READ} more")
-    logger.warning("datalist '%s': %d files not read%s:\n%s", split, len(not_read), where, "\n".join(lines))
+    if not_read:
+        logger.warning("datalist '%s': %d files not read%s:\n%s", split, len(not_read), where, not_read_lines(not_read))
 
 
 def readable_datalist(

@@ -112,10 +112,11 @@ class ClassificationReport:
     """Write what an evaluation or inference run saw, image by image, when it completes.
 
     Files in ``output_dir``: ``predictions.csv`` (filename, label when known, predicted class, one probability
-    per class; a file name that is not valid UTF-8 is written escaped, see :func:`~fpt_monai.utils.escape_path`); with labels, ``confusion_matrix.csv`` (rows: true class, columns: predicted) and
+    per class); with labels, ``confusion_matrix.csv`` (rows: true class, columns: predicted) and
     ``metrics.json`` (every scalar metric of the engine, the confusion matrix, class names, image count, and
     ``extra`` such as the checkpoint evaluated). Files are written to a temporary name and renamed, so a
     crash never leaves a half-written report. Only rank 0 writes; per-image rows are gathered from all ranks.
+    File names are written as :func:`~fpt_monai.utils.escape_path` gives them (one not valid UTF-8: escaped).
 
     Args:
         output_dir: folder of the report (created); may be changed between runs (see ``evaluate_checkpoints``).
