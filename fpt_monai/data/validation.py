@@ -385,7 +385,8 @@ def readable_datalist(
     The image checks of training (:func:`validate_datalist`: missing files, broken links, damaged or unsupported
     files, images decoded with the pipeline's reader, images below ``min_size``) on unlabelled items
     (``{"image": path}``, e.g. from :func:`~fpt_monai.data.image_datalist`). Bad items are skipped; a run goes on
-    with the readable ones.
+    with the readable ones. The files a folder search did not take (``not_read`` of a
+    :class:`~fpt_monai.data.Datalist`: GIF, WebP, a DICOMDIR index, ...) are named in the report and the log too.
 
     Args:
         datalist: the items to classify.
