@@ -550,6 +550,9 @@ class RGBImageReader(ImageReader):
         self.volume_axis = int(volume_axis)
         self.dicom_window = dicom_window
         self.value_range = tuple(float(v) for v in value_range) if value_range is not None else None
+        # the rule of dicom_window="auto" for narrow-range files: an attribute, so that it enters a preloading
+        # cache's fingerprint (a cache filled under another rule is not reused)
+        self.narrow_dicom_range = NARROW_DICOM_RANGE
 
     def verify_suffix(self, filename: Sequence[str | os.PathLike] | str | os.PathLike) -> bool:
         """One file with a 2D image suffix, or a DICOM, PNG, JPEG or TIFF file of any name (by its content)."""

@@ -270,3 +270,10 @@ def test_a_constant_image_is_reported_not_classified(tmp_path):
     with pytest.raises(DatalistError, match=r"flat.png\): image is \(nearly\) constant"):
         validate_datalist([{"image": str(flat), "label": 0}, {"image": str(good), "label": 0}], ["a"])
     assert readable_datalist(items, decode=False) == items  # headers only: no pixels to judge
+
+
+def test_the_narrow_range_rule_enters_the_cache_fingerprint():
+    from fpt_monai.data import LoadImageRGBd
+    from fpt_monai.preload.fingerprint import describe
+
+    assert '"narrow_dicom_range": 0.125' in json.dumps(describe(LoadImageRGBd("image")))
