@@ -1,10 +1,11 @@
-"""Helpers the whole package shares: atomic file writes, SHA-256 digests of tensors and of weights, and whether a
-network is being traced or exported."""
+"""Helpers the whole package shares: atomic file writes, SHA-256 digests of tensors and of weights, whether a
+network is being traced or exported, and the escaped form in which file paths are written to reports."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -14,7 +15,7 @@ from typing import IO
 import torch
 import torch.nn as nn
 
-__all__ = ["atomic_write", "exporting", "state_dict_sha256", "weights_digest"]
+__all__ = ["atomic_write", "escape_path", "exporting", "state_dict_sha256", "unescape_path", "weights_digest"]
 
 
 def exporting() -> bool:
@@ -86,3 +87,58 @@ def weights_digest(module: nn.Module) -> str:
     if callable(getattr(module, "weights_digest", None)):
         return module.weights_digest()
     return state_dict_sha256(module.state_dict())
+
+
+#: A backslash, ``x`` and a byte 0x80-0xff in hexadecimal: what marks an escaped path (see :func:`escape_path`).
+_ESCAPED = re.compile(r"\\x[89a-f][0-9a-f]", re.IGNORECASE)
+_ESCAPE_SEQUENCE = re.compile(rb"\\(\\|x[0-9a-fA-F]{2})")
+
+
+def escape_path(path: str | os.PathLike | bytes) -> str:
+    """A file path as text that any UTF-8 file, log or table can hold, from which its bytes can be recovered.
+
+    On Linux a file name is any sequence of bytes; Python hands out a name that is not valid UTF-8 (from an old
+    Windows share, a Latin-1 archive) with each bad byte as a surrogate escape (``os.fsdecode(b"caf\\xe9.png")``),
+    which no UTF-8 file can hold. The reports (``predictions.csv``, the data check reports) and the log write
+    every path through this function:
+
+    - a valid UTF-8 path is written exactly as it is (``Müller.png`` stays ``Müller.png``);
+    - a path that is not valid UTF-8 is written with every backslash doubled and every byte that is not part of
+      valid UTF-8 as ``\\xNN`` (two lower-case hexadecimal digits; such a byte is 0x80 or above):
+      ``caf\\xe9.png``. A valid path that itself contains a backslash followed by ``x`` and such a byte is
+      written the same way (backslashes doubled), so that it cannot be taken for an escaped one.
+
+    A text holds an escaped path exactly when it contains ``\\x80``-``\\xff``; :func:`unescape_path` gives back the
+    bytes (``os.fsdecode`` of them is the path Python opens).
+    """
+    raw = os.fspath(path)
+    if isinstance(raw, str):
+        try:
+            raw = raw.encode("utf-8")
+        except UnicodeEncodeError:
+            try:
+                raw = os.fsencode(raw)  # surrogate escapes -> the name's own bytes
+            except UnicodeEncodeError:  # other lone surrogates: their (invalid) UTF-8 bytes
+                raw = raw.encode("utf-8", "surrogatepass")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    else:
+        if not _ESCAPED.search(text):
+            return text
+    return raw.replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace")
+
+
+def unescape_path(text: str) -> bytes:
+    """The bytes of a path written by :func:`escape_path` (``os.fsdecode(unescape_path(text))`` opens the file).
+
+    A text without ``\\x80``-``\\xff`` is a path as it is (its UTF-8 bytes); in an escaped one ``\\\\`` is a
+    backslash and ``\\xNN`` the byte NN.
+    """
+    raw = text.encode("utf-8", "surrogateescape")
+    if not _ESCAPED.search(text):
+        return raw
+    return _ESCAPE_SEQUENCE.sub(
+        lambda match: b"\\" if match.group(1) == b"\\" else bytes([int(match.group(1)[1:], 16)]), raw
+    )

@@ -2,6 +2,8 @@
 
 from fpt_monai.data.datalist import (
     IMAGE_SUFFIXES,
+    SYSTEM_FILES,
+    Datalist,
     check_class_names,
     dataset_classes,
     folder_classes,
@@ -20,11 +22,18 @@ from fpt_monai.data.readers import (
     image_size,
     is_dicom_file,
     read_image,
+    sniff_format,
 )
 from fpt_monai.data.sample import SAMPLE_CLASSES, SampleFundusSpec, make_sample_dataset
 from fpt_monai.data.sample3d import SAMPLE_3D_CLASSES, SampleVolumeSpec, make_sample_dataset_3d
 from fpt_monai.data.transforms import SideSourced, SideViewd, load_and_normalize
-from fpt_monai.data.validation import BAD_ITEM_POLICIES, DatalistError, readable_datalist, validate_datalist
+from fpt_monai.data.validation import (
+    BAD_ITEM_POLICIES,
+    MIN_INTENSITY_SPREAD,
+    DatalistError,
+    readable_datalist,
+    validate_datalist,
+)
 from fpt_monai.data.volumes import (
     VOLUME_SUFFIXES,
     CheckVolumed,
@@ -40,17 +49,21 @@ from fpt_monai.data.volumes import (
 __all__ = [
     "BAD_ITEM_POLICIES",
     "DICOM_WINDOWS",
+    "Datalist",
     "DatalistError",
     "ImageReadError",
+    "MIN_INTENSITY_SPREAD",
     "LoadImageRGBd",
     "RGBImageReader",
     "image_format",
     "image_size",
     "is_dicom_file",
     "read_image",
+    "sniff_format",
     "readable_datalist",
     "validate_datalist",
     "IMAGE_SUFFIXES",
+    "SYSTEM_FILES",
     "SAMPLE_CLASSES",
     "SampleFundusSpec",
     "make_sample_dataset",

@@ -7,10 +7,13 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from fpt_monai.data.readers import IMAGE_SUFFIXES
+from fpt_monai.data.readers import CONTENT_FORMATS, IMAGE_SUFFIXES, sniff_format
+from fpt_monai.utils import escape_path
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "SYSTEM_FILES",
+    "Datalist",
     "dataset_classes",
     "folder_classes",
     "folder_datalist",
@@ -19,11 +22,101 @@ __all__ = [
     "make_datalist",
 ]
 
+#: Files that operating systems and viewers leave in folders (never data): not read, and named as such.
+SYSTEM_FILES = ("thumbs.db", "ehthumbs.db", "desktop.ini")
 
-def _is_image(path: Path) -> bool:
-    """An image file by its suffix; a broken symbolic link too, so that the data check names it."""
-    name = path.name.lower()
-    return (path.is_file() or path.is_symlink()) and not name.startswith(".") and name.endswith(IMAGE_SUFFIXES)
+
+class Datalist(list):
+    """Datalist items (a ``list``) that also carry the files a folder search did not take: ``not_read``, a list of
+    ``{"image": path, "reason": why}``.
+
+    :func:`~fpt_monai.data.validate_datalist` and :func:`~fpt_monai.data.readable_datalist` put them in their
+    report and count them in the log, so that no file of a folder is left out without being named.
+    """
+
+    def __init__(self, items: Sequence = (), not_read: Sequence[dict] = ()) -> None:
+        super().__init__(items)
+        self.not_read = list(not_read)
+
+
+def _not_read(path: Path) -> str | None:
+    """Why a file found in a folder is not read as an image, or ``None`` when it is.
+
+    A file with an image suffix is read without being opened here (the data check decodes it and names it when it
+    is damaged, and names a broken link); any other file by at most its first 132 bytes: DICOM (PACS exports name
+    files ``IM000001`` or by their UID), PNG, JPEG or TIFF whatever its name. Hidden files (``.*``), system files
+    (:data:`SYSTEM_FILES`) and a ``DICOMDIR`` index are not read.
+    """
+    name = path.name
+    if name.startswith("."):
+        return "hidden file"
+    if name.lower() in SYSTEM_FILES:
+        return "system file (not data)"
+    if name.upper() == "DICOMDIR":
+        return "DICOMDIR index of a DICOM folder tree (no image; the image files it lists are read themselves)"
+    if name.lower().endswith(IMAGE_SUFFIXES):
+        return None
+    if path.is_symlink() and not path.exists():
+        return f"broken symbolic link: its target {os.readlink(path)} does not exist"
+    if not path.is_file():
+        return "not a regular file"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError as err:
+        return f"cannot be opened to tell its format ({err.strerror or err})"
+    kind = sniff_format(head)
+    if kind in CONTENT_FORMATS:
+        return None
+    if not head:
+        return "empty file (0 bytes)"
+    if kind is not None:
+        return f"{kind}: not a format that is read (convert it to PNG)"
+    suffix = f"its suffix {path.suffix!r}" if path.suffix else "no suffix"
+    return (
+        f"not an image ({suffix}, and its first bytes are not those of DICOM, PNG, JPEG or TIFF; "
+        f"read: {', '.join(IMAGE_SUFFIXES)} files and DICOM/PNG/JPEG/TIFF of any name)"
+    )
+
+
+def _search(root: Path) -> tuple[list[Path], list[dict]]:
+    """The image files under ``root`` (searched recursively, sorted) and every other entry with why it is not read.
+
+    Hidden folders (``.*``) and symbolic links to folders are not searched, and are named so.
+    """
+    found: list[Path] = []
+    not_read: list[dict] = []
+
+    def unsearchable(err: OSError) -> None:
+        not_read.append({"image": str(err.filename), "reason": f"folder cannot be searched ({err.strerror or err})"})
+
+    for folder, subfolders, files in os.walk(root, onerror=unsearchable):
+        base = Path(folder)
+        searched = []
+        for name in subfolders:
+            if name.startswith("."):
+                not_read.append({"image": str(base / name), "reason": "hidden folder (not searched)"})
+            elif (base / name).is_symlink():
+                not_read.append({"image": str(base / name), "reason": "symbolic link to a folder (not searched)"})
+            else:
+                searched.append(name)
+        subfolders[:] = sorted(searched)
+        for name in files:
+            reason = _not_read(base / name)
+            if reason is None:
+                found.append(base / name)
+            else:
+                not_read.append({"image": str(base / name), "reason": reason})
+    return sorted(found), sorted(not_read, key=lambda entry: Path(entry["image"]))
+
+
+def not_read_lines(not_read: Sequence[dict], shown: int = 20) -> str:
+    """The files not read, one per line with the reason (the first ``shown``; paths escaped, see
+    :func:`~fpt_monai.utils.escape_path`), for messages and the log."""
+    lines = [f"  {escape_path(entry['image'])}: {escape_path(entry['reason'])}" for entry in not_read[:shown]]
+    if len(not_read) > shown:
+        lines.append(f"  ... and {len(not_read) - shown} more")
+    return "\n".join(lines)
 
 
 def folder_classes(dataset_dir: str | os.PathLike, split: str = "train") -> list[str]:
@@ -41,16 +134,22 @@ def folder_datalist(
     dataset_dir: str | os.PathLike,
     split: str,
     classes: list[str] | None = None,
-    is_item: Callable[[Path], bool] = _is_image,
+    is_item: Callable[[Path], bool] | None = None,
     items_name: str = "images",
 ) -> list[dict]:
     """``[{"image": path, "label": index}]`` from ``dataset_dir/split/<class>/<image files>``.
+
+    By default each class folder is searched recursively (PACS exports nest ``patient/study/series/IM000001``) and
+    files are taken by their name or content (see :func:`image_datalist`); the result is a :class:`Datalist` whose
+    ``not_read`` names every other file (in a class folder, or beside the class folders) with why, for the data
+    check's report.
 
     Args:
         dataset_dir: root holding ``train/``, ``val/``, ``test/``.
         split: the sub-folder to list.
         classes: class names in label order; by default those of ``train/`` (so every split shares labels).
-        is_item: which entries of a class folder are listed (image files by default; volumes for 3D).
+        is_item: which entries of a class folder are listed (not searched recursively; e.g. volumes for 3D);
+            ``None``: image files, searched as described above.
         items_name: what those entries are called in error messages.
     """
     classes = classes if classes is not None else folder_classes(dataset_dir, "train")
@@ -62,13 +161,27 @@ def folder_datalist(
     )
     if unknown:
         raise ValueError(f"{root} has class folders {unknown} that train/ does not have ({classes}).")
-    return [
-        {"image": str(path), "label": label}
-        for label, name in enumerate(classes)
-        if (root / name).is_dir()
-        for path in sorted((root / name).iterdir())
-        if is_item(path)
-    ]
+    if is_item is not None:
+        return [
+            {"image": str(path), "label": label}
+            for label, name in enumerate(classes)
+            if (root / name).is_dir()
+            for path in sorted((root / name).iterdir())
+            if is_item(path)
+        ]
+    items, not_read = [], []
+    for entry in sorted(root.iterdir()):
+        if entry.name.startswith(".") and entry.is_dir():
+            not_read.append({"image": str(entry), "reason": "hidden folder (not searched)"})
+        elif not entry.is_dir():
+            reason = _not_read(entry) or "an image beside the class folders, in none of them (no label)"
+            not_read.append({"image": str(entry), "reason": reason})
+    for label, name in enumerate(classes):
+        if (root / name).is_dir():
+            found, skipped = _search(root / name)
+            items += [{"image": str(path), "label": label} for path in found]
+            not_read += skipped
+    return Datalist(items, not_read)
 
 
 def _read_json_datalist(path: Path) -> dict:
@@ -165,19 +278,30 @@ def dataset_classes(dataset_dir: str | os.PathLike) -> list[str]:
 def image_datalist(source: str | os.PathLike | list) -> list[dict]:
     """``[{"image": path}]`` of the images to classify: a folder (searched recursively), one file, or a list.
 
+    In a folder, a file is an image by its suffix (``IMAGE_SUFFIXES``) or, whatever its name, by its first 132
+    bytes: DICOM (PACS exports and DICOMDIR trees name files ``IM000001`` or by their UID), PNG, JPEG or TIFF.
+    Every other file is left out with its reason in the result's ``not_read`` (a :class:`Datalist`), which
+    :func:`~fpt_monai.data.readable_datalist` writes to its report and counts in the log: GIF, WebP and other
+    formats, files that cannot be opened, a ``DICOMDIR`` index, hidden files and folders (``.*``, not searched),
+    system files (:data:`SYSTEM_FILES`), symbolic links to folders (not searched). Broken symbolic links with an
+    image suffix are listed, for the check to name. A file or list given explicitly is listed whatever its name.
+
     Raises ``FileNotFoundError`` naming the path when a given file or folder does not exist, and ``ValueError``
-    when a folder holds no image. Broken symbolic links found in a folder are listed, for
-    :func:`~fpt_monai.data.readable_datalist` to name.
+    naming the folder and every file in it with its reason when a folder holds no image.
     """
     if isinstance(source, (list, tuple)):
         paths = [Path(p) for p in source]
     else:
         root = Path(source)
         if root.is_dir():
-            paths = sorted(p for p in root.rglob("*") if _is_image(p))
-            if not paths:
-                raise ValueError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {root}.")
-            return [{"image": str(p.absolute())} for p in paths]
+            found, not_read = _search(root.absolute())
+            if not found:
+                listed = f":\n{not_read_lines(not_read)}" if not_read else " (it is empty)"
+                raise ValueError(
+                    f"no image files ({', '.join(IMAGE_SUFFIXES)}, or DICOM/PNG/JPEG/TIFF of any name) in "
+                    f"{escape_path(root)}{listed}"
+                )
+            return Datalist([{"image": str(p)} for p in found], not_read)
         paths = [root]
     missing = [str(p) for p in paths if not p.exists()]
     if missing:

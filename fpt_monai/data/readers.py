@@ -16,10 +16,12 @@ DICOM                       the modality LUT first (Rescale Slope/Intercept, e.g
                             LUT Sequence), then ``dicom_window``: ``"auto"`` (default) applies the file's first VOI
                             window (Window Center/Width, with its LINEAR/LINEAR_EXACT/SIGMOID function) when there is
                             one and otherwise maps the range the stored bits can hold (Bits Stored, signedness, after
-                            rescaling) to [0, 1]; ``"stored"`` always uses that range; ``"minmax"`` each image's own
-                            range. MONOCHROME1 images are inverted afterwards, so that bright means high signal for
-                            every file. Colour DICOMs (RGB, YBR) are converted to RGB and scaled by their bits stored;
-                            PALETTE COLOR through its lookup table.
+                            rescaling) to [0, 1], unless the image's values span less than ``NARROW_DICOM_RANGE``
+                            (1/8) of that range: then their own min-max, as viewers show such files (12-bit stored,
+                            values 1000-1100: a flat gray otherwise); ``"stored"`` always uses the stored range;
+                            ``"minmax"`` each image's own range. MONOCHROME1 images are inverted afterwards, so that
+                            bright means high signal for every file. Colour DICOMs (RGB, YBR) are converted to RGB
+                            and scaled by their bits stored; PALETTE COLOR through its lookup table.
 NIfTI                       the header's scl_slope/scl_inter applied (nibabel), then each 2D image's own min-max.
 ==========================  =========================================================================================
 
@@ -37,6 +39,10 @@ JPEG 2000 through Pillow) and otherwise by ITK's GDCM: JPEG Lossless (process 14
 and files without a File Meta header (no transfer syntax). Both give the same stored values, so the scaling
 above is the same whichever decoded the file.
 
+Which files are images: a file with one of the suffixes ``IMAGE_SUFFIXES``, or a DICOM, PNG, JPEG or TIFF file
+of any name, recognised by its first 132 bytes (:func:`sniff_format`; PACS exports name DICOM files ``IM000001``
+or by their UID). GIF, WebP and other formats are not read; :func:`sniff_format` names them for the reports.
+
 Known limits: 16-bit-per-channel colour PNG/TIFF are reduced to 8 bits by Pillow; 12-bit JPEG files (outside
 DICOM) are not supported by Pillow; transfer syntaxes neither pydicom nor GDCM decode (e.g. High-Throughput
 JPEG 2000 without ``pylibjpeg-openjpeg``) are refused with a message that names them.
@@ -45,9 +51,11 @@ JPEG 2000 without ``pylibjpeg-openjpeg``) are refused with a message that names 
 from __future__ import annotations
 
 import os
+import tempfile
 import threading
 import warnings
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -57,8 +65,10 @@ from monai.transforms import LoadImaged
 from monai.utils import ensure_tuple
 
 __all__ = [
+    "CONTENT_FORMATS",
     "DICOM_WINDOWS",
     "IMAGE_SUFFIXES",
+    "NARROW_DICOM_RANGE",
     "ImageReadError",
     "LoadImageRGBd",
     "RGBImageReader",
@@ -66,11 +76,15 @@ __all__ = [
     "image_size",
     "is_dicom_file",
     "read_image",
+    "sniff_format",
 ]
 
 #: Values of ``dicom_window``.
 DICOM_WINDOWS = ("auto", "stored", "minmax")
-#: File suffixes of 2D images (a DICOM file is also recognised without a suffix, by its ``DICM`` marker).
+#: ``dicom_window="auto"`` on a grayscale DICOM without VOI window: values that span less than this fraction of the
+#: range the stored bits can hold are mapped by their own min-max (under the stored range they would look flat).
+NARROW_DICOM_RANGE = 1 / 8
+#: File suffixes of 2D images (files of other names are read by their content, see :func:`sniff_format`).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".nii", ".nii.gz")
 _PROJECTIONS = ("middle", "max", "mean")
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -90,6 +104,53 @@ def _is_dicom_head(head: bytes) -> bool:
     return head[128:132] == b"DICM" or head[:2] in (b"\x02\x00", b"\x08\x00", b"\x00\x08")
 
 
+#: Leading bytes of the formats read whatever a file's name, besides DICOM (see :func:`sniff_format`).
+_READ_SIGNATURES = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+)
+#: Leading bytes of common files that are not read, so that reports can say what they are.
+_OTHER_SIGNATURES = (
+    (b"GIF87a", "GIF image"),
+    (b"GIF89a", "GIF image"),
+    (b"\xffO\xffQ", "JPEG 2000 codestream"),
+    (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "JPEG 2000 image"),
+    (b"\xff\x0a", "JPEG XL image"),
+    (b"%PDF", "PDF document"),
+    (b"PK\x03\x04", "ZIP archive (or an Office document)"),
+    (b"\x1f\x8b", "gzip-compressed file (a NIfTI file keeps its .nii.gz suffix)"),
+    (b"\xd0\xcf\x11\xe0", "Microsoft compound file (e.g. Thumbs.db, an old Office document)"),
+)
+#: Formats :func:`sniff_format` names that the reader reads.
+CONTENT_FORMATS = ("DICOM", "PNG", "JPEG", "TIFF")
+
+
+def sniff_format(head: bytes) -> str | None:
+    """The format a file's first bytes (up to 132: the DICOM preamble and marker) show, or ``None``.
+
+    ``"DICOM"``, ``"PNG"``, ``"JPEG"`` and ``"TIFF"`` (:data:`CONTENT_FORMATS`) are read whatever the file's name;
+    the other names (``"GIF image"``, ``"WebP image"``, ``"PDF document"``, ...) are formats that are not read,
+    given so that a report can say what a file is.
+    """
+    if head[128:132] == b"DICM":
+        return "DICOM"
+    for signature, name in _READ_SIGNATURES + _OTHER_SIGNATURES:
+        if head.startswith(signature):
+            return name
+    if head[:4] == b"RIFF" and head[8:12] in (b"WEBP", b"AVI "):
+        return "WebP image" if head[8:12] == b"WEBP" else "AVI video"
+    if head[4:8] == b"ftyp":  # ISO media: HEIF/AVIF photographs, MP4/QuickTime videos
+        brand = head[8:12]
+        if brand in (b"heic", b"heix", b"heim", b"heis", b"mif1", b"msf1"):
+            return "HEIF image"
+        return "AVIF image" if brand in (b"avif", b"avis") else "video or ISO media file"
+    if _is_dicom_head(head):
+        return "DICOM"
+    return None
+
+
 def is_dicom_file(path: str | os.PathLike) -> bool:
     """Whether ``path`` holds a DICOM file, whatever its name (see :func:`image_format`)."""
     try:
@@ -97,6 +158,15 @@ def is_dicom_file(path: str | os.PathLike) -> bool:
             return _is_dicom_head(f.read(132))
     except OSError:
         return False
+
+
+def _content_format(path: str | os.PathLike) -> str | None:
+    """:func:`sniff_format` of a file's first 132 bytes (``None`` when it cannot be opened)."""
+    try:
+        with open(path, "rb") as f:
+            return sniff_format(f.read(132))
+    except OSError:
+        return None
 
 
 def image_format(path: str | os.PathLike) -> str:
@@ -262,6 +332,23 @@ def _itk_error(err: Exception) -> str:
     return message.split("): ", 1)[-1] if message.startswith("ITK ERROR") else message
 
 
+@contextmanager
+def _utf8_path(path: Any) -> Iterator[str]:
+    """A name of ``path`` that ITK can open: ITK takes UTF-8 paths only, so a path that is not valid UTF-8 (see
+    :func:`~fpt_monai.utils.escape_path`) is opened through a symbolic link with a plain name in a temporary
+    folder."""
+    name = os.path.abspath(os.fspath(path))
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        with tempfile.TemporaryDirectory(prefix="fpt-monai-") as folder:
+            link = os.path.join(folder, "image")
+            os.symlink(name, link)
+            yield link
+        return
+    yield name
+
+
 def _itk_dicom_pixels(ds: Any, path: Any) -> np.ndarray:
     """The stored pixel values decoded by ITK's GDCM, laid out and typed as pydicom's ``pixel_array``.
 
@@ -272,9 +359,9 @@ def _itk_dicom_pixels(ds: Any, path: Any) -> np.ndarray:
     """
     import itk
 
-    with _ITK_LOCK:
+    with _ITK_LOCK, _utf8_path(path) as name:
         image_io = itk.GDCMImageIO.New()
-        pixels = np.asarray(itk.array_from_image(itk.imread(os.fspath(path), imageio=image_io)))
+        pixels = np.asarray(itk.array_from_image(itk.imread(name, imageio=image_io)))
         slope, intercept = float(image_io.GetRescaleSlope()), float(image_io.GetRescaleIntercept())
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     photometric = str(ds.get("PhotometricInterpretation", "")).upper()
@@ -345,6 +432,16 @@ def _read_dicom(
         raise ImageReadError(f"{path}: cannot interpret the DICOM pixel values ({type(err).__name__}: {err}).") from err
 
 
+def _narrow(values: np.ndarray, low: float, high: float) -> bool:
+    """Whether ``values`` span less than :data:`NARROW_DICOM_RANGE` of the stored range ``[low, high]`` (and more
+    than a single value: a constant image stays constant, for the data check to name)."""
+    finite = values[np.isfinite(values)]
+    if finite.size == 0 or not high > low:
+        return False
+    span = float(finite.max()) - float(finite.min())
+    return 0 < span < NARROW_DICOM_RANGE * (high - low)
+
+
 def _dicom_to_unit_rgb(
     ds: Any,
     pixels: np.ndarray,
@@ -378,6 +475,8 @@ def _dicom_to_unit_rgb(
         low, high = _dicom_stored_range(ds)
         if dicom_window == "auto" and "WindowCenter" in ds and "WindowWidth" in ds:
             values = apply_windowing(values.astype(np.float64), ds)  # into [low, high], per the VOI LUT function
+        elif dicom_window == "auto" and _narrow(values, low, high):
+            low, high = float(np.nanmin(values)), float(np.nanmax(values))  # min-max, as viewers show such files
         scaled = _scale(values, low, high)
     if photometric == "MONOCHROME1":  # low values are displayed bright: invert so bright means high everywhere
         scaled = 1.0 - scaled
@@ -452,13 +551,16 @@ class RGBImageReader(ImageReader):
         self.volume_axis = int(volume_axis)
         self.dicom_window = dicom_window
         self.value_range = tuple(float(v) for v in value_range) if value_range is not None else None
+        # the rule of dicom_window="auto" for narrow-range files: an attribute, so that it enters a preloading
+        # cache's fingerprint (a cache filled under another rule is not reused)
+        self.narrow_dicom_range = NARROW_DICOM_RANGE
 
     def verify_suffix(self, filename: Sequence[str | os.PathLike] | str | os.PathLike) -> bool:
-        """One file with a 2D image suffix, or a DICOM file of any name."""
+        """One file with a 2D image suffix, or a DICOM, PNG, JPEG or TIFF file of any name (by its content)."""
         names = ensure_tuple(filename)
         if len(names) != 1 or not isinstance(names[0], (str, os.PathLike)):
             return False
-        return str(names[0]).lower().endswith(IMAGE_SUFFIXES) or is_dicom_file(names[0])
+        return str(names[0]).lower().endswith(IMAGE_SUFFIXES) or _content_format(names[0]) in CONTENT_FORMATS
 
     def read(self, data: Sequence[str | os.PathLike] | str | os.PathLike, **kwargs: Any) -> np.ndarray:
         """The image of one file, ``float32`` ``(3, H, W)`` in [0, 1].
@@ -524,6 +626,8 @@ def image_size(path: str | os.PathLike, volume_axis: int = 2) -> tuple[int, int]
 
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+            if "Rows" not in ds or "Columns" not in ds:
+                raise ValueError("no Rows/Columns: a DICOM file without an image, e.g. a report, a plan or an index")
             return int(ds.Rows), int(ds.Columns)
         except Exception as err:
             raise ImageReadError(f"{path}: not a readable DICOM image header ({err}).") from err

@@ -8,7 +8,19 @@
   damaged, or smaller than ``min_size`` pixels on a side;
 - duplicate entries: the same file twice in the split, or also in another split given as ``disjoint_from``,
   whatever its name (another spelling, a symbolic link, or a hard link: files are compared by device and inode);
-- classes without any item, and an empty split.
+- classes without any item, and an empty split;
+- with ``decode=True``, images that decode to (nearly) constant pixels: every channel spans less than
+  :data:`MIN_INTENSITY_SPREAD` (one 8-bit gray level), so there is nothing to classify.
+
+Files that a folder search did not take as images (the ``not_read`` list of a
+:class:`~fpt_monai.data.Datalist` from :func:`~fpt_monai.data.folder_datalist` or
+:func:`~fpt_monai.data.image_datalist`: GIF, WebP and other formats, a DICOMDIR index, hidden and system files, ...)
+are not items; each is named with its reason in the report (``"not_read"``) and a warning, and counted in the
+log's summary line (``..., N kept, M files not read``).
+
+Paths in the report, the log and the error messages are written through :func:`~fpt_monai.utils.escape_path`:
+valid UTF-8 as they are, others in an escaped form from which :func:`~fpt_monai.utils.unescape_path` gives back the
+bytes.
 
 With ``on_error="raise"`` (default) it raises :class:`DatalistError`, whose message lists every bad item with
 its index, file and problem; with ``on_error="skip"`` it drops the bad items, logs a warning naming each of
@@ -36,15 +48,21 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from fpt_monai.data.readers import ImageReadError, RGBImageReader, image_size
-from fpt_monai.utils import atomic_write
+import numpy as np
 
-__all__ = ["BAD_ITEM_POLICIES", "DatalistError", "readable_datalist", "validate_datalist"]
+from fpt_monai.data.datalist import not_read_lines
+from fpt_monai.data.readers import ImageReadError, RGBImageReader, image_size
+from fpt_monai.utils import atomic_write, escape_path
+
+__all__ = ["BAD_ITEM_POLICIES", "MIN_INTENSITY_SPREAD", "DatalistError", "readable_datalist", "validate_datalist"]
 
 logger = logging.getLogger(__name__)
 
 #: Values of ``on_error``.
 BAD_ITEM_POLICIES = ("raise", "skip")
+#: A decoded image (values in [0, 1]) whose every channel spans less than this, one gray level of an 8-bit
+#: display, is (near) constant: it shows nothing to classify and is a bad item (checked with ``decode=True``).
+MIN_INTENSITY_SPREAD = 1 / 255
 
 
 class DatalistError(ValueError):
@@ -84,17 +102,33 @@ def _image_problem(path: str, min_size: int, decoder: RGBImageReader | None, vol
         return "file is not readable (permission denied)"
     if os.path.getsize(path) == 0:
         return "file is empty (0 bytes)"
+    spread = None
     try:
         height, width = image_size(path, volume_axis=volume_axis)
         if decoder is not None:
-            height, width = decoder.get_data(decoder.read(path))[0].shape[-2:]
+            image = np.asarray(decoder.get_data(decoder.read(path))[0])
+            height, width = image.shape[-2:]
+            spread = _intensity_spread(image)
     except ImageReadError as err:
         return f"unreadable image: {str(err).removeprefix(f'{path}: ')}"
     except Exception as err:  # a reader failing in an unforeseen way is still a bad file, named
         return f"unreadable image ({type(err).__name__}: {err})"
     if min(height, width) < min_size:
         return f"image is {height}x{width} pixels, smaller than the minimum {min_size} (min_size)"
+    if spread is not None and spread < MIN_INTENSITY_SPREAD:
+        return (
+            f"image is (nearly) constant: its intensities span {spread:.4f} of [0, 1] after reading, less than one "
+            "8-bit gray level; it shows nothing to classify (check the file, or the reader's dicom_window/value_range)"
+        )
     return None
+
+
+def _intensity_spread(image: np.ndarray) -> float:
+    """The largest max - min of the channels of a decoded ``(C, H, W)`` image (0 for a constant image)."""
+    if image.size == 0:
+        return 0.0
+    channels = image.reshape(image.shape[0], -1) if image.ndim == 3 else image.reshape(1, -1)
+    return float(np.nanmax(np.nanmax(channels, axis=1) - np.nanmin(channels, axis=1)))
 
 
 def _file_identity(path: str) -> tuple:
@@ -168,6 +202,8 @@ def validate_datalist(
             [{"split": split, "index": None, "image": None, "problem": "not a list"}],
         )
     labelled = classes is not None
+    # files a folder search left out (a Datalist's not_read): reported and counted, never dropped unnamed
+    not_read = list(getattr(datalist, "not_read", None) or [])
     classes = [str(c) for c in classes] if labelled else []
     if labelled and not classes:
         raise ValueError("classes must name at least one class.")
@@ -265,6 +301,7 @@ def validate_datalist(
         "items": len(datalist),
         "good": len(good),
         "bad": len(item_problems),
+        "files_not_read": len(not_read),
         "on_error": on_error,
         "settings": {
             "min_size": min_size,
@@ -273,14 +310,19 @@ def validate_datalist(
             "classes": classes if labelled else None,
         },
         "problems": all_problems,
+        "not_read": not_read,
         "seconds": round(seconds, 3),
     }
     if report_path is not None:
         _write_report(Path(report_path), report)
-    where = f" (report: {report_path})" if report_path is not None else ""
+    where = f" (report: {escape_path(report_path)})" if report_path is not None else ""
+    _log_not_read(split, not_read, where)
     if split_problems or (item_problems and on_error == "raise"):
-        lines = [f"  item {p['index']} ({p['image'] or 'no file'}): {p['problem']}" for p in item_problems]
+        lines = [_item_line(p) for p in item_problems]
         lines += [f"  {p}" for p in split_problems]
+        if not_read:
+            also = " and in the report" if report_path is not None else ""
+            lines.append(f"  ({len(not_read)} other files are not read: each named in the warning above{also})")
         header = f"datalist '{split}': {len(item_problems)} of {len(datalist)} items are bad"
         if split_problems:
             header += f", {len(split_problems)} problem(s) with the split as a whole"
@@ -303,10 +345,29 @@ def validate_datalist(
             len(item_problems),
             len(datalist),
             where,
-            "\n".join(f"  item {p['index']} ({p['image'] or 'no file'}): {p['problem']}" for p in item_problems),
+            "\n".join(_item_line(p) for p in item_problems),
         )
-    logger.info("datalist '%s': %d items checked in %.1f s, %d kept", split, len(datalist), seconds, len(good))
+    logger.info(
+        "datalist '%s': %d items checked in %.1f s, %d kept%s",
+        split,
+        len(datalist),
+        seconds,
+        len(good),
+        f", {len(not_read)} files not read{where}" if hasattr(datalist, "not_read") else "",
+    )
     return good
+
+
+def _item_line(problem: dict) -> str:
+    """One bad item for a message: index, file (escaped, see :func:`~fpt_monai.utils.escape_path`) and problem."""
+    image = escape_path(problem["image"]) if problem["image"] is not None else "no file"
+    return f"  item {problem['index']} ({image}): {escape_path(problem['problem'])}"
+
+
+def _log_not_read(split: str, not_read: list[dict], where: str) -> None:
+    """A warning naming the files a folder search did not read (the first ones; the report has all)."""
+    if not_read:
+        logger.warning("datalist '%s': %d files not read%s:\n%s", split, len(not_read), where, not_read_lines(not_read))
 
 
 def readable_datalist(
@@ -324,7 +385,8 @@ def readable_datalist(
     The image checks of training (:func:`validate_datalist`: missing files, broken links, damaged or unsupported
     files, images decoded with the pipeline's reader, images below ``min_size``) on unlabelled items
     (``{"image": path}``, e.g. from :func:`~fpt_monai.data.image_datalist`). Bad items are skipped; a run goes on
-    with the readable ones.
+    with the readable ones. The files a folder search did not take (``not_read`` of a
+    :class:`~fpt_monai.data.Datalist`: GIF, WebP, a DICOMDIR index, ...) are named in the report and the log too.
 
     Args:
         datalist: the items to classify.
@@ -357,7 +419,21 @@ def readable_datalist(
 
 
 def _write_report(path: Path, report: dict) -> None:
-    """Write the report atomically (a temporary file renamed into place)."""
+    """Write the report atomically (a temporary file renamed into place), every text escaped (paths that are not
+    valid UTF-8: see :func:`~fpt_monai.utils.escape_path`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path, "w", what="datalist report") as f:
-        f.write(json.dumps(report, indent=2, default=str) + "\n")
+    with atomic_write(path, "w", what="datalist report", encoding="utf-8") as f:
+        f.write(json.dumps(_escaped(report), indent=2, default=str) + "\n")
+
+
+def _escaped(value: Any) -> Any:
+    """``value`` with every string in it escaped by :func:`~fpt_monai.utils.escape_path`."""
+    if isinstance(value, str):
+        return escape_path(value)
+    if isinstance(value, os.PathLike):
+        return escape_path(value)
+    if isinstance(value, Mapping):
+        return {_escaped(k) if isinstance(k, str) else k: _escaped(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_escaped(v) for v in value]
+    return value

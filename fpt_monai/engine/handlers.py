@@ -22,7 +22,7 @@ from monai.utils import CommonKeys
 
 from fpt_monai.engine.metrics import classification_output
 from fpt_monai.networks.labels import class_names_of
-from fpt_monai.utils import atomic_write
+from fpt_monai.utils import atomic_write, escape_path
 
 __all__ = ["GradientNormClipping", "ProgressBarHandler", "write_training_scalars", "ClassificationReport"]
 
@@ -119,6 +119,7 @@ class ClassificationReport:
     ``metrics.json`` (every scalar metric of the engine, the confusion matrix, class names, image count, and
     ``extra`` such as the checkpoint evaluated). Files are written to a temporary name and renamed, so a
     crash never leaves a half-written report. Only rank 0 writes; per-image rows are gathered from all ranks.
+    File names are written as :func:`~fpt_monai.utils.escape_path` gives them (one not valid UTF-8: escaped).
 
     The class names of the report are the network's (those of the checkpoint loaded into it, in output order;
     see :mod:`fpt_monai.networks.labels`) when ``network`` is given and carries names: the names describe what the
@@ -228,9 +229,11 @@ class ClassificationReport:
                     f"the network gives {len(row['probabilities'])} scores for {n} classes {self.class_names}."
                 )
             predicted = max(range(n), key=lambda c: row["probabilities"][c])
-            line = [row["filename"]] + ([self.class_names[row["label"]]] if "label" in row else [])
+            line = [escape_path(row["filename"])] + ([self.class_names[row["label"]]] if "label" in row else [])
             table.append(line + [self.class_names[predicted]] + [f"{p:.6f}" for p in row["probabilities"]])
-        with atomic_write(self.output_dir / "predictions.csv", "w", what="report", fsync=True, newline="") as f:
+        with atomic_write(
+            self.output_dir / "predictions.csv", "w", what="report", fsync=True, newline="", encoding="utf-8"
+        ) as f:
             _write_csv(f, header, table)
         if not rows or "label" not in rows[0]:
             logger.info("predictions for %d images written to %s", len(rows), self.output_dir / "predictions.csv")

@@ -71,9 +71,18 @@ def test_dicom_16bit_signed_with_window():
 def test_dicom_rescale_slope_and_intercept_are_applied(tmp_path):
     ds = pydicom.dcmread(dicom("CT_small.dcm"))  # 16-bit signed CT, intercept -1024
     stored = ds.pixel_array.astype(np.float64)
-    # as shipped: Hounsfield units = stored - 1024; no window, so the 16-bit signed range after rescaling
+    # as shipped: Hounsfield units = stored - 1024; no window, so "stored" maps the 16-bit signed range after
+    # rescaling; the values (128..2191 stored) span 3% of it, so "auto" maps their own min-max (NARROW_DICOM_RANGE)
     low, high = -32768 - 1024, 32767 - 1024
-    np.testing.assert_allclose(read_image(dicom("CT_small.dcm")), gray_rgb((stored - 1024 - low) / (high - low)), atol=1e-6)
+    np.testing.assert_allclose(
+        read_image(dicom("CT_small.dcm"), dicom_window="stored"),
+        gray_rgb((stored - 1024 - low) / (high - low)), atol=1e-6,
+    )
+    hounsfield = stored - 1024
+    np.testing.assert_allclose(
+        read_image(dicom("CT_small.dcm")),
+        gray_rgb((hounsfield - hounsfield.min()) / (hounsfield.max() - hounsfield.min())), atol=1e-6,
+    )
     # a fixed range in Hounsfield units (a soft-tissue window given by the user)
     np.testing.assert_allclose(
         read_image(dicom("CT_small.dcm"), value_range=(-160, 240)),

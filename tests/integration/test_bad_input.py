@@ -27,8 +27,11 @@ CLASSES = ["healthy", "mild", "severe"]
 
 
 def png(path: Path, size=(40, 40), value=100) -> str:
+    """An image of gray ``value`` with a top half of 255 - ``value`` (a constant image is a bad item)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.full((*size, 3), value, np.uint8)).save(path)
+    pixels = np.full((*size, 3), value, np.uint8)
+    pixels[: size[0] // 2] = 255 - value
+    Image.fromarray(pixels).save(path)
     return str(path)
 
 

@@ -278,6 +278,66 @@ def test_standalone_inference_needs_only_the_checkpoint_and_images(trained, tmp_
     assert sorted(Path(p["image"]).name for p in report["problems"]) == ["cut.png", "notes.png"]
 
 
+def test_inference_on_a_pacs_export_reads_dicoms_by_content_and_names_every_other_file(trained, tmp_path):
+    """Through ``python -m monai.bundle run``: suffix-less DICOMs next to PNGs, a DICOMDIR tree and a file name
+    that is not UTF-8 are all classified; GIF, WebP, other files and a constant image are named, not classified."""
+    import numpy as np
+    from PIL import Image
+    from pydicom.data import get_testdata_file
+
+    from fpt_monai.utils import escape_path, unescape_path
+
+    root, override = trained
+    run_root = tmp_path / "run"
+    (run_root / "models").mkdir(parents=True)
+    (run_root / "models" / "model.pt").write_bytes((root / "models" / "model.pt").read_bytes())
+    images = tmp_path / "export"
+    rng = np.random.default_rng(0)
+    classified = []
+    for name, target in [("CT_small.dcm", "PAT1/IM000001"), ("MR_small.dcm", "PAT1/IM000002"),
+                         ("CT_small.dcm", "PAT2/1.2.840.113619.2.55.3.604688119")]:
+        (images / target).parent.mkdir(parents=True, exist_ok=True)
+        (images / target).write_bytes(Path(get_testdata_file(name)).read_bytes())
+        classified.append(images / target)
+    cd = Path(get_testdata_file("DICOMDIR")).parent  # a DICOMDIR tree, its 16x16 CR images
+    (images / "cd").mkdir()
+    (images / "cd" / "DICOMDIR").write_bytes((cd / "DICOMDIR").read_bytes())
+    for series, number in (("CR1", "6154"), ("CR2", "6247"), ("CR3", "6278")):
+        (images / "cd" / "77654033" / series).mkdir(parents=True)
+        (images / "cd" / "77654033" / series / number).write_bytes((cd / "77654033" / series / number).read_bytes())
+        classified.append(images / "cd" / "77654033" / series / number)
+    latin1 = Path(os.fsdecode(bytes(images) + b"/caf\xe9.png"))
+    for path in (images / "photo.png", latin1):
+        Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)).save(path, "PNG")
+        classified.append(path)
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(images / "anim.gif")
+    Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(images / "x.webp")
+    (images / "notes.txt").write_text("patient list")
+    (images / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    Image.fromarray(np.full((48, 48, 3), 90, np.uint8)).save(images / "flat.png")
+    options = {**infer_override(run_root, override["pretrained"]), "input_dir": images, "input_check#min_size": 16}
+    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json"]
+    for key, value in options.items():
+        command += [f"--{key}", str(value)]
+    result = subprocess.run(command, cwd=BUNDLE, capture_output=True, text=True, timeout=600,
+                            errors="backslashreplace")
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(run_root / "eval" / "inference" / "predictions.csv", encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(row["filename"] for row in rows) == sorted(escape_path(p) for p in classified)
+    assert escape_path(latin1).endswith("/caf\\xe9.png")
+    assert bytes(latin1) in [unescape_path(row["filename"]) for row in rows]
+    report = json.loads((run_root / "eval" / "inference" / "input_check.json").read_text(encoding="utf-8"))
+    not_read = {Path(e["image"]).name: e["reason"] for e in report["not_read"]}
+    assert set(not_read) == {"anim.gif", "x.webp", "notes.txt", ".DS_Store", "DICOMDIR"}
+    assert not_read["anim.gif"].startswith("GIF image") and not_read["x.webp"].startswith("WebP image")
+    assert not_read["DICOMDIR"].startswith("DICOMDIR index")
+    assert [(Path(p["image"]).name, p["problem"].split(":")[0]) for p in report["problems"]] == [
+        ("flat.png", "image is (nearly) constant")
+    ]
+    assert f"{len(classified)} kept, 5 files not read" in result.stdout
+
+
 # -- augmentation overrides and the K/V cache ------------------------------------------------------------------------
 
 
