@@ -260,7 +260,7 @@ def _random_json(rng: random.Random, depth: int = 0):
 def test_fuzzed_datalist_files_fail_only_with_named_errors(tmp_path):
     rng = random.Random(1234)
     png(tmp_path / "a.png")  # some fuzzed items point at real images
-    png(tmp_path / "b.png")
+    png(tmp_path / "b.png", value=150)  # another image: byte-identical copies in one split are duplicates
     good_items = [{"image": "a.png", "label": 0}, {"image": "b.png", "label": 1}]
     path = tmp_path / "datalist.json"
     outcomes = {"ok": 0, "file error": 0, "item errors": 0}
