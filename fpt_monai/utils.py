@@ -119,13 +119,13 @@ def file_digest(path: str | os.PathLike) -> str:
         OSError: when the file cannot be read (missing, a folder, no permission); the message names it.
     """
     path = os.fspath(path)
+    key = os.path.abspath(path)
+    with _digests_lock:
+        known = _digests.get(key)
+    if known is not None and known[0] == _stat_signature(os.stat(path)):
+        return known[1]
     with open(path, "rb", buffering=0) as f:
         signature = _stat_signature(os.fstat(f.fileno()))
-        key = os.path.abspath(path)
-        with _digests_lock:
-            known = _digests.get(key)
-        if known is not None and known[0] == signature:
-            return known[1]
         started = time.time_ns()
         digest = hashlib.sha256()
         buffer = bytearray(_CHUNK)
