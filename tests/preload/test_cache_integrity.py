@@ -39,11 +39,8 @@ def evaluate(dataset, output_dir) -> list[dict]:
     net = FPTNet(dataset.kv_transform.backbone.shape, num_classes=2, side_img_size=32, num_prompts=4, reduction=4)
     report = ClassificationReport(output_dir, class_names=["zero", "one"])
     evaluator = SupervisedEvaluator(
-        device=torch.device("cpu"),
-        val_data_loader=torch.utils.data.DataLoader(dataset, batch_size=2),
-        network=net.eval(),
-        prepare_batch=PrepareBatchExtraInput({"kv": "kv"}),
-        val_handlers=[report],
+        device=torch.device("cpu"), val_data_loader=torch.utils.data.DataLoader(dataset, batch_size=2),
+        network=net.eval(), prepare_batch=PrepareBatchExtraInput({"kv": "kv"}), val_handlers=[report],
     )
     evaluator.run()
     with open(output_dir / "predictions.csv", newline="") as f:
@@ -79,7 +76,7 @@ def test_label_edited_in_an_entrys_metadata_is_refused_and_recomputed(data, data
     # the returned fields are a JSON string in the safetensors JSON header: {..., \"label\": 1, ...}
     stored, edited = b'\\"label\\": 1', b'\\"label\\": 0'  # same length: the header stays valid
     at = raw.index(stored, raw.index(b'"fpt_monai.fields"'))
-    path.write_bytes(raw[:at] + edited + raw[at + len(stored) :])
+    path.write_bytes(raw[:at] + edited + raw[at + len(stored):])
     with pytest.raises(CorruptCacheEntryError, match="fails its checksum"):
         read_entry(path, dataset.fingerprint)
     with pytest.warns(UserWarning, match=rf"{path.name} fails its checksum"), caplog.at_level(logging.WARNING):
