@@ -24,7 +24,13 @@ from fpt_monai.data.readers import (
 from fpt_monai.data.sample import SAMPLE_CLASSES, SampleFundusSpec, make_sample_dataset
 from fpt_monai.data.sample3d import SAMPLE_3D_CLASSES, SampleVolumeSpec, make_sample_dataset_3d
 from fpt_monai.data.transforms import SideSourced, SideViewd, load_and_normalize
-from fpt_monai.data.validation import BAD_ITEM_POLICIES, DatalistError, readable_datalist, validate_datalist
+from fpt_monai.data.validation import (
+    BAD_ITEM_POLICIES,
+    DatalistError,
+    check_disjoint,
+    readable_datalist,
+    validate_datalist,
+)
 from fpt_monai.data.volumes import (
     VOLUME_SUFFIXES,
     CheckVolumed,
@@ -48,6 +54,7 @@ __all__ = [
     "image_size",
     "is_dicom_file",
     "read_image",
+    "check_disjoint",
     "readable_datalist",
     "validate_datalist",
     "IMAGE_SUFFIXES",
