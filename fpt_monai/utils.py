@@ -128,7 +128,7 @@ def file_digest(path: str | os.PathLike) -> str:
         signature = _stat_signature(os.fstat(f.fileno()))
         started = time.time_ns()
         digest = hashlib.sha256()
-        buffer = bytearray(_CHUNK)
+        buffer = bytearray(min(_CHUNK, signature[2] + 1))  # a smaller file: one read, and no large buffer to zero
         view = memoryview(buffer)
         while count := f.readinto(buffer):
             digest.update(view[:count])
