@@ -340,6 +340,19 @@ class Commands:
         print(json.dumps(run(train_size, test_size, epochs, seeds, pretrained_features), indent=2))
 
 
+    def file_digest(
+        self, num_files: int = 10_000, work_dir: str = "/tmp/fpt_file_digest", image_format: str = "png",
+        threads: int = 8,
+    ) -> None:
+        """What hashing the image files of a data set costs (JSON): ``num_files`` distinct 512x512 RGB images
+        (``--image_format png`` or ``jpeg``) written to ``work_dir`` and hashed from the page cache by one thread,
+        by ``threads`` threads, and again with their digests known (the per-epoch cost). See
+        :mod:`benchmarks.file_digest`."""
+        from benchmarks.file_digest import run
+
+        print(json.dumps(run(int(num_files), work_dir, image_format, int(threads)), indent=2))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m benchmarks`` entry point."""
     run_commands(Commands, "benchmarks", argv)

@@ -31,6 +31,7 @@ from fpt_monai.data.validation import (
     BAD_ITEM_POLICIES,
     MIN_INTENSITY_SPREAD,
     DatalistError,
+    check_disjoint,
     readable_datalist,
     validate_datalist,
 )
@@ -60,6 +61,7 @@ __all__ = [
     "is_dicom_file",
     "read_image",
     "sniff_format",
+    "check_disjoint",
     "readable_datalist",
     "validate_datalist",
     "IMAGE_SUFFIXES",

@@ -232,14 +232,21 @@ def json_datalist(path: str | os.PathLike, split: str, strict: bool = True) -> l
     return items
 
 
-def make_datalist(dataset_dir: str | os.PathLike, split: str, strict: bool = True) -> list[dict]:
+def make_datalist(
+    dataset_dir: str | os.PathLike, split: str, strict: bool = True, missing_ok: bool = False
+) -> list[dict]:
     """Datalist of ``split`` from ``dataset_dir``: a JSON datalist file, or a folder of class sub-folders.
 
     ``strict=False`` passes malformed JSON items on for :func:`~fpt_monai.data.validate_datalist` (see
-    :func:`json_datalist`).
+    :func:`json_datalist`). ``missing_ok=True`` gives an empty list for a dataset without that split (no
+    ``dataset_dir/split/`` folder, no such list in the JSON file): training checks the test split when there is one.
     """
     if str(dataset_dir).endswith(".json"):
+        if missing_ok and split not in _read_json_datalist(Path(dataset_dir)):
+            return []
         return json_datalist(dataset_dir, split, strict=strict)
+    if missing_ok and not (Path(dataset_dir) / split).is_dir():
+        return []
     return folder_datalist(dataset_dir, split)
 
 

@@ -6,8 +6,11 @@
 - labels that are not integer class indices (strings, floats, booleans) or lie outside the classes;
 - image files that are missing (a broken symbolic link is named as such), not regular files, unreadable,
   damaged, or smaller than ``min_size`` pixels on a side;
-- duplicate entries: the same file twice in the split, or also in another split given as ``disjoint_from``,
-  whatever its name (another spelling, a symbolic link, or a hard link: files are compared by device and inode);
+- duplicate entries: the same image twice in the split, or also in another split given as ``disjoint_from``,
+  whatever its name: the same file (another spelling, a symbolic link, or a hard link: compared by device and
+  inode) or a byte-identical copy (compared by content: :func:`~fpt_monai.utils.file_digest`, SHA-256 of the
+  file's bytes, computed in the pass that reads the images). An image shared with another split can be accepted
+  with ``allow_overlap=True``: a warning then names each pair;
 - classes without any item, and an empty split;
 - with ``decode=True``, images that decode to (nearly) constant pixels: every channel spans less than
   :data:`MIN_INTENSITY_SPREAD` (one 8-bit gray level), so there is nothing to classify.
@@ -30,7 +33,11 @@ split as a whole (an empty class, no items) cannot be skipped and always raise.
 Every image is decoded with the reader the pipeline uses (``decode=True``, the default): headers alone cannot
 vouch for the pixel data of a truncated JPEG or a compressed DICOM. Decoding costs milliseconds per image, a
 small fraction of preloading, which runs the frozen backbone on each image; ``decode=False`` reads headers
-only (sizes, PNG checksums).
+only (sizes, PNG checksums). Hashing a file costs about 0.3 ms per 300 KB image (SHA-256 at about 1 GB/s); a
+process hashes each file once (the cache's entries are named by the same digests).
+
+:func:`check_disjoint` makes the comparison with other splits alone, for a split that is not otherwise used
+(training compares the test split with its training split).
 
 :func:`readable_datalist` applies the same image checks to unlabelled items (the images to classify): it keeps
 the readable ones, names every other one, and raises only when none is readable.
@@ -52,9 +59,16 @@ import numpy as np
 
 from fpt_monai.data.datalist import not_read_lines
 from fpt_monai.data.readers import ImageReadError, RGBImageReader, image_size
-from fpt_monai.utils import atomic_write, escape_path
+from fpt_monai.utils import atomic_write, escape_path, file_digest
 
-__all__ = ["BAD_ITEM_POLICIES", "MIN_INTENSITY_SPREAD", "DatalistError", "readable_datalist", "validate_datalist"]
+__all__ = [
+    "BAD_ITEM_POLICIES",
+    "MIN_INTENSITY_SPREAD",
+    "DatalistError",
+    "check_disjoint",
+    "readable_datalist",
+    "validate_datalist",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +162,124 @@ def _same_file(index: int, path: str, other_path: str) -> str:
     return f"item {index} (same file: {other_path} and this path are hard links)"
 
 
+def _content(path: str) -> str | None:
+    """The :func:`~fpt_monai.utils.file_digest` of a regular file, or ``None`` for a path that is none or cannot be
+    read (its own problem is reported by the image check)."""
+    try:
+        return file_digest(path) if os.path.isfile(path) else None
+    except OSError:
+        return None
+
+
+def _overlaps(
+    paths: Mapping[int, str],
+    digests: Mapping[int, str | None],
+    disjoint_from: Mapping[str, Sequence[Any]],
+    image_key: str,
+    pool: ThreadPoolExecutor,
+) -> dict[int, list[str]]:
+    """Item index -> ``also in split 's' (...)`` for each other split that holds the same file (device and inode,
+    or path) or a byte-identical copy of it (digest), naming the item and path there."""
+    found: dict[int, list[str]] = {}
+    for other_split, other_items in disjoint_from.items():
+        listed = [
+            (i, os.fspath(it[image_key]))
+            for i, it in enumerate(other_items)
+            if isinstance(it, Mapping) and isinstance(it.get(image_key), (str, os.PathLike))
+        ]
+        by_file: dict[tuple, tuple[int, str]] = {}
+        by_content: dict[str, tuple[int, str]] = {}
+        for (i, other_path), digest in zip(listed, pool.map(_content, [p for _, p in listed])):
+            by_file.setdefault(_file_identity(other_path), (i, other_path))
+            if digest is not None:
+                by_content.setdefault(digest, (i, other_path))
+        for index, path in paths.items():
+            if _file_identity(path) in by_file:
+                i, other_path = by_file[_file_identity(path)]
+                where = _same_file(i, path, other_path).replace(" (same file)", "")
+            elif digests.get(index) is not None and digests[index] in by_content:
+                i, other_path = by_content[digests[index]]
+                where = f"item {i}: {other_path}, a byte-identical copy"
+            else:
+                continue
+            found.setdefault(index, []).append(f"also in split '{other_split}' ({where})")
+    return found
+
+
+def _overlap_warning(split: str, overlaps: Mapping[int, list[str]], paths: Mapping[int, str], total: int) -> None:
+    logger.warning(
+        "datalist '%s': %d of %d items share their image with another split (allowed: allow_overlap, bundle: "
+        "data_check#allow_split_overlap); evaluation on them measures memory, not generalisation:\n%s",
+        split,
+        len(overlaps),
+        total,
+        "\n".join(
+            _item_line({"index": index, "image": paths[index], "problem": "; ".join(found)})
+            for index, found in sorted(overlaps.items())
+        ),
+    )
+
+
+def check_disjoint(
+    datalist: Sequence[Any],
+    split: str,
+    disjoint_from: Mapping[str, Sequence[Any]],
+    allow_overlap: bool = False,
+    num_threads: int = 8,
+    image_key: str = "image",
+) -> list:
+    """Check that no image of ``datalist`` is also in another split: the same file, or a byte-identical copy.
+
+    Only the comparison of :func:`validate_datalist`'s ``disjoint_from``, for a split that is not otherwise read
+    (the test split during training); malformed items and unreadable files are left to that split's own check.
+
+    Args:
+        datalist: the items of the split (``{"image": path, ...}``); an empty list passes.
+        split: the split's name, for messages.
+        disjoint_from: other splits by name (``{"train": train_items}``).
+        allow_overlap: log a warning naming each shared image instead of raising.
+        num_threads: threads hashing files.
+        image_key: the items' image path key.
+
+    Returns:
+        ``datalist``, unchanged.
+
+    Raises:
+        DatalistError: naming every item that is also in another split (with its index and path there), unless
+            ``allow_overlap``.
+    """
+    paths = {
+        index: os.fspath(item[image_key])
+        for index, item in enumerate(datalist)
+        if isinstance(item, Mapping) and isinstance(item.get(image_key), (str, os.PathLike))
+    }
+    with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
+        digests = dict(zip(paths, pool.map(_content, paths.values())))
+        overlaps = _overlaps(paths, digests, disjoint_from, image_key, pool)
+    if overlaps and allow_overlap:
+        _overlap_warning(split, overlaps, paths, len(datalist))
+    elif overlaps:
+        problems = [
+            {"split": split, "index": index, "image": paths[index], "problem": "; ".join(found)}
+            for index, found in sorted(overlaps.items())
+        ]
+        lines = [_item_line(p) for p in problems]
+        raise DatalistError(
+            f"datalist '{split}': {len(problems)} of {len(datalist)} items are also in another split:\n"
+            + "\n".join(lines)
+            + f"\n{_OVERLAP_ADVICE}",
+            problems,
+        )
+    return datalist
+
+
+#: What to do about images shared between splits.
+_OVERLAP_ADVICE = (
+    "An image in two splits makes the evaluation measure memory: remove it from one of them, or accept the overlap "
+    "with allow_overlap=True (bundle: --data_check#allow_split_overlap True), which warns instead."
+)
+
+
 def validate_datalist(
     datalist: Sequence[Any],
     classes: Sequence[str] | None,
@@ -162,6 +294,7 @@ def validate_datalist(
     num_threads: int = 8,
     image_key: str = "image",
     label_key: str = "label",
+    allow_overlap: bool = False,
 ) -> list[dict]:
     """Check every item of a datalist; raise naming all bad items, or drop them and report (see module doc).
 
@@ -177,13 +310,15 @@ def validate_datalist(
         decode: read every image completely with the pipeline's reader (default; catches damaged pixel data in
             any format); ``False`` reads headers only (sizes, PNG checksums).
         require_every_class: a class without any (good) item is an error.
-        disjoint_from: other splits by name (``{"train": train_items}``); an image that is also there is a
-            duplicate (split leakage).
+        disjoint_from: other splits by name (``{"train": train_items}``); an image that is also there (the same
+            file or a byte-identical copy) is a problem (split leakage), named with its index and path there.
         reader: options of :class:`~fpt_monai.data.readers.RGBImageReader` (used with ``decode``; ``volume_axis``
             also for the header size of volumes).
         num_threads: threads reading images (file access and decoders that release the GIL dominate).
         image_key: the items' image path key.
         label_key: the items' label key.
+        allow_overlap: keep the items whose image is also in a ``disjoint_from`` split, with a warning naming each
+            pair, instead of counting them as bad.
 
     Returns:
         The good items, in order (all of them when nothing is wrong).
@@ -238,8 +373,8 @@ def validate_datalist(
         if reasons:
             problems[index] = reasons
 
-    # duplicates: the same file twice here, or in another split (labelled items only: classifying an image
-    # twice is harmless)
+    # duplicates (labelled items only: classifying an image twice is harmless): the same file twice here, by device
+    # and inode before any file is read, then byte-identical copies by their digests, computed where the images are read
     identities = {index: _file_identity(path) for index, path in paths.items()} if labelled else {}
     seen: dict[tuple, int] = {}
     for index, identity in identities.items():
@@ -248,27 +383,33 @@ def validate_datalist(
             problems.setdefault(index, []).append(f"duplicate of {_same_file(first, paths[index], paths[first])}")
         else:
             seen[identity] = index
-    for other_split, other_items in (disjoint_from or {}).items():
-        other: dict[tuple, tuple[int, str]] = {}
-        for i, it in enumerate(other_items):
-            if isinstance(it, Mapping) and isinstance(it.get(image_key), (str, os.PathLike)):
-                other.setdefault(_file_identity(os.fspath(it[image_key])), (i, os.fspath(it[image_key])))
-        for index, identity in identities.items():
-            if identity in other:
-                i, other_path = other[identity]
-                where = _same_file(i, paths[index], other_path).replace(" (same file)", "")
-                problems.setdefault(index, []).append(f"also in split '{other_split}' ({where})")
-
-    # image files: checked concurrently (file access and decoding)
     unique = {
-        index: path
-        for index, path in paths.items()
-        if not any(reason.startswith("duplicate") for reason in problems.get(index, []))
+        index: path for index, path in paths.items() if index not in identities or seen[identities[index]] == index
     }
+
+    def check(path: str) -> tuple[str | None, str | None]:
+        return _image_problem(path, min_size, decoder, volume_axis), _content(path) if labelled else None
+
+    # image files: checked (and hashed) concurrently (file access, decoding and hashing release the GIL)
     with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
-        results = pool.map(lambda path: _image_problem(path, min_size, decoder, volume_axis), unique.values())
-        checked = dict(zip(unique, results))
-    for index, reason in checked.items():
+        checked = dict(zip(unique, pool.map(check, unique.values())))
+        digests = {index: checked[seen[identity]][1] for index, identity in identities.items()}
+        # an item that is bad already (malformed, bad label) is no original: skipping it must not drop its copy too
+        copies: dict[str, int] = {}
+        for index, digest in digests.items():
+            if digest is None or index not in unique or index in problems:
+                continue
+            if digest in copies:
+                first = copies[digest]
+                problems[index] = [f"duplicate of item {first} (a byte-identical copy: {paths[first]})"]
+                checked[index] = (None, digest)  # what is wrong with the file itself is named at its original
+            else:
+                copies[digest] = index
+        overlaps = _overlaps(paths, digests, disjoint_from or {}, image_key, pool) if labelled else {}
+    if not allow_overlap:
+        for index, found in overlaps.items():
+            problems.setdefault(index, []).extend(found)
+    for index, (reason, _) in checked.items():
         if reason:
             problems.setdefault(index, []).append(reason)
 
@@ -308,9 +449,18 @@ def validate_datalist(
             "decode": decode,
             "require_every_class": require_every_class and labelled,
             "classes": classes if labelled else None,
+            "allow_overlap": allow_overlap,
         },
         "problems": all_problems,
         "not_read": not_read,
+        "allowed_overlaps": (
+            [
+                {"split": split, "index": index, "image": paths[index], "problem": "; ".join(found)}
+                for index, found in sorted(overlaps.items())
+            ]
+            if allow_overlap
+            else []
+        ),
         "seconds": round(seconds, 3),
     }
     if report_path is not None:
@@ -337,6 +487,8 @@ def validate_datalist(
             )
         else:
             advice = "Fix them, or drop bad items with on_error='skip' (bundle: --data_check#on_error skip)."
+            if overlaps:
+                advice += f"\n{_OVERLAP_ADVICE}"
         raise DatalistError(f"{header}{where}:\n" + "\n".join(lines) + f"\n{advice}", all_problems)
     if item_problems:
         logger.warning(
@@ -347,6 +499,8 @@ def validate_datalist(
             where,
             "\n".join(_item_line(p) for p in item_problems),
         )
+    if overlaps and allow_overlap:
+        _overlap_warning(split, overlaps, paths, len(datalist))
     logger.info(
         "datalist '%s': %d items checked in %.1f s, %d kept%s",
         split,

@@ -11,8 +11,12 @@ What it adds to ``PersistentDataset``:
   architecture, weights, input size, blocks and token ratio, every transform before the K/V transform, the
   storage dtype and the cache format version (:func:`~fpt_monai.preload.fingerprint.cache_fingerprint`).
   An entry's name hashes the item's identity (:func:`item_identity`: every field, file paths resolved and with
-  their size and modification time), so ``a/0001.png`` and ``b/0001.png`` never collide and an edited image
-  is recomputed.
+  their size and content digest), so ``a/0001.png`` and ``b/0001.png`` never collide and an edited image is
+  recomputed, also when its size and modification time were kept (``cp -p``, ``rsync -t``, tar extraction).
+  A process hashes each image file once (:func:`~fpt_monai.utils.file_digest`, about 0.3 ms for a 300 KB file;
+  the data check before training hashes the same files in its pass and the cache reuses those digests); the
+  reads of each epoch then cost one ``stat`` per file, as before. Data-loading workers forked after
+  :meth:`KVCacheDataset.preload` inherit the digests.
 - Entries are bound to their item: each stores the item's identity and the cache fingerprint, and a SHA-256
   over everything it stores (tensors, fields such as the label, identity, fingerprint). Reading an entry checks
   that the stored identity is the identity of the item asked for, so an entry copied over another item's file,
@@ -57,7 +61,7 @@ from torch.utils.data import DataLoader
 from fpt_monai.preload.fingerprint import CACHE_FORMAT_VERSION, cache_fingerprint
 from fpt_monai.preload.quantize import dequantize_item
 from fpt_monai.preload.transform import FrozenBackboneKVd
-from fpt_monai.utils import atomic_write, state_dict_sha256
+from fpt_monai.utils import atomic_write, file_digest, state_dict_sha256
 
 __all__ = [
     "CorruptCacheEntryError",
@@ -87,19 +91,20 @@ class CorruptCacheEntryError(RuntimeError):
 
 
 def _identity(value: Any) -> Any:
-    """Item value -> what identifies it: file paths become absolute path + size + modification time.
+    """Item value -> what identifies it: file paths become absolute path + size + content digest.
 
-    A folder (a DICOM series read as one volume) is identified by its path and every file in it (name, size,
-    modification time), so an added, removed or edited slice gives the item a new entry.
+    The content is :func:`~fpt_monai.utils.file_digest` (SHA-256 of the file's bytes, computed once per process and
+    file version), so a file rewritten with its old size and modification time gets a new entry, and one whose
+    times alone changed keeps its entry. A folder (a DICOM series read as one volume) is identified by its path and
+    every file in it (name, size, digest), so an added, removed or edited slice gives the item a new entry.
     """
     if isinstance(value, (str, os.PathLike)) and os.path.isfile(value):
-        stat = os.stat(value)
-        return {"path": str(Path(value).resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        return {"path": str(Path(value).resolve()), "size": os.path.getsize(value), "sha256": file_digest(value)}
     if isinstance(value, (str, os.PathLike)) and os.path.isdir(value):
         files = sorted(p for p in Path(value).iterdir() if p.is_file())
         return {
             "path": str(Path(value).resolve()),
-            "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files],
+            "files": [[p.name, p.stat().st_size, file_digest(p)] for p in files],
         }
     if isinstance(value, dict):
         return {str(k): _identity(v) for k, v in value.items()}
@@ -112,7 +117,9 @@ def _identity(value: Any) -> Any:
 
 def item_identity(item: Any) -> str:
     """What identifies a datalist item, as canonical JSON: every field (the label too), with each file path
-    resolved (symbolic links followed) and with the file's size and modification time."""
+    resolved (symbolic links followed) and with the file's size and the SHA-256 of its bytes
+    (:func:`~fpt_monai.utils.file_digest`: hashed once per process while the file's inode, size, modification and
+    change times stay the same; after that an identity costs one ``stat`` per file)."""
     return json.dumps(_identity(item), sort_keys=True, default=str)
 
 

@@ -24,7 +24,8 @@ from fpt_monai.utils import weights_digest
 __all__ = ["CACHE_FORMAT_VERSION", "describe", "weights_digest", "cache_fingerprint"]
 
 #: Bump when the layout or meaning of a cache entry changes: every older cache is then ignored.
-CACHE_FORMAT_VERSION = 2
+#: 3: entries are named by the content digest of their files, no longer by their modification times.
+CACHE_FORMAT_VERSION = 3
 
 _MAX_DEPTH = 6
 

@@ -22,7 +22,8 @@ def test_help_lists_every_benchmark():
     result = run_benchmarks("--help")
     assert result.returncode == 0, result.stderr
     listed = result.stdout + result.stderr
-    for command in ("bench", "memory", "memory3d", "speed", "epoch", "accuracy", "accuracy_merge", "cache_dtype"):
+    for command in ("bench", "memory", "memory3d", "speed", "epoch", "accuracy", "accuracy_merge", "cache_dtype",
+                    "file_digest"):
         assert f"\n     {command}\n" in listed, command
 
 
@@ -67,3 +68,13 @@ def test_speed_command_refuses_an_unknown_section():
 
     with pytest.raises(ValueError, match="sections must be"):
         Commands().speed(sections="training,warmup")
+
+
+def test_file_digest_benchmark_hashes_distinct_files_of_a_realistic_size(tmp_path):
+    from benchmarks.file_digest import run, write_images
+
+    paths = write_images(tmp_path / "images", 4, bases=2)
+    assert len({open(p, "rb").read() for p in paths}) == 4  # each file its own bytes
+    report = run(num_files=4, work_dir=str(tmp_path / "run"), bases=2)
+    assert report["files"] == 4 and 250 < report["mean_kb"] < 500
+    assert report["one_thread_seconds"] >= 0 and report["known_digests_seconds"] >= 0 and report["megabytes"] > 1

@@ -221,6 +221,8 @@ def test_the_data_check_decodes_gdcm_files_from_several_threads(tmp_path):
     items = []
     for index in range(8):  # JPEG-LS: decoded by GDCM, from the check's thread pool
         path = tmp_path / f"{index}.dcm"
-        path.write_bytes(Path(dicom("MR_small_jpeg_ls_lossless.dcm")).read_bytes())
+        ds = pydicom.dcmread(dicom("MR_small_jpeg_ls_lossless.dcm"))
+        ds.InstanceNumber = index  # distinct files: byte-identical copies would be duplicates of one image
+        ds.save_as(path)
         items.append({"image": str(path), "label": index % 2})
     assert validate_datalist(items, ["a", "b"], num_threads=4) == items

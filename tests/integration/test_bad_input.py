@@ -7,9 +7,11 @@ overrides (typos, wrong types), in Python and through ``python -m monai.bundle r
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +21,7 @@ import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
 
+from conftest import TINY_BUNDLE
 from fpt_monai.bundle import bundle_dir, config_files, run_demo
 from fpt_monai.config_check import ConfigOverrideError, check_command_line, check_overrides, command_line_overrides
 from fpt_monai.data import DatalistError, dataset_classes, json_datalist, make_datalist, validate_datalist
@@ -263,7 +266,7 @@ def _random_json(rng: random.Random, depth: int = 0):
 def test_fuzzed_datalist_files_fail_only_with_named_errors(tmp_path):
     rng = random.Random(1234)
     png(tmp_path / "a.png")  # some fuzzed items point at real images
-    png(tmp_path / "b.png")
+    png(tmp_path / "b.png", value=150)  # another image: byte-identical copies in one split are duplicates
     good_items = [{"image": "a.png", "label": 0}, {"image": "b.png", "label": 1}]
     path = tmp_path / "datalist.json"
     outcomes = {"ok": 0, "file error": 0, "item errors": 0}
@@ -394,3 +397,98 @@ def test_demo_refuses_a_typo_before_creating_anything(tmp_path):
     with pytest.raises(ConfigOverrideError, match="--num_epoch: no such key; did you mean 'num_epochs'"):
         run_demo(tmp_path / "demo", num_epoch=2)
     assert not any((tmp_path / "demo").iterdir())
+
+
+# -- the same image in two splits, through the bundle ------------------------------------------------------------
+def _noise_png(path: Path, seed: int) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(path)
+    return str(path)
+
+
+def _split_folders(root: Path) -> Path:
+    """train/ val/ test/ of the three classes, two distinct images per class and split."""
+    for s, split in enumerate(("train", "val", "test")):
+        for label, name in enumerate(CLASSES):
+            for i in range(2):
+                _noise_png(root / split / name / f"{i}.png", seed=100 * s + 10 * label + i)
+    return root
+
+
+def _bundle_override(tmp_path: Path, dataset_dir) -> dict:
+    return {**TINY_BUNDLE, "bundle_root": str(tmp_path / "bundle"), "dataset_dir": str(dataset_dir),
+            "class_names": CLASSES, "num_classes": 3, "pretrained": False, "num_epochs": 1, "device": "cpu"}
+
+
+def _workflow_error(names, override) -> BaseException:
+    from monai.bundle import ConfigWorkflow
+
+    workflow = ConfigWorkflow(config_file=config_files(*names), logging_file=False, workflow_type="train", **override)
+    workflow.initialize()
+    with pytest.raises(Exception) as raised:
+        workflow.run()
+    error = raised.value
+    while not isinstance(error, DatalistError) and error.__cause__ is not None:
+        error = error.__cause__
+    assert isinstance(error, DatalistError), raised.value
+    return error
+
+
+def test_monai_bundle_run_names_byte_copies_across_train_and_val(tmp_path):
+    data = _split_folders(tmp_path / "data")
+    original = data / "train" / "mild" / "1.png"
+    copy = data / "val" / "severe" / "scan_0042.png"
+    shutil.copyfile(original, copy)
+    command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.json",
+               "--bundle_root", str(tmp_path / "bundle"), "--dataset_dir", str(data), "--pretrained", "False",
+               "--class_names", json.dumps(CLASSES), "--num_classes", "3", "--num_epochs", "1", "--device", "cpu",
+               *[str(a) for k, v in TINY_BUNDLE.items() if k != "num_epochs" for a in (f"--{k}", v)]]
+    result = subprocess.run(command, cwd=bundle_dir(), capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    assert f"({copy}): also in split 'train' (item 3: {original}, a byte-identical copy)" in result.stderr
+    assert "--data_check#allow_split_overlap True" in result.stderr
+    assert not (tmp_path / "bundle" / "models").exists()  # refused before training
+
+
+def test_training_refuses_a_test_image_copied_from_train_in_a_json_datalist(tmp_path):
+    data = _split_folders(tmp_path / "data")
+    original = data / "train" / "healthy" / "0.png"
+    copy = tmp_path / "export" / "IM000001.png"
+    copy.parent.mkdir()
+    shutil.copyfile(original, copy)
+    items = {split: [{"image": str(p), "label": CLASSES.index(p.parent.name)}
+                     for p in sorted((data / split).rglob("*.png"))] for split in ("train", "val", "test")}
+    items["test"].append({"image": "export/IM000001.png", "label": 0})
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"classes": CLASSES, **items}))
+    error = _workflow_error(["train"], _bundle_override(tmp_path, datalist))
+    assert "datalist 'test': 1 of 7 items are also in another split" in str(error)
+    assert f"item 6 ({copy}): also in split 'train' (item 0: {original}, a byte-identical copy)" in str(error)
+
+
+def test_allowed_split_overlap_trains_with_a_warning_naming_the_pairs(tmp_path, caplog):
+    from monai.bundle import ConfigWorkflow
+
+    data = _split_folders(tmp_path / "data")
+    shutil.copyfile(data / "train" / "mild" / "0.png", data / "val" / "mild" / "copy.png")
+    shutil.copyfile(data / "train" / "severe" / "1.png", data / "test" / "severe" / "copy.png")
+    override = {**_bundle_override(tmp_path, data), "data_check#allow_split_overlap": True}
+    workflow = ConfigWorkflow(config_file=config_files("train"), logging_file=False, workflow_type="train", **override)
+    workflow.initialize()
+    with caplog.at_level(logging.WARNING, logger="fpt_monai.data.validation"):
+        workflow.run()
+    for split, original in (("val", "mild/0.png"), ("test", "severe/1.png")):
+        assert f"datalist '{split}': 1 of 7 items share their image with another split" in caplog.text
+        assert str(data / split / original.split("/")[0] / "copy.png") in caplog.text
+        assert str(data / "train" / original) in caplog.text
+    assert (tmp_path / "bundle" / "models" / "model_final.pt").is_file()
+
+
+def test_evaluation_refuses_a_test_split_that_shares_images_with_train(tmp_path):
+    data = _split_folders(tmp_path / "data")
+    original = data / "train" / "severe" / "0.png"
+    copy = data / "test" / "healthy" / "again.png"
+    shutil.copyfile(original, copy)
+    error = _workflow_error(["train", "evaluate"], _bundle_override(tmp_path, data))
+    assert f"({copy}): also in split 'train' (item 4: {original}, a byte-identical copy)" in str(error)
+    assert "datalist 'test'" in str(error)

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import csv
+import io
 import logging
+import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from monai.engines import PrepareBatchExtraInput, SupervisedEvaluator
 
 from fpt_monai.engine import ClassificationReport
@@ -104,3 +108,40 @@ def test_entry_of_another_item_or_without_identity_is_refused(tmp_path):
     write_entry(path, {"kv": torch.zeros(2), "label": 0}, "fingerprint")
     with pytest.raises(CorruptCacheEntryError, match="no item identity stored"):
         read_entry(path, "fingerprint", first)
+
+
+def _stored_png(path, seed: int) -> bytes:
+    """An uncompressed PNG (its length depends on its size only) of random pixels."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (80, 72, 3), dtype=np.uint8)).save(
+        buffer, format="PNG", compress_level=0
+    )
+    return buffer.getvalue()
+
+
+def test_image_rewritten_with_its_size_and_mtime_kept_is_recomputed(tmp_path):
+    # cp -p, rsync -t and tar extraction keep a changed file's size and modification time
+    data = []
+    for index, name in enumerate(("a/0001.png", "b/0001.png")):
+        path = tmp_path / "images" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(_stored_png(path, seed=index))
+        data.append({"image": str(path), "label": index})
+    dataset = make_dataset(data, tmp_path / "cache", augment=False)
+    dataset.preload()
+    stale = dataset[0]["kv"].clone()
+    status = os.stat(data[0]["image"])
+    new = _stored_png(data[0]["image"], seed=7)
+    assert len(new) == status.st_size
+    with open(data[0]["image"], "r+b") as f:
+        f.write(new)
+    os.utime(data[0]["image"], ns=(status.st_atime_ns, status.st_mtime_ns))
+    assert os.stat(data[0]["image"]).st_mtime_ns == status.st_mtime_ns
+
+    expected = make_dataset(data, tmp_path / "fresh", augment=False)[0]["kv"]  # from the new pixels
+    assert not torch.equal(expected, stale)
+    later = make_dataset(data, tmp_path / "cache", augment=False)  # a later run on the same cache
+    assert later.preload()["computed"] == 1
+    torch.testing.assert_close(later[0]["kv"], expected)
+    torch.testing.assert_close(later[1]["kv"], dataset[1]["kv"])
+    torch.testing.assert_close(dataset[0]["kv"], expected)  # the first dataset, in the same process
