@@ -214,6 +214,17 @@ class Commands:
 
         print(export_bundle(output_dir, overwrite=overwrite))
 
+    def onnx_class_names(self, onnx_file: str = "models/model.onnx", ckpt_file: str = "models/model.pt") -> None:
+        """Store the class names of the checkpoint an ONNX model was exported from in the model's metadata.
+
+        ``python -m monai.bundle onnx_export`` writes the network's graph; this adds its class names (in output
+        order, ``metadata_props["class_names"]``), which ONNX Runtime inference (the bundle's
+        ``inference_onnx.json``) then checks against the config's, as a checkpoint's are checked. Prints them.
+        """
+        from fpt_monai.engine.onnx_runtime import write_onnx_class_names
+
+        print(json.dumps(write_onnx_class_names(onnx_file, ckpt_file)))
+
 
 def run_commands(commands: type, name: str, argv: Sequence[str] | None = None) -> None:
     """Run the `fire` command line of the class ``commands`` (one command per public method) on ``argv``."""

@@ -637,19 +637,19 @@ def test_the_bundle_readme_shows_the_tested_commands():
 # -- ONNX -----------------------------------------------------------------------------------------------------------
 
 
-def documented_command(name: str) -> list[str]:
-    """The bundle README's bash line that runs ``python -m monai.bundle <name>``, split as the shell would."""
+def documented_command(start: str) -> list[str]:
+    """The bundle README's bash line that starts with ``start``, split as the shell would."""
     import shlex
 
     readme = (BUNDLE / "docs" / "README.md").read_text()
-    line = next(line for line in readme.splitlines() if line.startswith(f"python -m monai.bundle {name} "))
-    return shlex.split(line)
+    return shlex.split(next(line for line in readme.splitlines() if line.startswith(f"{start} ")))
 
 
 def test_onnx_export_as_documented_has_a_dynamic_batch_and_the_overlay_predicts_as_eager(trained, tmp_path):
     import onnx
 
-    from fpt_monai.engine.onnx_runtime import OnnxRuntimeNetwork
+    from fpt_monai.engine.onnx_runtime import OnnxRuntimeNetwork, onnx_class_names
+    from fpt_monai.networks.labels import ClassNamesMismatchError, UncheckedClassNamesWarning
 
     root, override = trained
     exported = export_bundle(tmp_path / "fpt_classification")
@@ -657,13 +657,26 @@ def test_onnx_export_as_documented_has_a_dynamic_batch_and_the_overlay_predicts_
     (exported / "models" / "model.pt").write_bytes((root / "models" / "model.pt").read_bytes())
     tiny = [f"--{k}={v}" for k, v in infer_override(exported, override["pretrained"]).items() if k != "bundle_root"]
     shape = ["--_meta_#network_data_format#inputs#image#spatial_shape=[64,64]"]
-    command = documented_command("onnx_export")
+    command = documented_command("python -m monai.bundle onnx_export")
     assert "models/model.onnx" in command and "models/model.pt" in command
     result = subprocess.run([sys.executable, *command[1:], *tiny, *shape], cwd=exported, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     model = onnx.load(str(exported / "models" / "model.onnx"))
     assert not model.graph.input[0].type.tensor_type.shape.dim[0].HasField("dim_value")  # the batch is dynamic
+    with pytest.warns(UncheckedClassNamesWarning, match="no class names"):  # MONAI's exporter writes none
+        OnnxRuntimeNetwork(exported / "models" / "model.onnx", class_names=list(SAMPLE_CLASSES))
+    command = documented_command("fpt-monai onnx_class_names")
+    result = subprocess.run([sys.executable, "-m", "fpt_monai", *command[1:]], cwd=exported, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout) == list(SAMPLE_CLASSES)
+    assert onnx_class_names(exported / "models" / "model.onnx") == list(SAMPLE_CLASSES)
+    reordered = list(reversed(SAMPLE_CLASSES))
+    with pytest.raises(ClassNamesMismatchError, match=r"exported for the classes \['0_no_lesions'.*are \['2_many"):
+        OnnxRuntimeNetwork(exported / "models" / "model.onnx", class_names=reordered)
+    by_name = OnnxRuntimeNetwork(exported / "models" / "model.onnx", class_names=reordered, class_mapping="by_name")
+    assert by_name.class_names == reordered
 
     parser = ConfigParser()
     parser.read_config(config_files("inference"))
@@ -675,6 +688,7 @@ def test_onnx_export_as_documented_has_a_dynamic_batch_and_the_overlay_predicts_
         images = torch.randn(batch, 3, 64, 64)
         with torch.no_grad():
             torch.testing.assert_close(runtime(images), network(images), atol=1e-4, rtol=0)
+            torch.testing.assert_close(by_name(images), network(images).flip(-1), atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match=r"model\.onnx takes input of shape \(N, 3, 64, 64\), got \[1, 3, 32, 32\]"):
         runtime(torch.rand(1, 3, 32, 32))
 
