@@ -1,12 +1,12 @@
 """An exported ONNX network run by ONNX Runtime behind the ``nn.Module`` interface MONAI's engines call.
 
 ``python -m monai.bundle onnx_export`` writes the bundle's network as ONNX (``models/model.onnx``, a dynamic batch
-dimension). The graph holds what the forward pass computes, and the network's class names are not part of it;
-:func:`write_onnx_class_names` copies them from the checkpoint that was exported into the file's metadata
-(``metadata_props["class_names"]``, a JSON list; ``fpt-monai onnx_class_names``). :class:`OnnxRuntimeNetwork` lets the same ``SupervisedEvaluator``, inferer, post-processing and report
-run it (the bundle's ``configs/inference_onnx.json`` overlay; this module is not imported by ``fpt_monai.engine``, so
-that only ONNX deployments load ONNX Runtime), so a deployment needs ONNX Runtime and the file,
-not the PyTorch network's weights.
+dimension). The graph holds what the forward pass computes; the network's class names are not part of it, so
+:func:`write_onnx_class_names` (``fpt-monai onnx_class_names``) copies them from the checkpoint that was exported
+into the file's metadata (``metadata_props["class_names"]``, a JSON list). :class:`OnnxRuntimeNetwork` lets the
+same ``SupervisedEvaluator``, inferer, post-processing and report run the model (the bundle's
+``configs/inference_onnx.json`` overlay). ``fpt_monai.engine`` does not import this module: only ONNX deployments
+load ONNX Runtime.
 """
 
 from __future__ import annotations
