@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from fpt_monai.data.readers import ImageReadError, RGBImageReader, image_size
+from fpt_monai.data.readers import ImageReadError, RGBImageReader, check_pixel_count, image_size
 from fpt_monai.utils import atomic_write
 
 __all__ = ["BAD_ITEM_POLICIES", "DatalistError", "readable_datalist", "validate_datalist"]
@@ -72,8 +72,11 @@ def _label_problem(label: Any, num_classes: int, classes: Sequence[str]) -> str 
     return None
 
 
-def _image_problem(path: str, min_size: int, decoder: RGBImageReader | None, volume_axis: int) -> str | None:
-    """What is wrong with an image file, or ``None``."""
+def _image_problem(
+    path: str, min_size: int, decoder: RGBImageReader | None, volume_axis: int, max_pixels: int | None = None
+) -> str | None:
+    """What is wrong with an image file, or ``None``. An image above ``max_pixels`` is named from its header,
+    before it is decoded."""
     if not os.path.exists(path):
         if os.path.islink(path):
             return f"broken symbolic link: its target {os.readlink(path)} does not exist"
@@ -86,6 +89,15 @@ def _image_problem(path: str, min_size: int, decoder: RGBImageReader | None, vol
         return "file is empty (0 bytes)"
     try:
         height, width = image_size(path, volume_axis=volume_axis)
+    except ImageReadError as err:
+        return f"unreadable image: {str(err).removeprefix(f'{path}: ')}"
+    except Exception as err:  # a reader failing in an unforeseen way is still a bad file, named
+        return f"unreadable image ({type(err).__name__}: {err})"
+    try:
+        check_pixel_count(path, height, width, max_pixels)
+    except ImageReadError as err:
+        return f"image too large: {str(err).removeprefix(f'{path}: ')}"
+    try:
         if decoder is not None:
             height, width = decoder.get_data(decoder.read(path))[0].shape[-2:]
     except ImageReadError as err:
@@ -146,7 +158,7 @@ def validate_datalist(
         disjoint_from: other splits by name (``{"train": train_items}``); an image that is also there is a
             duplicate (split leakage).
         reader: options of :class:`~fpt_monai.data.readers.RGBImageReader` (used with ``decode``; ``volume_axis``
-            also for the header size of volumes).
+            also for the header size of volumes, ``max_pixels`` also for the header check of the pixel count).
         num_threads: threads reading images (file access and decoders that release the GIL dominate).
         image_key: the items' image path key.
         label_key: the items' label key.
@@ -172,8 +184,9 @@ def validate_datalist(
     if labelled and not classes:
         raise ValueError("classes must name at least one class.")
     reader = dict(reader or {})
-    decoder = RGBImageReader(**reader) if decode else None  # invalid options fail here, before any file is read
-    volume_axis = int(reader.get("volume_axis", 2))
+    options = RGBImageReader(**reader)  # invalid options fail here, before any file is read
+    decoder = options if decode else None
+    volume_axis, max_pixels = options.volume_axis, options.max_pixels
     start = time.perf_counter()
 
     problems: dict[int, list[str]] = {}
@@ -230,7 +243,9 @@ def validate_datalist(
         if not any(reason.startswith("duplicate") for reason in problems.get(index, []))
     }
     with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
-        results = pool.map(lambda path: _image_problem(path, min_size, decoder, volume_axis), unique.values())
+        results = pool.map(
+            lambda path: _image_problem(path, min_size, decoder, volume_axis, max_pixels), unique.values()
+        )
         checked = dict(zip(unique, results))
     for index, reason in checked.items():
         if reason:
