@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 LOCK_FILE_NAME = "run.lock"
 # folders this process holds: resolved path -> the RunLock holding it
 _HELD: dict[str, RunLock] = {}
-_HELD_LOCK = threading.Lock()
+_HELD_LOCK = threading.RLock()
 
 
 class RunLockedError(RuntimeError):
