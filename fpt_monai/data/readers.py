@@ -156,7 +156,7 @@ def check_pixel_count(path: Any, height: int, width: int, max_pixels: int | None
     raise ImageReadError(
         f"{path}: the image is {height}x{width} = {pixels / 1e6:.1f} million pixels, more than max_pixels = "
         f"{max_pixels} (reading it would take about {pixels * 16 / 2**30:.1f} GB of memory). Downscale the file, "
-        "or raise the limit: the reader's max_pixels (in the bundle: --image_reader#max_pixels N; null: no limit)."
+        "or raise the limit: the reader's max_pixels (in the bundle: --image_reader#max_pixels N; None: no limit)."
     )
 
 
