@@ -20,7 +20,7 @@ def test_the_json_spelling_of_a_bool_is_the_bool(text, value):
 
 def test_create_fpt_given_the_text_false_builds_random_weights_not_a_file_lookup(random_weights_quiet):
     network = create_fpt("fpt_tiny", num_classes=3, pretrained="false", img_size=64, side_img_size=32)
-    assert network.shape.img_size == 64  # built (on main: "false" was looked up as a weights file)
+    assert network.shape.img_size == (64, 64)  # built (on main: "false" was looked up as a weights file)
 
 
 @pytest.mark.parametrize(
