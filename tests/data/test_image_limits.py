@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -11,22 +10,7 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 
 from fpt_monai.data import DEFAULT_MAX_PIXELS, ImageReadError, LoadImageRGBd, RGBImageReader, validate_datalist
-
-
-def huge_png(path: Path, height: int = 12000, width: int = 12000) -> Path:
-    """A one-colour gray PNG of ``height`` x ``width`` written row by row (a few hundred KB; never in memory)."""
-    import struct
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    compressor, row, parts = zlib.compressobj(9), b"\x00" + b"\x80" * width, []
-    for _ in range(height):
-        parts.append(compressor.compress(row))
-    parts.append(compressor.flush())
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grayscale
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b""))
-    return path
+from image_helpers import huge_png
 
 
 def test_an_image_above_max_pixels_is_refused_from_its_header_naming_the_file_and_the_setting(tmp_path):
