@@ -126,7 +126,7 @@ def test_a_second_run_in_a_folder_in_use_refuses_naming_the_running_one(models, 
             holder.wait()
         assert result.returncode != 0, config
         assert f"{locked} is in use by another run (pid {holder.pid} on host " in result.stderr, result.stderr[-3000:]
-        assert "command: -c import sys, time; from fpt_monai.engine import RunLock" in result.stderr
+        assert f"command: -c {locked}" in result.stderr  # the holder's command line (python -c ... FOLDER)
     assert not (tmp_path / "eval" / "inference" / "predictions.csv").exists()
 
 
