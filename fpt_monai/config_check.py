@@ -9,13 +9,19 @@ traceback. :func:`check_overrides` compares overrides with the config files they
   names the key and suggests the closest existing one;
 - a literal value must have the type of the literal it replaces (``int`` for an ``int``, ``int`` or ``float``
   for a ``float``, ``bool``, ``str``, ``list``, ``dict``), with the exceptions given in ``extra_types`` (e.g.
-  ``pretrained`` takes ``true``/``false`` or a weights file path);
-- a value must be one the key accepts (``value_checks``: ``num_epochs`` and ``batch_size`` at least 1, a
-  positive finite ``learning_rate``, a ``preset`` that exists, a ``kv_dtype`` of the cache's storage dtypes);
+  ``pretrained`` takes ``true``/``false`` or a weights file path, ``image_reader#max_pixels`` a number or ``None``);
+- a value must be one the key accepts (``value_checks``: ``num_epochs``, ``batch_size``, ``val_interval`` and
+  ``image_reader#max_pixels`` at least 1, a positive finite ``learning_rate``, a ``preset`` that exists, a
+  ``kv_dtype`` of the cache's storage dtypes);
 - a top-level key holding a literal must be used by the configs (referred to as ``@key``): an override of a
   setting that nothing reads (e.g. ``--kv_dtype`` for a baseline, which preloads nothing) would have no effect.
 
 Every bad override is reported in one :class:`ConfigOverrideError`.
+
+Booleans: ``fire``, which parses ``monai.bundle``'s command line, turns the Python spelling ``False``/``True``
+into a bool but leaves the JSON spelling ``false``/``true`` as text. ``pretrained`` takes both (the network
+factories read the text ``"false"``/``"true"`` as the bool, see :func:`fpt_monai.weights.pretrained_argument`);
+for the other boolean keys the text is refused, with the spelling to use.
 
 What is checked and where: ``python -m monai.bundle run ...`` command lines (and their ``--args_file``), through
 :func:`check_command_line` in the bundle's ``initialize`` list; ``fpt-monai demo --...`` overrides. Not checked:
@@ -58,7 +64,7 @@ BUNDLE_RUN_ARGUMENTS = (
     "args_file",
 )
 #: Keys of the FPT bundle that accept more than the type of their default value.
-FPT_EXTRA_TYPES: dict[str, tuple[type, ...]] = {"pretrained": (bool, str)}
+FPT_EXTRA_TYPES: dict[str, tuple[type, ...]] = {"pretrained": (bool, str), "image_reader#max_pixels": (int, type(None))}
 
 
 def _at_least_one(value: Any) -> str | None:
@@ -94,6 +100,8 @@ def _known_storage_dtype(value: Any) -> str | None:
 FPT_VALUE_CHECKS: dict[str, Callable[[Any], str | None]] = {
     "num_epochs": _at_least_one,
     "batch_size": _at_least_one,
+    "val_interval": _at_least_one,
+    "image_reader#max_pixels": _at_least_one,
     "learning_rate": _positive_finite,
     "preset": _known_preset,
     "kv_dtype": _known_storage_dtype,
@@ -230,6 +238,9 @@ def _override_problem(
         return None
     expected = extra_types.get("::".join(parts)) or _expected_types(node)
     if expected is not None and not _has_type(value, expected):
+        if bool in expected and isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            spelled = value.strip().capitalize()
+            return f"expects bool, got the text {value!r}: write {spelled} (the command line reads {value} as text)"
         return f"expects {_type_name(expected)} (the config has {node!r:.60}), got {type(value).__name__} {value!r:.60}"
     check = (value_checks or {}).get("::".join(parts))
     problem = check(value) if check is not None else None

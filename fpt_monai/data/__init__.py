@@ -14,6 +14,7 @@ from fpt_monai.data.datalist import (
 )
 from fpt_monai.data.pipeline import fpt_transforms, image_transforms, inference_transforms, make_fpt_dataset
 from fpt_monai.data.readers import (
+    DEFAULT_MAX_PIXELS,
     DICOM_WINDOWS,
     ImageReadError,
     LoadImageRGBd,
@@ -49,6 +50,7 @@ from fpt_monai.data.volumes import (
 
 __all__ = [
     "BAD_ITEM_POLICIES",
+    "DEFAULT_MAX_PIXELS",
     "DICOM_WINDOWS",
     "Datalist",
     "DatalistError",

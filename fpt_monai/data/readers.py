@@ -43,6 +43,15 @@ Which files are images: a file with one of the suffixes ``IMAGE_SUFFIXES``, or a
 of any name, recognised by its first 132 bytes (:func:`sniff_format`; PACS exports name DICOM files ``IM000001``
 or by their UID). GIF, WebP and other formats are not read; :func:`sniff_format` names them for the reports.
 
+Memory is bounded before any pixel is decoded: the size of the 2D image (one frame or slice of a volume) is read
+from the file's header and an image of more than ``max_pixels`` pixels (default :data:`DEFAULT_MAX_PIXELS`, 50
+million) is refused with an :class:`ImageReadError` naming the file and the setting. Reading an image takes about
+16 bytes per pixel at its peak (the decoded values and the ``float32`` RGB array), so 50 million pixels are about
+0.8 GB; the largest usual medical photographs and radiographs (whole fundus photographs up to about 6000x4000,
+mammograms about 4000x5000, scanned films) are 20-30 million. A small file can decode to a huge image (a
+12000x12000 PNG of one colour is a few hundred KB and would need over 2 GB): raise ``max_pixels`` (``None``: no
+limit) for data that needs it.
+
 Known limits: 16-bit-per-channel colour PNG/TIFF are reduced to 8 bits by Pillow; 12-bit JPEG files (outside
 DICOM) are not supported by Pillow; transfer syntaxes neither pydicom nor GDCM decode (e.g. High-Throughput
 JPEG 2000 without ``pylibjpeg-openjpeg``) are refused with a message that names them.
@@ -66,12 +75,14 @@ from monai.utils import ensure_tuple
 
 __all__ = [
     "CONTENT_FORMATS",
+    "DEFAULT_MAX_PIXELS",
     "DICOM_WINDOWS",
     "IMAGE_SUFFIXES",
     "NARROW_DICOM_RANGE",
     "ImageReadError",
     "LoadImageRGBd",
     "RGBImageReader",
+    "check_pixel_count",
     "image_format",
     "image_size",
     "is_dicom_file",
@@ -79,6 +90,8 @@ __all__ = [
     "sniff_format",
 ]
 
+#: Default ``max_pixels``: the largest 2D image (height x width) read, checked from the header before decoding.
+DEFAULT_MAX_PIXELS = 50_000_000
 #: Values of ``dicom_window``.
 DICOM_WINDOWS = ("auto", "stored", "minmax")
 #: ``dicom_window="auto"`` on a grayscale DICOM without VOI window: values that span less than this fraction of the
@@ -188,7 +201,9 @@ def image_format(path: str | os.PathLike) -> str:
     return "dicom" if _is_dicom_head(head) else "pil"
 
 
-def _check_options(volume_slice: int | str, dicom_window: str, value_range: Sequence[float] | None) -> None:
+def _check_options(
+    volume_slice: int | str, dicom_window: str, value_range: Sequence[float] | None, max_pixels: int | None = None
+) -> None:
     if isinstance(volume_slice, bool) or not (isinstance(volume_slice, int) or volume_slice in _PROJECTIONS):
         raise ValueError(f"volume_slice must be a slice index or one of {_PROJECTIONS}, got {volume_slice!r}.")
     if dicom_window not in DICOM_WINDOWS:
@@ -196,6 +211,24 @@ def _check_options(volume_slice: int | str, dicom_window: str, value_range: Sequ
     if value_range is not None:
         if len(value_range) != 2 or not float(value_range[0]) < float(value_range[1]):
             raise ValueError(f"value_range must be (low, high) with low < high, got {value_range!r}.")
+    if max_pixels is not None and (isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1):
+        raise ValueError(f"max_pixels must be a positive integer (pixels) or None (no limit), got {max_pixels!r}.")
+
+
+def check_pixel_count(path: Any, height: int, width: int, max_pixels: int | None) -> None:
+    """Refuse an image of ``height`` x ``width`` (from its header) above ``max_pixels``, before it is decoded.
+
+    Raises:
+        ImageReadError: naming the file, its size, the limit and the setting that changes it.
+    """
+    if max_pixels is None or int(height) * int(width) <= max_pixels:
+        return
+    pixels = int(height) * int(width)
+    raise ImageReadError(
+        f"{path}: the image is {height}x{width} = {pixels / 1e6:.1f} million pixels, more than max_pixels = "
+        f"{max_pixels} (reading it would take about {pixels * 16 / 2**30:.1f} GB of memory). Downscale the file, "
+        "or raise the limit: the reader's max_pixels (in the bundle: --image_reader#max_pixels N; None: no limit)."
+    )
 
 
 def _scale(values: np.ndarray, low: float, high: float) -> np.ndarray:
@@ -250,12 +283,13 @@ def _integer_range(dtype: np.dtype) -> tuple[float, float]:
 
 
 # -- Pillow formats ----------------------------------------------------------------------------------
-def _read_pil(path: Any, value_range: Sequence[float] | None) -> np.ndarray:
+def _read_pil(path: Any, value_range: Sequence[float] | None, max_pixels: int | None = None) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
+        with Image.open(path) as image:  # reads the header only
             image.seek(0)  # first page of a multi-page TIFF
+            check_pixel_count(path, image.height, image.width, max_pixels)
             mode = image.mode
             if mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
                 image = image.convert("RGBA" if mode == "PA" or "transparency" in image.info else "RGB")
@@ -266,21 +300,28 @@ def _read_pil(path: Any, value_range: Sequence[float] | None) -> np.ndarray:
                 image = None
             if image is not None:
                 pixels = np.asarray(image)
+    except ImageReadError:
+        raise
     except UnidentifiedImageError as err:
         if str(path).lower().endswith((".tif", ".tiff")):
-            return _read_tifffile(path, value_range)
+            return _read_tifffile(path, value_range, max_pixels)
         raise ImageReadError(f"{path}: not an image file Pillow can read (nor DICOM, nor NIfTI).") from err
     except (OSError, SyntaxError, ValueError) as err:  # truncated or damaged files
         raise ImageReadError(f"{path}: damaged or unsupported image ({err}).") from err
     return _scale_pixels(pixels, value_range)
 
 
-def _read_tifffile(path: Any, value_range: Sequence[float] | None) -> np.ndarray:
+def _read_tifffile(path: Any, value_range: Sequence[float] | None, max_pixels: int | None = None) -> np.ndarray:
     """TIFFs Pillow cannot open (e.g. float or planar colour) through tifffile, first page."""
     import tifffile
 
     try:
-        pixels = np.asarray(tifffile.imread(path, key=0))
+        with tifffile.TiffFile(path) as tiff:
+            page = tiff.pages[0]
+            check_pixel_count(path, *_tiff_plane(page.shape), max_pixels)
+            pixels = np.asarray(page.asarray())
+    except ImageReadError:
+        raise
     except Exception as err:  # tifffile raises many types for damaged files
         raise ImageReadError(f"{path}: damaged or unsupported TIFF ({err}).") from err
     if pixels.ndim == 3 and pixels.shape[0] in (1, 2, 3, 4) and pixels.shape[-1] not in (1, 2, 3, 4):
@@ -384,6 +425,48 @@ def _itk_dicom_pixels(ds: Any, path: Any) -> np.ndarray:
     return np.rint(values).astype(dtype)
 
 
+#: The Pixel Data tag (7FE0,0010) as it is written, little and big endian.
+_PIXEL_DATA_TAGS = (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10")
+_TRUNCATED_HINT = "the file was probably cut short in a copy, a download or an export: copy it again from its source"
+
+
+def _dicom_cut_in_pixel_data(path: Any) -> str | None:
+    """Why a DICOM file whose data set has no Pixel Data element is truncated, or ``None``.
+
+    pydicom drops an element that the end of the file cuts off: a compressed (encapsulated) image cut anywhere
+    in its fragments then reads as a file without pixel data. Its Pixel Data tag is still in the file's bytes.
+    """
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    for tag in _PIXEL_DATA_TAGS:
+        start = raw.rfind(tag)
+        if start >= 0:
+            return (
+                f"it ends {len(raw) - start} bytes into its pixel data, before the data is complete ({_TRUNCATED_HINT})"
+            )
+    return None
+
+
+def _dicom_short_pixel_data(ds: Any) -> str | None:
+    """Why an uncompressed DICOM image's pixel data is truncated (shorter than its header says), or ``None``."""
+    try:
+        syntax = ds.file_meta.TransferSyntaxUID
+        if syntax.is_compressed:
+            return None
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        values = int(ds.Rows) * int(ds.Columns) * frames * int(ds.get("SamplesPerPixel", 1))
+        expected = (values * int(ds.BitsAllocated) + 7) // 8
+        present = len(ds.PixelData)
+    except Exception:  # missing tags: not a question of length
+        return None
+    if present >= expected:
+        return None
+    return f"its pixel data holds {present} of the {expected} bytes its header describes ({_TRUNCATED_HINT})"
+
+
 def _dicom_pixels(ds: Any, path: Any) -> tuple[np.ndarray, str]:
     """The decoded pixel data and its decoder (``"pydicom"`` or ``"itk"``).
 
@@ -407,13 +490,22 @@ def _dicom_pixels(ds: Any, path: Any) -> tuple[np.ndarray, str]:
     except Exception as err:
         itk_reason = _itk_error(err)
     what = f"transfer syntax {syntax.name}" if syntax is not None else "no transfer syntax"
+    truncated = _dicom_short_pixel_data(ds)
+    if truncated:
+        raise ImageReadError(
+            f"{path}: cannot decode the DICOM pixel data ({what}): the file is truncated: {truncated}."
+        )
     raise ImageReadError(
         f"{path}: cannot decode the DICOM pixel data ({what}): {pydicom_reason}; ITK (GDCM): {itk_reason}."
     )
 
 
 def _read_dicom(
-    path: Any, volume_slice: int | str, dicom_window: str, value_range: Sequence[float] | None
+    path: Any,
+    volume_slice: int | str,
+    dicom_window: str,
+    value_range: Sequence[float] | None,
+    max_pixels: int | None = None,
 ) -> np.ndarray:
     import pydicom
 
@@ -422,7 +514,20 @@ def _read_dicom(
     except Exception as err:  # pydicom raises InvalidDicomError, OSError, struct errors...
         raise ImageReadError(f"{path}: not a readable DICOM file ({err}).") from err
     if "PixelData" not in ds:
+        truncated = _dicom_cut_in_pixel_data(path)
+        if truncated:
+            raise ImageReadError(f"{path}: cannot decode the DICOM pixel data: the file is truncated: {truncated}.")
+        if "Rows" in ds and "Columns" in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+            raise ImageReadError(
+                f"{path}: no DICOM pixel data: the file is truncated: its header describes a {ds.Rows}x{ds.Columns} "
+                f"image but the file ends before its pixel data ({_TRUNCATED_HINT})."
+            )
         raise ImageReadError(f"{path}: DICOM file without pixel data (no image).")
+    try:
+        height, width = int(ds.Rows), int(ds.Columns)
+    except Exception as err:  # missing or malformed tags
+        raise ImageReadError(f"{path}: DICOM image without valid Rows/Columns ({err}).") from err
+    check_pixel_count(path, height, width, max_pixels)
     pixels, decoder = _dicom_pixels(ds, path)
     try:
         return _dicom_to_unit_rgb(ds, pixels, decoder, volume_slice, dicom_window, value_range, path)
@@ -536,6 +641,8 @@ class RGBImageReader(ImageReader):
         volume_axis: the axis of a 3D NIfTI that ``volume_slice`` runs along.
         dicom_window: ``"auto"``, ``"stored"`` or ``"minmax"`` (how grayscale DICOM values become [0, 1]).
         value_range: ``(low, high)`` of raw values mapped to [0, 1] for every format, instead of the defaults.
+        max_pixels: the largest 2D image (height x width, one slice or frame of a volume) read; a larger one is
+            refused from its header, before decoding (see the module docstring). ``None``: no limit.
     """
 
     def __init__(
@@ -544,9 +651,10 @@ class RGBImageReader(ImageReader):
         volume_axis: int = 2,
         dicom_window: str = "auto",
         value_range: Sequence[float] | None = None,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ) -> None:
         super().__init__()
-        _check_options(volume_slice, dicom_window, value_range)
+        _check_options(volume_slice, dicom_window, value_range, max_pixels)
         self.volume_slice = volume_slice
         self.volume_axis = int(volume_axis)
         self.dicom_window = dicom_window
@@ -554,6 +662,7 @@ class RGBImageReader(ImageReader):
         # the rule of dicom_window="auto" for narrow-range files: an attribute, so that it enters a preloading
         # cache's fingerprint (a cache filled under another rule is not reused)
         self.narrow_dicom_range = NARROW_DICOM_RANGE
+        self.max_pixels = max_pixels
 
     def verify_suffix(self, filename: Sequence[str | os.PathLike] | str | os.PathLike) -> bool:
         """One file with a 2D image suffix, or a DICOM, PNG, JPEG or TIFF file of any name (by its content)."""
@@ -566,7 +675,8 @@ class RGBImageReader(ImageReader):
         """The image of one file, ``float32`` ``(3, H, W)`` in [0, 1].
 
         Raises:
-            ImageReadError: naming the file, when it is missing, damaged or not a supported image.
+            ImageReadError: naming the file, when it is missing, damaged, not a supported image, or larger than
+                ``max_pixels``.
         """
         names = ensure_tuple(data)
         if len(names) != 1:
@@ -578,10 +688,11 @@ class RGBImageReader(ImageReader):
             raise ImageReadError(f"{path}: file not found.")
         kind = image_format(path)
         if kind == "dicom":
-            return _read_dicom(path, self.volume_slice, self.dicom_window, self.value_range)
+            return _read_dicom(path, self.volume_slice, self.dicom_window, self.value_range, self.max_pixels)
         if kind == "nifti":
+            check_pixel_count(path, *image_size(path, self.volume_axis), self.max_pixels)  # header only
             return _read_nifti(path, self.volume_slice, self.volume_axis, self.value_range)
-        return _to_rgb(_read_pil(path, self.value_range), path)
+        return _to_rgb(_read_pil(path, self.value_range, self.max_pixels), path)
 
     def get_data(self, img: np.ndarray) -> tuple[np.ndarray, dict]:
         """The image and its metadata (channel first, spatial shape ``(H, W)``)."""
@@ -594,18 +705,21 @@ def read_image(
     volume_axis: int = 2,
     dicom_window: str = "auto",
     value_range: Sequence[float] | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> np.ndarray:
     """Read an image file as a ``float32`` RGB array ``(3, H, W)`` in [0, 1] with :class:`RGBImageReader`.
 
     Args:
         path: a DICOM, NIfTI, PNG, JPEG, TIFF or BMP file.
-        volume_slice, volume_axis, dicom_window, value_range: the reader's options (see :class:`RGBImageReader`).
+        volume_slice, volume_axis, dicom_window, value_range, max_pixels: the reader's options (see
+            :class:`RGBImageReader`).
 
     Raises:
-        ImageReadError: naming the file, when it is missing, damaged or not a supported image.
+        ImageReadError: naming the file, when it is missing, damaged, not a supported image, or larger than
+            ``max_pixels``.
         ValueError: for invalid options.
     """
-    reader = RGBImageReader(volume_slice, volume_axis, dicom_window, value_range)
+    reader = RGBImageReader(volume_slice, volume_axis, dicom_window, value_range, max_pixels)
     return reader.get_data(reader.read(path))[0]
 
 
@@ -665,6 +779,11 @@ def _tifffile_size(path: Any, pil_error: Exception) -> tuple[int, int]:
             shape = tiff.pages[0].shape
     except Exception as err:
         raise ImageReadError(f"{path}: not a readable TIFF ({pil_error}; {err}).") from err
+    return _tiff_plane(shape)
+
+
+def _tiff_plane(shape: Sequence[int]) -> tuple[int, int]:
+    """(height, width) of a TIFF page's shape, interleaved (H, W, C) or planar (C, H, W)."""
     if len(shape) == 3 and shape[0] in (1, 2, 3, 4) and shape[-1] not in (1, 2, 3, 4):
         shape = shape[1:]
     return int(shape[0]), int(shape[1])
@@ -687,8 +806,9 @@ class LoadImageRGBd(LoadImaged):
         dicom_window: str = "auto",
         value_range: Sequence[float] | None = None,
         allow_missing_keys: bool = False,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ) -> None:
-        self.reader = RGBImageReader(volume_slice, volume_axis, dicom_window, value_range)
+        self.reader = RGBImageReader(volume_slice, volume_axis, dicom_window, value_range, max_pixels)
         with warnings.catch_warnings():
             # LoadImage builds every installed reader first; the ones dropped below warn about their optional
             # decoders (nvImageCodec) although they never read a file here

@@ -58,7 +58,7 @@ from typing import Any
 import numpy as np
 
 from fpt_monai.data.datalist import not_read_lines
-from fpt_monai.data.readers import ImageReadError, RGBImageReader, image_size
+from fpt_monai.data.readers import ImageReadError, RGBImageReader, check_pixel_count, image_size
 from fpt_monai.utils import atomic_write, escape_path, file_digest
 
 __all__ = [
@@ -104,8 +104,11 @@ def _label_problem(label: Any, num_classes: int, classes: Sequence[str]) -> str 
     return None
 
 
-def _image_problem(path: str, min_size: int, decoder: RGBImageReader | None, volume_axis: int) -> str | None:
-    """What is wrong with an image file, or ``None``."""
+def _image_problem(
+    path: str, min_size: int, decoder: RGBImageReader | None, volume_axis: int, max_pixels: int | None = None
+) -> str | None:
+    """What is wrong with an image file, or ``None``. An image above ``max_pixels`` is named from its header,
+    before it is decoded."""
     if not os.path.exists(path):
         if os.path.islink(path):
             return f"broken symbolic link: its target {os.readlink(path)} does not exist"
@@ -119,6 +122,15 @@ def _image_problem(path: str, min_size: int, decoder: RGBImageReader | None, vol
     spread = None
     try:
         height, width = image_size(path, volume_axis=volume_axis)
+    except ImageReadError as err:
+        return f"unreadable image: {str(err).removeprefix(f'{path}: ')}"
+    except Exception as err:  # a reader failing in an unforeseen way is still a bad file, named
+        return f"unreadable image ({type(err).__name__}: {err})"
+    try:
+        check_pixel_count(path, height, width, max_pixels)
+    except ImageReadError as err:
+        return f"image too large: {str(err).removeprefix(f'{path}: ')}"
+    try:
         if decoder is not None:
             image = np.asarray(decoder.get_data(decoder.read(path))[0])
             height, width = image.shape[-2:]
@@ -313,7 +325,7 @@ def validate_datalist(
         disjoint_from: other splits by name (``{"train": train_items}``); an image that is also there (the same
             file or a byte-identical copy) is a problem (split leakage), named with its index and path there.
         reader: options of :class:`~fpt_monai.data.readers.RGBImageReader` (used with ``decode``; ``volume_axis``
-            also for the header size of volumes).
+            also for the header size of volumes, ``max_pixels`` also for the header check of the pixel count).
         num_threads: threads reading images (file access and decoders that release the GIL dominate).
         image_key: the items' image path key.
         label_key: the items' label key.
@@ -343,8 +355,9 @@ def validate_datalist(
     if labelled and not classes:
         raise ValueError("classes must name at least one class.")
     reader = dict(reader or {})
-    decoder = RGBImageReader(**reader) if decode else None  # invalid options fail here, before any file is read
-    volume_axis = int(reader.get("volume_axis", 2))
+    options = RGBImageReader(**reader)  # invalid options fail here, before any file is read
+    decoder = options if decode else None
+    volume_axis, max_pixels = options.volume_axis, options.max_pixels
     start = time.perf_counter()
 
     problems: dict[int, list[str]] = {}
@@ -388,7 +401,7 @@ def validate_datalist(
     }
 
     def check(path: str) -> tuple[str | None, str | None]:
-        return _image_problem(path, min_size, decoder, volume_axis), _content(path) if labelled else None
+        return _image_problem(path, min_size, decoder, volume_axis, max_pixels), _content(path) if labelled else None
 
     # image files: checked (and hashed) concurrently (file access, decoding and hashing release the GIL)
     with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:

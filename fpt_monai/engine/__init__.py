@@ -10,6 +10,7 @@ from fpt_monai.engine.checkpoint import (
 )
 from fpt_monai.engine.evaluation import evaluate_checkpoints, load_weights
 from fpt_monai.engine.guards import NonFiniteLossError, NonFiniteLossGuard
+from fpt_monai.engine.lock import RunLock, RunLockedError
 from fpt_monai.engine.handlers import (
     ClassificationReport,
     GradientNormClipping,
@@ -25,6 +26,8 @@ __all__ = [
     "EpochSeeder",
     "NonFiniteLossError",
     "NonFiniteLossGuard",
+    "RunLock",
+    "RunLockedError",
     "SafeCheckpointLoader",
     "SafeCheckpointSaver",
     "attach_resume",

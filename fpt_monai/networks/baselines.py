@@ -529,8 +529,9 @@ def create_baseline(
             ``adapter_bottleneck``, ``adapter_scale``).
     """
     from fpt_monai.networks.fpt import PRESETS, CNNPreset
-    from fpt_monai.weights import create_timm_vit
+    from fpt_monai.weights import create_timm_vit, pretrained_argument
 
+    pretrained = pretrained_argument(pretrained)
     if method not in BASELINE_METHODS:
         raise ValueError(f"method must be one of {BASELINE_METHODS}, got {method!r}.")
     if class_names is not None and len(class_names) != num_classes:

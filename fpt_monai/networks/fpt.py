@@ -522,7 +522,9 @@ def _preset(preset: str, overrides: dict) -> FPTPreset:
 
 def create_backbone(preset: str, pretrained: bool | str = True, **overrides) -> FrozenBackbone:
     """The frozen backbone of a preset (see :func:`create_fpt` for the arguments)."""
-    return _preset(preset, overrides).build_backbone(pretrained)
+    from fpt_monai.weights import pretrained_argument
+
+    return _preset(preset, overrides).build_backbone(pretrained_argument(pretrained))
 
 
 def create_fpt(
@@ -545,7 +547,8 @@ def create_fpt(
         pretrained: ``True`` loads the preset's timm hub weights (needs internet), a path loads a local
             ``.safetensors``/``.pth`` file in timm or Hugging Face ViT layout (MONAI ViT layout for the 3D
             presets, which have no hub weights: ``True`` is an error for them), ``False`` builds random backbone
-            weights (warned about loudly: FPT then has nothing to transfer).
+            weights (warned about loudly: FPT then has nothing to transfer). The text ``"true"``/``"false"`` (a
+            command line's spelling) is the bool.
         fusion_dropout: dropout on the fused prompts.
         side_only: the ablation without the high-resolution branch (see :class:`FPTNet`).
         recompute: recompute the side ViT's activations in backward (less memory) or keep them (faster); see
@@ -555,8 +558,10 @@ def create_fpt(
             ``blocks``, ``num_prompts``, ``reduction``, ``model_name``; for the 3D presets also any
             :class:`MonaiViTPreset` field: ``patch_size``, ``hidden_size``, ``num_layers``, ``mean``, ...).
     """
+    from fpt_monai.weights import pretrained_argument
+
     config = _preset(preset, overrides)
-    backbone = config.build_backbone(pretrained)
+    backbone = config.build_backbone(pretrained_argument(pretrained))
     return FPTNet(
         backbone,
         num_classes=num_classes,

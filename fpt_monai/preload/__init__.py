@@ -2,6 +2,7 @@
 
 from fpt_monai.preload.collate import MixedDtypeBatchError, check_batch_dtypes, dtype_checked_collate
 from fpt_monai.preload.dataset import (
+    CacheNotWritableError,
     CorruptCacheEntryError,
     KVCacheDataset,
     KVReference,
@@ -26,6 +27,7 @@ from fpt_monai.preload.transform import STORAGE_DTYPES, FrozenBackboneKVd, stora
 
 __all__ = [
     "CACHE_FORMAT_VERSION",
+    "CacheNotWritableError",
     "CorruptCacheEntryError",
     "FrozenBackboneKVd",
     "KVCacheDataset",

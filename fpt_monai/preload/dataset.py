@@ -42,6 +42,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -84,6 +85,21 @@ _IDENTITY_KEY = "fpt_monai.item"
 #: An entry modified this close to (or after) the moment it was verified is verified again at its next read: file
 #: times are coarse (a change within the same tick of the clock leaves them as they were).
 _RECENT_NS = 2_000_000_000
+
+
+class CacheNotWritableError(OSError):
+    """A cache that lacks entries on storage this process cannot write (read-only media, another user's folder);
+    the message names the folder and the ways out."""
+
+
+def _unwritable(folder: Path, missing: int | None, err: OSError) -> CacheNotWritableError:
+    lacks = f"lacks {missing} of its entries" if missing is not None else "does not exist"
+    return CacheNotWritableError(
+        err.errno,
+        f"the K/V cache {folder} {lacks} and cannot be written there ({err.strerror or err}). Make the folder "
+        "writable, point cache_dir at a writable folder (bundle: --cache_dir PATH), or preload the cache where it "
+        "is writable (a training run or fpt_monai.preload with the same settings) and copy it here.",
+    )
 
 
 class CorruptCacheEntryError(RuntimeError):
@@ -350,17 +366,39 @@ class KVCacheDataset(PersistentDataset):
         )
         self.cache_root = Path(cache_dir)
         folder = self.cache_root / self.fingerprint[:24]
-        super().__init__(data=data, transform=Compose(transforms), cache_dir=folder, hash_func=item_digest)
+        try:
+            super().__init__(data=data, transform=Compose(transforms), cache_dir=folder, hash_func=item_digest)
+        except OSError as err:  # the folder of this fingerprint cannot be created
+            raise _unwritable(folder, None, err) from err
         self.progress = progress
         self.corrupt_entries: list[Path] = []
         self._verified: dict[str, tuple[int, int, int, int]] = {}  # entry file -> its signature when verified
+        self._writable = False  # the folder took a file in this process
         self._write_description(folder / "fingerprint.json", description)
 
     def _write_description(self, path: Path, description: dict) -> None:
         if path.is_file():
             return
-        with atomic_write(path, "w", what="cache description") as f:
-            f.write(json.dumps({"fingerprint": self.fingerprint, **description}, indent=2, default=str))
+        try:
+            with atomic_write(path, "w", what="cache description") as f:
+                f.write(json.dumps({"fingerprint": self.fingerprint, **description}, indent=2, default=str))
+        except OSError as err:  # read-only storage: a complete cache is still usable, a missing entry is reported
+            logger.debug("Cache description %s not written: %s", path, err)
+
+    def check_writable(self, missing: int) -> None:
+        """Raise :class:`CacheNotWritableError`, naming the cache folder and the fixes, when ``missing`` entries
+        would have to be written to a folder that takes no file (read-only storage); checked once per process.
+        """
+        if self._writable or missing == 0:
+            return
+        folder = Path(self.cache_dir)
+        try:
+            handle, probe = tempfile.mkstemp(prefix=".write_check.", suffix=".tmp", dir=folder)
+            os.close(handle)
+            os.unlink(probe)
+        except OSError as err:
+            raise _unwritable(folder, missing, err) from err
+        self._writable = True
 
     def set_data(self, data: Sequence) -> None:
         """Replace the datalist. Unlike ``PersistentDataset`` the cache is kept: entries are named by item."""
@@ -403,6 +441,7 @@ class KVCacheDataset(PersistentDataset):
             warnings.warn(f"{err} Recomputing it.", stacklevel=3)
             logger.warning("%s Recomputing it.", err)
             self.corrupt_entries.append(path)
+        self.check_writable(1)
         computed = convert_to_tensor(self._pre_transform(deepcopy(item)), convert_numeric=False, track_meta=False)
         write_entry(path, computed, self.fingerprint, identity)
         return computed, path, None
@@ -495,6 +534,7 @@ class KVCacheDataset(PersistentDataset):
         items = list(items)[rank::world_size] if world_size > 1 else items
         identified = [(item_identity(item), item) for item in items]
         missing = [(identity, item) for identity, item in identified if not self._verifies(identity)]
+        self.check_writable(len(missing))  # one clear error before any compute, not one per entry
         report = {"total": len(items), "already_cached": len(items) - len(missing), "computed": 0}
         if world_size > 1:
             report.update(rank=rank, world_size=world_size)

@@ -14,7 +14,7 @@ the task) is essential. One module per job:
   :func:`load_monai_vit_weights` (MONAI-layout checkpoints into a MONAI ``ViT``).
 """
 
-from fpt_monai.weights.files import PretrainedWeightsError, load_state_dict_file
+from fpt_monai.weights.files import PretrainedWeightsError, load_state_dict_file, pretrained_argument
 from fpt_monai.weights.hf import hf_vit_to_timm, is_hf_vit_layout
 from fpt_monai.weights.position import load_monai_vit_weights, resample_position_embedding
 from fpt_monai.weights.timm_vit import create_timm_vit, random_weights_expected
@@ -22,6 +22,7 @@ from fpt_monai.weights.timm_vit import create_timm_vit, random_weights_expected
 __all__ = [
     "PretrainedWeightsError",
     "load_state_dict_file",
+    "pretrained_argument",
     "is_hf_vit_layout",
     "hf_vit_to_timm",
     "create_timm_vit",

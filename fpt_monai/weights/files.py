@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file as _load_safetensors_file
 from torch import nn
 
-__all__ = ["PretrainedWeightsError", "load_state_dict_file"]
+__all__ = ["PretrainedWeightsError", "load_state_dict_file", "pretrained_argument"]
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +28,19 @@ _MAX_LISTED_KEYS = 10
 
 class PretrainedWeightsError(RuntimeError):
     """Raised when pretrained weights cannot be obtained, read, converted or loaded into a model."""
+
+
+def pretrained_argument(pretrained: Any) -> Any:
+    """A ``pretrained`` argument with the boolean spelled as text made a bool: ``"true"``/``"false"`` in any case.
+
+    Command lines spell booleans as JSON does: ``python -m monai.bundle run ... --pretrained false`` hands the
+    config the text ``"false"`` (``fire`` turns only the Python spelling ``False`` into a bool), which would
+    otherwise be taken for a weights file name. A file really named ``false`` is given as ``./false``. Other
+    values are returned unchanged.
+    """
+    if isinstance(pretrained, str) and pretrained.strip().lower() in ("true", "false"):
+        return pretrained.strip().lower() == "true"
+    return pretrained
 
 
 def _format_keys(keys: Sequence[str], limit: int = _MAX_LISTED_KEYS) -> str:
