@@ -14,6 +14,7 @@ from monai.engines import Evaluator
 
 from fpt_monai.engine.checkpoint import _allow_missing_backbone_digest, load_checkpoint
 from fpt_monai.engine.handlers import ClassificationReport
+from fpt_monai.engine.tensorboard import write_test_results
 
 __all__ = ["evaluate_checkpoints", "load_weights"]
 
@@ -67,6 +68,7 @@ def evaluate_checkpoints(
     report: ClassificationReport,
     output_dir: str | os.PathLike,
     allow_missing_backbone_digest: bool = False,
+    log_dir: str | os.PathLike | None = None,
 ) -> dict[str, dict[str, float]]:
     """Load each checkpoint into ``network``, run ``evaluator`` and write its report to ``output_dir/<name>/``.
 
@@ -83,6 +85,9 @@ def evaluate_checkpoints(
         output_dir: parent folder of the per-checkpoint reports.
         allow_missing_backbone_digest: accept FPT checkpoints without the frozen backbone's digest
             (``backbone_sha256``), vouching that they were trained with this network's backbone.
+        log_dir: TensorBoard folder for each checkpoint's metrics (scalars ``test/<name>/<metric>``, e.g.
+            ``test/best/auc``) and confusion matrix (picture ``test/<name>/confusion_matrix``); ``None`` writes
+            none (pass ``None`` on ranks other than 0).
 
     Returns:
         name -> the evaluator's scalar metrics.
@@ -103,6 +108,8 @@ def evaluate_checkpoints(
             if isinstance(value, numbers.Real) or (isinstance(value, torch.Tensor) and value.numel() == 1)
         }
         logger.info("%s checkpoint (%s): %s", name, path, _format(results[name]))
+        if log_dir is not None:
+            write_test_results(log_dir, name, results[name], report.confusion, report.class_names)
     return results
 
 
