@@ -24,13 +24,7 @@ from monai.transforms import rescale_array
 
 from fpt_monai.utils import atomic_write
 
-__all__ = [
-    "display_image",
-    "selection_overlay",
-    "confusion_matrix_image",
-    "save_png",
-    "unique_png_names",
-]
+__all__ = ["display_image", "selection_overlay", "confusion_matrix_image", "save_png", "unique_png_names"]
 
 
 def display_image(image: torch.Tensor | np.ndarray) -> np.ndarray:

@@ -17,6 +17,7 @@ from fpt_monai.engine.handlers import (
     write_training_scalars,
 )
 from fpt_monai.engine.metrics import MacroF1, QuadraticWeightedKappa, classification_output, confusion_matrix
+from fpt_monai.engine.resume import EpochSeeder, attach_resume, epoch_seed, latest_checkpoint, resume_objects
 from fpt_monai.engine.tensorboard import (
     ConfusionMatrixImage,
     HyperparametersText,
@@ -24,7 +25,6 @@ from fpt_monai.engine.tensorboard import (
     SelectionMapWriter,
     write_test_results,
 )
-from fpt_monai.engine.resume import EpochSeeder, attach_resume, epoch_seed, latest_checkpoint, resume_objects
 
 __all__ = [
     "AtomicDiskSaver",

@@ -32,13 +32,7 @@ from monai.visualize import plot_2d_or_3d_image
 
 from fpt_monai.engine.metrics import classification_output, confusion_matrix
 from fpt_monai.networks.fpt import make_side_view
-from fpt_monai.visualize import (
-    confusion_matrix_image,
-    display_image,
-    save_png,
-    selection_overlay,
-    unique_png_names,
-)
+from fpt_monai.visualize import confusion_matrix_image, display_image, save_png, selection_overlay, unique_png_names
 
 __all__ = [
     "ConfusionMatrixImage",

@@ -68,11 +68,7 @@ def important_token_indices(importance: torch.Tensor, token_ratio: float) -> tor
 
 
 def select_important_tokens(
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    importance: torch.Tensor,
-    token_ratio: float,
-    return_indices: bool = False,
+    keys: torch.Tensor, values: torch.Tensor, importance: torch.Tensor, token_ratio: float, return_indices: bool = False
 ) -> tuple[torch.Tensor, ...]:
     """Keep, per sample and head, the ``int(N * token_ratio)`` keys/values with the highest importance.
 

@@ -99,9 +99,7 @@ class FrozenViTBackbone(FrozenBackbone):
         k_sel, v_sel, indices = select_important_tokens(k, v, importance, self.token_ratio, return_indices=True)
         return x, torch.stack((k_sel, v_sel), dim=1), indices
 
-    def _run(
-        self, images: torch.Tensor, all_blocks: bool
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    def _run(self, images: torch.Tensor, all_blocks: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """Keys/values (B, L, 2, H, k, D), final tokens (``None`` unless ``all_blocks``) and selected indices
         (B, L, H, k)."""
         self.check_input(images)
