@@ -326,7 +326,10 @@ def test_standalone_inference_needs_only_the_checkpoint_and_images(trained, tmp_
 
 
 def test_inference_writes_one_selection_map_png_per_image_on_demand(trained, tmp_path):
+    from fire.parser import DefaultParseValue
     from PIL import Image
+
+    from fpt_monai.config_check import check_overrides
 
     root, override = trained
     run_root = tmp_path / "run"
@@ -338,6 +341,8 @@ def test_inference_writes_one_selection_map_png_per_image_on_demand(trained, tmp
         (images / folder).mkdir(parents=True)
         (images / folder / "scan.png").write_bytes(source.read_bytes())
     (images / "other.png").write_bytes(source.read_bytes())
+    # as the bundle README's command line gives it (fire parses `True`), checked like a command line
+    check_overrides(config_files("inference"), {"selection_maps": DefaultParseValue("True")})
     check_workflow(["inference"], "infer",
                    **infer_override(run_root, override["pretrained"], input_dir=str(images), selection_maps=True))
     pngs = sorted((run_root / "eval" / "inference" / "selection_maps").iterdir())
@@ -604,6 +609,9 @@ TESTED_COMMANDS = {
     "python -m monai.bundle run --config_file \"['configs/train.json','configs/evaluate.json']\" "
     "--dataset_dir /data/my_dataset",
     "python -m monai.bundle run --config_file configs/inference.json --input_dir /data/new_images",
+    # the selection-map PNGs: test_inference_writes_one_selection_map_png_per_image_on_demand
+    "python -m monai.bundle run --config_file configs/inference.json --input_dir /data/new_images "
+    "--selection_maps True",
     "python -m monai.bundle download_large_files --bundle_path .",
     "python -m monai.bundle verify_metadata --meta_file configs/metadata.json --filepath schema/meta_schema.json",
     "python -m monai.bundle verify_net_in_out --net_id network_def --meta_file configs/metadata.json "
