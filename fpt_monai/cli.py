@@ -202,13 +202,14 @@ class Commands:
         preset: str = "fpt_demo",
         pretrained: bool | str = True,
         size: int | None = None,
-        alpha: float = 0.6,
+        alpha: float = 0.7,
+        colors: int | None = None,
     ) -> None:
         """Write a PNG of which high-resolution patches FPT's frozen backbone selects in one image.
 
         Left: the image as the backbone reads it (resized to the preset's input size). Right: the same image with
         each patch painted by the fraction of the backbone's (extracted block, head) pairs that kept its token,
-        from none (not painted) through red to yellow-white (every pair kept it). Only the frozen backbone runs,
+        from none (not painted) through blue and cyan to white (every pair kept it). Only the frozen backbone runs,
         so no trained checkpoint is needed: the selection is the backbone's, the same before and after training.
         The bundle writes the same maps at validation (TensorBoard) and, with ``--selection_maps true``, at
         inference.
@@ -219,7 +220,8 @@ class Commands:
             preset: network preset whose backbone selects (``fpt_demo``: the offline demo network).
             pretrained: the backbone's weights (``True``: the preset's own; a path: a local weights file).
             size: height of the written picture in pixels (default: the backbone's input size).
-            alpha: cover of a patch that every block and head kept, in [0, 1].
+            alpha: opacity of the paint on a patch that every block and head kept, in [0, 1].
+            colors: store the PNG with a palette of this many colours (a smaller file, e.g. for documentation).
         """
         import numpy as np
         from monai.transforms import Resize
@@ -245,7 +247,7 @@ class Commands:
             height = int(size)
             width = round(picture.shape[1] * height / picture.shape[0])
             picture = np.asarray(Image.fromarray(picture).resize((width, height), Image.Resampling.LANCZOS))
-        print(save_png(picture, output))
+        print(save_png(picture, output, colors=colors))
 
     def demo(self, work_dir: str = "fpt_demo", method: str = "fpt", **overrides) -> None:
         """Train FPT on the offline sample dataset with the MONAI bundle, evaluate it, print the test metrics.

@@ -7,7 +7,7 @@ TensorBoard handlers (:mod:`fpt_monai.engine.tensorboard`), the inference PNGs a
 all draw with these functions; ``networks/`` stays free of plotting and files.
 
 Drawn with numpy and Pillow (dependencies of the package). MONAI's ``blend_images`` would need matplotlib for its
-colour maps, which the package does not require; the colour ramp here is matplotlib's ``hot`` in closed form.
+colour maps, which the package does not require; the overlay's colour ramp is three anchors, linearly blended.
 """
 
 from __future__ import annotations
@@ -41,26 +41,34 @@ def display_image(image: torch.Tensor | np.ndarray) -> np.ndarray:
     return (np.moveaxis(scaled, 0, -1) * 255 + 0.5).astype(np.uint8)
 
 
-def _hot(values: np.ndarray) -> np.ndarray:
-    """matplotlib's ``hot`` colour map (black -> red -> yellow -> white) of values in [0, 1], as float RGB."""
-    return np.stack([np.clip(3 * values - k, 0, 1) for k in range(3)], axis=-1)
+#: Colours of the selection ramp at fractions 0, 0.5 and 1: blue, cyan, white (they stand out on the red, brown
+#: and grey tones of medical photographs and radiographs).
+_RAMP = np.array([[0.0, 0.25, 1.0], [0.0, 0.9, 1.0], [1.0, 1.0, 1.0]], dtype=np.float32)
+
+
+def _ramp(values: np.ndarray) -> np.ndarray:
+    """Colours (..., 3) of values in [0, 1]: linear between the :data:`_RAMP` anchors."""
+    position = np.clip(values, 0.0, 1.0) * (len(_RAMP) - 1)
+    low = np.minimum(position.astype(np.int64), len(_RAMP) - 2)
+    weight = (position - low)[..., None]
+    return (1 - weight) * _RAMP[low] + weight * _RAMP[low + 1]
 
 
 def selection_overlay(
-    image: torch.Tensor | np.ndarray, selection: torch.Tensor | np.ndarray, alpha: float = 0.6
+    image: torch.Tensor | np.ndarray, selection: torch.Tensor | np.ndarray, alpha: float = 0.7
 ) -> np.ndarray:
     """Paint a selection map over its image: (H, W, 3) uint8.
 
-    Every patch keeps the image where no (block, head) pair selected it; the more pairs selected it, the more it
-    is covered (up to ``alpha``) by a colour from red (few) to yellow-white (all): ``matplotlib``'s ``hot`` ramp
-    applied to ``0.35 + 0.65 * fraction``. The map is enlarged to the image with nearest-neighbour sampling, so
-    each cell is exactly one backbone patch.
+    A patch that no (block, head) pair selected shows the image unchanged; a selected one is covered by a colour
+    from blue (kept by few pairs) through cyan to white (kept by all), with an opacity from ``0.4 * alpha`` to
+    ``alpha`` that grows with the fraction too. The map is enlarged to the image with nearest-neighbour sampling,
+    so each cell is exactly one backbone patch.
 
     Args:
         image: (C, H, W) image, any value range (shown min-max scaled, see :func:`display_image`).
         selection: (h, w) fractions in [0, 1] on the patch grid
             (:meth:`~fpt_monai.networks.FrozenBackbone.selection_map` of one image).
-        alpha: the cover of a patch every pair selected, in [0, 1].
+        alpha: the opacity of a patch every pair selected, in [0, 1].
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}.")
@@ -70,9 +78,8 @@ def selection_overlay(
         raise ValueError(f"expected a 2D selection map (h, w), got shape {tuple(selection.shape)}.")
     fraction = F.interpolate(selection[None, None], size=base.shape[:2], mode="nearest")[0, 0].numpy()
     fraction = np.clip(fraction, 0.0, 1.0)
-    colour = _hot(0.35 + 0.65 * fraction)
-    weight = (alpha * fraction)[..., None]
-    return ((1 - weight) * base * 255 + weight * colour * 255 + 0.5).astype(np.uint8)
+    weight = np.where(fraction > 0, alpha * (0.4 + 0.6 * fraction), 0.0)[..., None]
+    return ((1 - weight) * base * 255 + weight * _ramp(fraction) * 255 + 0.5).astype(np.uint8)
 
 
 def confusion_matrix_image(
@@ -115,14 +122,26 @@ def confusion_matrix_image(
     return np.asarray(picture)
 
 
-def save_png(picture: np.ndarray, path: str | os.PathLike) -> Path:
-    """Write an (H, W, 3) uint8 picture as a PNG, atomically (no half-written file); returns the path."""
+def save_png(picture: np.ndarray, path: str | os.PathLike, colors: int | None = None) -> Path:
+    """Write an (H, W, 3) uint8 picture as a PNG, atomically (no half-written file); returns the path.
+
+    Args:
+        picture: the picture.
+        path: the PNG file (its folder is created).
+        colors: store a palette of this many colours (median cut, no dithering) instead of full RGB: a smaller
+            file, e.g. for documentation.
+    """
     from PIL import Image
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(np.ascontiguousarray(picture))
+    if colors is not None:
+        if not 2 <= int(colors) <= 256:
+            raise ValueError(f"colors must be in [2, 256], got {colors}.")
+        image = image.quantize(int(colors), method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
     with atomic_write(path, "wb", what="PNG") as f:
-        Image.fromarray(np.ascontiguousarray(picture)).save(f, format="PNG", optimize=True)
+        image.save(f, format="PNG", optimize=True)
     return path
 
 
