@@ -8,9 +8,12 @@
 - :func:`write_test_results`: an evaluation's test metrics and confusion matrix per checkpoint;
 - :class:`SelectionMapWriter`: one selection-map PNG per image at inference.
 
-Pictures are drawn by :mod:`fpt_monai.visualize` and written with MONAI's ``plot_2d_or_3d_image``. Writers are
-created on first use, on rank 0 only: the handlers can be attached on every rank of a distributed run (the
-confusion matrix sums all ranks' counts) without other ranks writing event files.
+Pictures are drawn by :mod:`fpt_monai.visualize` and written with MONAI's ``plot_2d_or_3d_image``, to the same
+folder as MONAI's ``TensorBoardStatsHandler`` scalars (MONAI's ``TensorBoardImageHandler`` draws a batch's first
+image, label and output, a segmentation layout; ignite's ``TensorboardLogger`` would be a second writer stack
+beside MONAI's, so neither is used). Writers are created on first use, on rank 0 only: the handlers can be
+attached on every rank of a distributed run (the confusion matrix sums all ranks' counts) without other ranks
+writing event files.
 """
 
 from __future__ import annotations
