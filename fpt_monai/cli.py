@@ -195,6 +195,60 @@ class Commands:
         )
         print(path)
 
+    def selection_map(
+        self,
+        image: str,
+        output: str = "selection_map.png",
+        preset: str = "fpt_demo",
+        pretrained: bool | str = True,
+        size: int | None = None,
+        alpha: float = 0.7,
+        colors: int | None = None,
+    ) -> None:
+        """Write a PNG of which high-resolution patches FPT's frozen backbone selects in one image.
+
+        Left: the image as the backbone reads it (resized to the preset's input size). Right: the same image with
+        each patch painted by the fraction of the backbone's (extracted block, head) pairs that kept its token,
+        from none (not painted) through blue and cyan to white (every pair kept it). Only the frozen backbone runs,
+        so no trained checkpoint is needed: the selection is the backbone's, the same before and after training.
+        The bundle writes the same maps at validation (TensorBoard) and, with ``--selection_maps true``, at
+        inference.
+
+        Args:
+            image: the image file (any format the bundle reads).
+            output: the PNG to write.
+            preset: network preset whose backbone selects (``fpt_demo``: the offline demo network).
+            pretrained: the backbone's weights (``True``: the preset's own; a path: a local weights file).
+            size: height of the written picture in pixels (default: the backbone's input size).
+            alpha: opacity of the paint on a patch that every block and head kept, in [0, 1].
+            colors: store the PNG with a palette of this many colours (a smaller file, e.g. for documentation).
+        """
+        import numpy as np
+        from monai.transforms import Resize
+
+        from fpt_monai.data import LoadImageRGBd
+        from fpt_monai.visualize import display_image, save_png, selection_overlay
+
+        if preset not in PRESETS:
+            raise fire.core.FireError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}.")
+        backbone = create_backbone(preset, pretrained=pretrained)
+        if backbone.shape.spatial_dims != 2:
+            raise fire.core.FireError(f"preset {preset!r} reads volumes; selection maps are drawn for 2D images.")
+        pixels = LoadImageRGBd(keys="image")({"image": image})["image"]
+        pixels = Resize(backbone.shape.img_size, mode="bilinear", anti_aliasing=True)(pixels)
+        pixels = torch.as_tensor(pixels).as_subclass(torch.Tensor).float()
+        mean = torch.tensor(backbone.mean).reshape(-1, 1, 1)
+        std = torch.tensor(backbone.std).reshape(-1, 1, 1)
+        selection = backbone.selection_map(((pixels - mean) / std)[None])[0]
+        picture = np.concatenate([display_image(pixels), selection_overlay(pixels, selection, alpha=alpha)], axis=1)
+        if size is not None and int(size) != picture.shape[0]:
+            from PIL import Image
+
+            height = int(size)
+            width = round(picture.shape[1] * height / picture.shape[0])
+            picture = np.asarray(Image.fromarray(picture).resize((width, height), Image.Resampling.LANCZOS))
+        print(save_png(picture, output, colors=colors))
+
     def demo(self, work_dir: str = "fpt_demo", method: str = "fpt", **overrides) -> None:
         """Train FPT on the offline sample dataset with the MONAI bundle, evaluate it, print the test metrics.
 

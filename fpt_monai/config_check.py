@@ -12,7 +12,7 @@ traceback. :func:`check_overrides` compares overrides with the config files they
   ``pretrained`` takes ``true``/``false`` or a weights file path, ``image_reader#max_pixels`` a number or ``None``);
 - a value must be one the key accepts (``value_checks``: ``num_epochs``, ``batch_size``, ``val_interval`` and
   ``image_reader#max_pixels`` at least 1, a positive finite ``learning_rate``, a ``preset`` that exists, a
-  ``kv_dtype`` of the cache's storage dtypes);
+  ``kv_dtype`` of the cache's storage dtypes, ``selection_map_images`` at least 0);
 - a top-level key holding a literal must be used by the configs (referred to as ``@key``): an override of a
   setting that nothing reads (e.g. ``--kv_dtype`` for a baseline, which preloads nothing) would have no effect.
 
@@ -71,6 +71,10 @@ def _at_least_one(value: Any) -> str | None:
     return f"must be at least 1, got {value!r}" if isinstance(value, int) and value < 1 else None
 
 
+def _at_least_zero(value: Any) -> str | None:
+    return f"must be at least 0, got {value!r}" if isinstance(value, int) and value < 0 else None
+
+
 def _positive_finite(value: Any) -> str | None:
     if isinstance(value, (int, float)) and not (math.isfinite(value) and value > 0):
         return f"must be a positive finite number, got {value!r}"
@@ -105,6 +109,7 @@ FPT_VALUE_CHECKS: dict[str, Callable[[Any], str | None]] = {
     "learning_rate": _positive_finite,
     "preset": _known_preset,
     "kv_dtype": _known_storage_dtype,
+    "selection_map_images": _at_least_zero,
 }
 _SPECIAL_KEYS = ("_target_", "_disabled_", "_requires_", "_desc_", "_mode_")
 

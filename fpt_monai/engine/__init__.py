@@ -17,8 +17,15 @@ from fpt_monai.engine.handlers import (
     ProgressBarHandler,
     write_training_scalars,
 )
-from fpt_monai.engine.metrics import MacroF1, QuadraticWeightedKappa, classification_output
+from fpt_monai.engine.metrics import MacroF1, QuadraticWeightedKappa, classification_output, confusion_matrix
 from fpt_monai.engine.resume import EpochSeeder, attach_resume, epoch_seed, latest_checkpoint, resume_objects
+from fpt_monai.engine.tensorboard import (
+    ConfusionMatrixImage,
+    HyperparametersText,
+    SelectionMapImages,
+    SelectionMapWriter,
+    write_test_results,
+)
 
 __all__ = [
     "AtomicDiskSaver",
@@ -35,6 +42,12 @@ __all__ = [
     "latest_checkpoint",
     "resume_objects",
     "ClassificationReport",
+    "ConfusionMatrixImage",
+    "HyperparametersText",
+    "SelectionMapImages",
+    "SelectionMapWriter",
+    "confusion_matrix",
+    "write_test_results",
     "GradientNormClipping",
     "MacroF1",
     "ProgressBarHandler",

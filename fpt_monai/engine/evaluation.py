@@ -15,6 +15,7 @@ from monai.engines import Evaluator
 from fpt_monai.engine.checkpoint import _allow_missing_backbone_digest, load_checkpoint
 from fpt_monai.engine.handlers import ClassificationReport
 from fpt_monai.networks.labels import ClassNamesMismatchError, set_class_mapping
+from fpt_monai.engine.tensorboard import write_test_results
 
 __all__ = ["evaluate_checkpoints", "load_weights"]
 
@@ -85,6 +86,7 @@ def evaluate_checkpoints(
     output_dir: str | os.PathLike,
     allow_missing_backbone_digest: bool = False,
     class_mapping: str = "strict",
+    log_dir: str | os.PathLike | None = None,
 ) -> dict[str, dict[str, float]]:
     """Load each checkpoint into ``network``, run ``evaluator`` and write its report to ``output_dir/<name>/``.
 
@@ -102,6 +104,9 @@ def evaluate_checkpoints(
         allow_missing_backbone_digest: accept FPT checkpoints without the frozen backbone's digest
             (``backbone_sha256``), vouching that they were trained with this network's backbone.
         class_mapping: what a checkpoint's class names may differ in (see :func:`load_weights`).
+        log_dir: TensorBoard folder for each checkpoint's metrics (scalars ``test/<name>/<metric>``, e.g.
+            ``test/best/auc``) and confusion matrix (picture ``test/<name>/confusion_matrix``); ``None`` writes
+            none (pass ``None`` on ranks other than 0).
 
     Returns:
         name -> the evaluator's scalar metrics.
@@ -122,6 +127,8 @@ def evaluate_checkpoints(
             if isinstance(value, numbers.Real) or (isinstance(value, torch.Tensor) and value.numel() == 1)
         }
         logger.info("%s checkpoint (%s): %s", name, path, _format(results[name]))
+        if log_dir is not None:
+            write_test_results(log_dir, name, results[name], report.confusion, report.class_names)
     return results
 
 

@@ -20,7 +20,7 @@ from monai.data import decollate_batch
 from monai.engines import IterationEvents
 from monai.utils import CommonKeys
 
-from fpt_monai.engine.metrics import classification_output
+from fpt_monai.engine.metrics import classification_output, confusion_matrix
 from fpt_monai.networks.labels import class_names_of
 from fpt_monai.utils import atomic_write, escape_path
 
@@ -151,6 +151,7 @@ class ClassificationReport:
         self.image_key = image_key
         self.output_transform = output_transform
         self.extra: dict = {}
+        self.confusion: torch.Tensor | None = None  # of the last run with labels (rank 0)
         self._rows: list[dict] = []
 
     @property
@@ -186,6 +187,7 @@ class ClassificationReport:
         self._rows = []
         self._run_class_names = None
         self._run_class_names = self.class_names
+        self.confusion = None
 
     def _collect(self, engine: Engine) -> None:
         # MONAI engines decollate batch and output into per-item lists by default; accept batched ones too
@@ -238,9 +240,12 @@ class ClassificationReport:
         if not rows or "label" not in rows[0]:
             logger.info("predictions for %d images written to %s", len(rows), self.output_dir / "predictions.csv")
             return
-        confusion = torch.zeros(n, n, dtype=torch.long)
-        for row in rows:
-            confusion[row["label"], max(range(n), key=lambda c: row["probabilities"][c])] += 1
+        confusion = confusion_matrix(
+            torch.tensor([row["label"] for row in rows]),
+            torch.tensor([max(range(n), key=lambda c: row["probabilities"][c]) for row in rows]),
+            n,
+        )
+        self.confusion = confusion
         with atomic_write(self.output_dir / "confusion_matrix.csv", "w", what="report", fsync=True, newline="") as f:
             _write_csv(
                 f,

@@ -13,7 +13,7 @@ import torch
 from ignite.metrics import CohenKappa, Fbeta, MetricsLambda, Precision, Recall
 from monai.utils import CommonKeys
 
-__all__ = ["classification_output", "MacroF1", "QuadraticWeightedKappa"]
+__all__ = ["classification_output", "confusion_matrix", "MacroF1", "QuadraticWeightedKappa"]
 
 
 def classification_output(
@@ -45,6 +45,20 @@ def classification_output(
     if one_hot:
         return pred, torch.nn.functional.one_hot(label, num_classes).float()
     return pred, label
+
+
+def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(num_classes, num_classes) counts (long, CPU): rows are the true classes, columns the predicted ones.
+
+    Args:
+        labels: (B,) true class indices.
+        predictions: (B,) predicted class indices.
+        num_classes: number of classes.
+    """
+    labels = torch.as_tensor(labels).long().reshape(-1).cpu()
+    predictions = torch.as_tensor(predictions).long().reshape(-1).cpu()
+    counts = torch.bincount(labels * num_classes + predictions, minlength=num_classes * num_classes)
+    return counts.reshape(num_classes, num_classes)
 
 
 def _predictions(output_transform: Callable, num_classes: int, indices: bool) -> Callable:

@@ -230,6 +230,47 @@ def test_training_writes_trainable_only_checkpoints_and_tensorboard(trained):
     assert {"train_loss", "learning_rate", "grad_norm", "val_auc", "val_accuracy", "val_f1", "val_kappa"} <= tags
 
 
+def event_tags(log_dir: Path) -> dict[str, set]:
+    """Tags of every kind (scalars, images, tensors: text) in the event files of a TensorBoard folder."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags: dict[str, set] = {}
+    for events in log_dir.glob("events.*"):
+        accumulator = EventAccumulator(str(events), size_guidance={"images": 0, "tensors": 0})
+        accumulator.Reload()
+        for kind, names in accumulator.Tags().items():
+            if isinstance(names, list):
+                tags.setdefault(kind, set()).update(names)
+    return tags
+
+
+def test_training_logs_selection_maps_side_views_confusion_matrix_and_settings(trained):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    root, override = trained
+    log_dir = root / "eval" / "tensorboard"
+    tags = event_tags(log_dir)
+    # the 3 validation images (fewer than the 4 asked for), each with its selection map and side view
+    assert {f"val/selection_map/{i}_CHW" for i in range(3)} <= tags["images"]
+    assert {f"val/side_view/{i}_CHW" for i in range(3)} <= tags["images"]
+    assert "val/selection_map/3_CHW" not in tags["images"]
+    assert "val_confusion_matrix_CHW" in tags["images"]
+    assert {"hparams/text_summary", "val/predictions/text_summary"} <= tags["tensors"]
+    for events in log_dir.glob("events.*"):
+        accumulator = EventAccumulator(str(events), size_guidance={"images": 0, "tensors": 0})
+        accumulator.Reload()
+        if "val/selection_map/0_CHW" in accumulator.Tags()["images"]:
+            maps = accumulator.Images("val/selection_map/0_CHW")
+            assert [m.step for m in maps] == [1, 2]  # every validation
+            assert maps[0].width == maps[0].height == override["network_def#img_size"]
+            side = accumulator.Images("val/side_view/0_CHW")[0]
+            assert side.width == override["network_def#side_img_size"]
+        if "hparams/text_summary" in accumulator.Tags()["tensors"]:
+            text = accumulator.Tensors("hparams/text_summary")[0].tensor_proto.string_val[0].decode()
+            assert "| kv_dtype | float16 |" in text and "| preset | fpt_tiny |" in text
+            assert f"| learning_rate | {override['learning_rate']} |" in text
+
+
 def test_training_refuses_a_dataset_whose_classes_differ_from_class_names(trained, tmp_path):
     root, override = trained
     workflow = ConfigWorkflow(config_file=config_files("train"), meta_file=META, logging_file=False,
@@ -254,6 +295,11 @@ def test_evaluation_reports_both_checkpoints(trained):
         assert len(rows) == 3 and all(Path(row["filename"]).is_file() for row in rows)
         assert abs(sum(float(v) for k, v in rows[0].items() if k.startswith("probability_")) - 1) < 1e-4
         assert (report / "confusion_matrix.csv").is_file()
+    # the test metrics and confusion matrix of each checkpoint in TensorBoard
+    tags = event_tags(root / "eval" / "tensorboard")
+    for name in ("best", "final"):
+        assert {f"test/{name}/{m}" for m in ("auc", "accuracy", "f1", "kappa")} <= tags["scalars"]
+        assert f"test/{name}/confusion_matrix_CHW" in tags["images"]
 
 
 def test_standalone_inference_needs_only_the_checkpoint_and_images(trained, tmp_path):
@@ -276,6 +322,35 @@ def test_standalone_inference_needs_only_the_checkpoint_and_images(trained, tmp_
     assert [k for k in rows[0] if k.startswith("probability_")] == [f"probability_{c}" for c in SAMPLE_CLASSES]
     report = json.loads((run_root / "eval" / "inference" / "input_check.json").read_text())
     assert sorted(Path(p["image"]).name for p in report["problems"]) == ["cut.png", "notes.png"]
+    assert not (run_root / "eval" / "inference" / "selection_maps").exists()  # off by default
+
+
+def test_inference_writes_one_selection_map_png_per_image_on_demand(trained, tmp_path):
+    from fire.parser import DefaultParseValue
+    from PIL import Image
+
+    from fpt_monai.config_check import check_overrides
+
+    root, override = trained
+    run_root = tmp_path / "run"
+    (run_root / "models").mkdir(parents=True)
+    (run_root / "models" / "model.pt").write_bytes((root / "models" / "model.pt").read_bytes())
+    source = sorted((root / "data" / "test").rglob("*.png"))[0]
+    images = tmp_path / "images"
+    for folder in ("a", "b"):  # the same file name in two folders
+        (images / folder).mkdir(parents=True)
+        (images / folder / "scan.png").write_bytes(source.read_bytes())
+    (images / "other.png").write_bytes(source.read_bytes())
+    # as the bundle README's command line gives it (fire parses `True`), checked like a command line
+    check_overrides(config_files("inference"), {"selection_maps": DefaultParseValue("True")})
+    check_workflow(["inference"], "infer",
+                   **infer_override(run_root, override["pretrained"], input_dir=str(images), selection_maps=True))
+    pngs = sorted((run_root / "eval" / "inference" / "selection_maps").iterdir())
+    names = [p.name for p in pngs]
+    assert len(pngs) == 3 and "other.png" in names, names
+    assert sum(n.startswith("scan-") and n.endswith(".png") for n in names) == 2
+    with Image.open(pngs[0]) as picture:
+        assert picture.size == (TINY_INFER["network_def#img_size"],) * 2 and picture.mode == "RGB"
 
 
 def test_inference_on_a_pacs_export_reads_dicoms_by_content_and_names_every_other_file(trained, tmp_path):
@@ -619,6 +694,9 @@ TESTED_COMMANDS = {
     "python -m monai.bundle run --config_file \"['configs/train.json','configs/evaluate.json']\" "
     "--dataset_dir /data/my_dataset",
     "python -m monai.bundle run --config_file configs/inference.json --input_dir /data/new_images",
+    # the selection-map PNGs: test_inference_writes_one_selection_map_png_per_image_on_demand
+    "python -m monai.bundle run --config_file configs/inference.json --input_dir /data/new_images "
+    "--selection_maps True",
     "python -m monai.bundle download_large_files --bundle_path .",
     "python -m monai.bundle verify_metadata --meta_file configs/metadata.json --filepath schema/meta_schema.json",
     "python -m monai.bundle verify_net_in_out --net_id network_def --meta_file configs/metadata.json "

@@ -78,6 +78,30 @@ def test_help_lists_the_commands_of_the_method():
     result = run_cli("--help")
     assert result.returncode == 0, result.stderr
     listed = result.stdout + result.stderr
-    for command in ("presets", "params", "preload", "demo", "export_bundle", "sample_data", "sample_data_3d"):
+    for command in ("presets", "params", "preload", "demo", "export_bundle", "sample_data", "sample_data_3d",
+                    "selection_map"):
         assert f"\n     {command}\n" in listed, command
     assert "accuracy" not in listed and "memory" not in listed  # the benchmarks live in python -m benchmarks
+
+
+def test_selection_map_command_writes_the_image_beside_its_selection_map(tmp_path, capsys):
+    import numpy as np
+    import timm
+    import torch
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from fpt_monai.cli import Commands
+
+    torch.manual_seed(0)
+    weights = tmp_path / "vit_tiny.safetensors"
+    save_file(timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0).state_dict(), str(weights))
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 96, 3), dtype=np.uint8)).save(image)
+    output = tmp_path / "docs" / "map.png"
+    Commands().selection_map(str(image), output=str(output), preset="fpt_tiny", pretrained=str(weights), size=128)
+    assert capsys.readouterr().out.strip() == str(output)
+    with Image.open(output) as picture:
+        assert picture.size == (256, 128) and picture.mode == "RGB"  # the image and its map, side by side
+        pixels = np.asarray(picture)
+    assert not np.array_equal(pixels[:, :128], pixels[:, 128:])  # the right half is painted

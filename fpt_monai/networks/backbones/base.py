@@ -9,13 +9,14 @@ implement it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from fpt_monai.networks.selection import num_selected_tokens
+from fpt_monai.networks.selection import num_selected_tokens, selection_frequency
 from fpt_monai.utils import state_dict_sha256
 
 __all__ = ["BackboneShape", "FrozenBackbone", "state_dict_sha256"]
@@ -52,6 +53,11 @@ class BackboneShape:
     token_ratio: float
 
     @property
+    def grid(self) -> tuple[int, ...]:
+        """Patch tokens per spatial dim: ``img_size // patch_size``."""
+        return tuple(i // p for i, p in zip(self.img_size, self.patch_size))
+
+    @property
     def num_selected_tokens(self) -> int:
         """Tokens kept per block and head: ``int(num_tokens * token_ratio)``."""
         return num_selected_tokens(self.num_tokens, self.token_ratio)
@@ -70,6 +76,7 @@ class FrozenBackbone(nn.Module):
     - :attr:`shape`: a :class:`BackboneShape` (input size, width, heads, tokens, extracted blocks);
     - ``forward(images)``: (B, in_channels, *img_size) -> keys/values (B, L, 2, H, k, D), under no-grad;
     - ``forward_with_features(images)``: the same keys/values plus the backbone's own final features;
+    - :meth:`selection_map`: which patches the selection kept, per image (for display; not used in training);
     - :meth:`weights_digest`: SHA-256 of the frozen weights, naming them in checkpoints and caches;
     - ``mean`` / ``std``: the per-channel input normalisation the weights were trained with (images scaled to
       [0, 1], then ``(x - mean) / std``), tuples of floats set by each implementation.
@@ -152,3 +159,32 @@ class FrozenBackbone(nn.Module):
     def forward_with_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Selected keys/values as :meth:`forward`, plus the backbone's own final features."""
         raise NotImplementedError
+
+    def selected_token_indices(self, images: torch.Tensor) -> torch.Tensor:
+        """Indices (B, L, H, k) of the tokens :meth:`forward` keeps, per extracted block and head.
+
+        Implementations return what their forward's own selection picked (the same walk through the blocks and
+        the same :func:`~fpt_monai.networks.selection.select_important_tokens` call), under no-grad.
+        """
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def selection_map(self, images: torch.Tensor) -> torch.Tensor:
+        """Which high-resolution patches the token selection kept: one map per image, on the patch grid.
+
+        The value of a patch is the fraction of the (extracted block, head) pairs whose selection kept its token
+        (1: kept by every block and head, 0: by none). Prefix tokens (class token, the CNN adapter's mean token)
+        have no patch and are left out. It costs one pass of the backbone up to its last extracted block.
+
+        Args:
+            images: (B, in_channels, *img_size), normalised as for :meth:`forward`.
+
+        Returns:
+            Float tensor (B, *grid) in [0, 1], ``grid = img_size // patch_size`` per spatial dim.
+        """
+        indices = self.selected_token_indices(images)
+        grid = self.shape.grid
+        frequency = selection_frequency(indices, self.shape.num_tokens)
+        patches = math.prod(grid)
+        # prefix tokens come first in every implementation's sequence, patch tokens follow in row-major order
+        return frequency[:, self.shape.num_tokens - patches :].reshape(frequency.shape[0], *grid)

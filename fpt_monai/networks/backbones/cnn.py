@@ -212,15 +212,19 @@ class FrozenCNNBackbone(FrozenBackbone):
             result[b] = (centre, scale)
         return result
 
-    def block_kv(self, block: int, features: torch.Tensor) -> torch.Tensor:
-        """Selected keys/values (B, 2, H, k, D) of one extracted block's feature map (B, C, h, w)."""
+    def block_kv(
+        self, block: int, features: torch.Tensor, return_indices: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Selected keys/values (B, 2, H, k, D) of one extracted block's feature map (B, C, h, w), and with
+        ``return_indices`` the indices (B, H, k) of the selected tokens."""
         kv = self.standardised_tokens(block, features) @ self.projection(block)  # (B, N, H * D)
         b, n, _ = kv.shape
         kv = kv.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, N, D)
         importance = (kv - kv[:, :, :1]).norm(dim=-1)  # token 0 is the mean of the grid tokens
         importance[:, :, 0] = float("inf")
-        k_sel, v_sel = select_important_tokens(kv, kv, importance, self.token_ratio)
-        return torch.stack((k_sel, v_sel), dim=1)
+        k_sel, v_sel, indices = select_important_tokens(kv, kv, importance, self.token_ratio, return_indices=True)
+        selected = torch.stack((k_sel, v_sel), dim=1)
+        return (selected, indices) if return_indices else selected
 
     def _block_outputs(self, images: torch.Tensor, last: int) -> Iterator[tuple[int, torch.Tensor]]:
         """``(index, feature map)`` after every block up to ``last``: the one walk through the network."""
@@ -237,12 +241,15 @@ class FrozenCNNBackbone(FrozenBackbone):
             if index in self.extracted_blocks:
                 yield index, x
 
-    def _walk(self, images: torch.Tensor, all_blocks: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        selected = []
+    def _walk(self, images: torch.Tensor, all_blocks: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys/values (B, L, 2, H, k, D), the last block's feature map and the selected indices (B, L, H, k)."""
+        selected, indices = [], []
         for index, x in self._block_outputs(images, self.depth - 1 if all_blocks else self.extracted_blocks[-1]):
             if index in self.extracted_blocks:
-                selected.append(self.block_kv(index, x))
-        return torch.stack(selected, dim=1), x
+                kv, kept = self.block_kv(index, x, return_indices=True)
+                selected.append(kv)
+                indices.append(kept)
+        return torch.stack(selected, dim=1), x, torch.stack(indices, dim=1)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -260,11 +267,16 @@ class FrozenCNNBackbone(FrozenBackbone):
         The final features are the model's head convolution output (``conv_head``/``bn2`` when the model has
         them, else the last block's output) as (B, 1 + grid**2, C) tokens, mean token first.
         """
-        kv, x = self._walk(images, all_blocks=True)
+        kv, x, _ = self._walk(images, all_blocks=True)
         m = self.model
         if hasattr(m, "conv_head") and hasattr(m, "bn2"):
             x = m.bn2(m.conv_head(x))
         return kv, self.to_grid(x)
+
+    @torch.no_grad()
+    def selected_token_indices(self, images: torch.Tensor) -> torch.Tensor:
+        """Indices (B, L, H, k) of the tokens :meth:`forward` keeps (its own walk and selection)."""
+        return self._walk(images, all_blocks=False)[2]
 
     @torch.no_grad()
     def block_tokens(self, images: torch.Tensor) -> list[torch.Tensor]:

@@ -90,15 +90,18 @@ class FrozenViTBackbone(FrozenBackbone):
 
     def _extracting_block(
         self, block: nn.Module, x: torch.Tensor, finish: bool = True
-    ) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """Selected keys/values (B, 2, H, k, D) of ``block`` and its output tokens (``None`` unless ``finish``)."""
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """Output tokens of ``block`` (``None`` unless ``finish``), its selected keys/values (B, 2, H, k, D) and
+        the indices (B, H, k) of the selected tokens."""
         q, k, v, scale = self.attention_inputs(block, x)
         context, importance = self._attend_and_rank(q, k, v if finish else None, scale)
         x = self.finish_block(block, x, context) if finish else None
-        k_sel, v_sel = select_important_tokens(k, v, importance, self.token_ratio)
-        return x, torch.stack((k_sel, v_sel), dim=1)
+        k_sel, v_sel, indices = select_important_tokens(k, v, importance, self.token_ratio, return_indices=True)
+        return x, torch.stack((k_sel, v_sel), dim=1), indices
 
-    def _run(self, images: torch.Tensor, all_blocks: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _run(self, images: torch.Tensor, all_blocks: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Keys/values (B, L, 2, H, k, D), final tokens (``None`` unless ``all_blocks``) and selected indices
+        (B, L, H, k)."""
         self.check_input(images)
         if type(images) is not torch.Tensor and not exporting():
             # a MONAI MetaTensor (or other subclass): its per-op metadata handling would be paid by every op of the
@@ -109,23 +112,26 @@ class FrozenViTBackbone(FrozenBackbone):
             # activations, 50 MB at batch 4) are then 13 MB, small enough for the allocator to reuse instead of
             # mapping fresh, page-faulting memory on every call; measured 6.52 vs 7.30 s per batch of 4 (best of 5).
             runs = [self._run_images(image[None], all_blocks) for image in images]
-            tokens = None if runs[0][1] is None else torch.cat([x for _, x in runs])
-            return torch.cat([kv for kv, _ in runs]), tokens
+            tokens = None if runs[0][1] is None else torch.cat([x for _, x, _ in runs])
+            return torch.cat([kv for kv, _, _ in runs]), tokens, torch.cat([i for _, _, i in runs])
         return self._run_images(images, all_blocks)
 
-    def _run_images(self, images: torch.Tensor, all_blocks: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _run_images(
+        self, images: torch.Tensor, all_blocks: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         x = self.embed(images)
-        selected = []
+        selected, indices = [], []
         last = self.depth - 1 if all_blocks else self.extracted_blocks[-1]
         for index, block in enumerate(self._blocks[: last + 1]):
             if index in self.extracted_blocks:
                 # Of the last block only its keys, values and importance are needed unless the backbone's own
                 # output is asked for: its attention output, projection and MLP (1/12 of ViT-B/16) are skipped.
-                x, kv = self._extracting_block(block, x, finish=all_blocks or index != last)
+                x, kv, kept = self._extracting_block(block, x, finish=all_blocks or index != last)
                 selected.append(kv)
+                indices.append(kept)
             else:
                 x = block(x)
-        return torch.stack(selected, dim=1), x
+        return torch.stack(selected, dim=1), x, torch.stack(indices, dim=1)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -145,8 +151,13 @@ class FrozenViTBackbone(FrozenBackbone):
     @torch.no_grad()
     def forward_with_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Selected keys/values as :meth:`forward`, plus the backbone's own final (normed) tokens."""
-        kv, x = self._run(images, all_blocks=True)
+        kv, x, _ = self._run(images, all_blocks=True)
         return kv, self.final_norm(x)
+
+    @torch.no_grad()
+    def selected_token_indices(self, images: torch.Tensor) -> torch.Tensor:
+        """Indices (B, L, H, k) of the tokens :meth:`forward` keeps (its own walk and selection)."""
+        return self._run(images, all_blocks=False)[2]
 
 
 class TimmViTBackbone(FrozenViTBackbone):
