@@ -703,6 +703,12 @@ TESTED_COMMANDS = {
     "--config_file configs/inference.json",
     "python -m monai.bundle ckpt_export --net_id network_def --filepath models/model.ts --ckpt_file models/model.pt "
     "--meta_file configs/metadata.json --config_file configs/inference.json",
+    # ONNX: test_onnx_export_as_documented_has_a_dynamic_batch_and_the_overlay_predicts_as_eager
+    "python -m monai.bundle onnx_export network_def --filepath models/model.onnx --ckpt_file models/model.pt "
+    "--meta_file configs/metadata.json --config_file configs/inference.json --converter_kwargs "
+    """'{"input_names": ["image"], "output_names": ["pred"], "dynamic_axes": {"image": [0], "pred": [0]}}'""",
+    "python -m monai.bundle run --config_file \"['configs/inference.json','configs/inference_onnx.json']\" "
+    "--input_dir /data/new_images",
 }
 
 
