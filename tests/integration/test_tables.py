@@ -46,6 +46,7 @@ def isic(root: Path) -> tuple[Path, dict]:
     """A one-hot ground-truth CSV ``image,MEL,NV,BCC,lesion_id`` beside its JPEGs; two images per lesion."""
     classes = ["MEL", "NV", "BCC"]
     lines = ["image,MEL,NV,BCC,lesion_id"]
+    root.mkdir(parents=True)
     for i in range(18):
         label = (i // 2) % 3
         Image.fromarray(np.random.default_rng(100 + i).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(
