@@ -402,10 +402,6 @@ def _make_splits(path: Path, items: list[dict], options: Mapping[str, Any]) -> d
     return split_rows(items, {"val": options["val_fraction"], "test": options["test_fraction"]}, options["seed"])
 
 
-def _key(item: Mapping) -> tuple[str, Any]:
-    return os.path.abspath(item["image"]), item["label"]
-
-
 def table_splits(
     path: str | os.PathLike, classes: Sequence[str], label_table: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -479,28 +475,36 @@ def _check_saved(split_file: Path, path: Path, saved: dict, items: list[dict], c
     advice = "delete that file to split the table again, or restore the table it was made from"
     if saved.get("classes") != classes:
         raise LabelTableError(f"{mismatch}: it has the classes {saved.get('classes')}, not {classes}; {advice}.")
-    saved_split = {}
+    saved_split: dict[str, tuple[str, Any]] = {}
     for name in SPLITS:
         for item in saved[name]:
             if not isinstance(item, dict) or "image" not in item or "label" not in item:
                 raise LabelTableError(f"{mismatch}: its '{name}' list has an item {item!r:.100}; {advice}.")
-            saved_split[_key(item)] = name
-    table = {_key(item): item for item in items}
-    added = [item for key, item in table.items() if key not in saved_split]
-    removed = [key for key in saved_split if key not in table]
-    moved = [
-        item for key, item in table.items() if "split" in item and key in saved_split and saved_split[key] != item["split"]
-        and not (item["split"] == "train" and saved_split[key] == "val")
+            saved_split[os.path.abspath(item["image"])] = name, item["label"]
+    table = {os.path.abspath(item["image"]): item for item in items}
+    added = [item["line"] for image, item in table.items() if image not in saved_split]
+    removed = [image for image in saved_split if image not in table]
+    relabelled = [
+        item["line"] for image, item in table.items() if image in saved_split and saved_split[image][1] != item["label"]
     ]
-    if added or removed or moved:
-        found = []
-        if added:
-            found.append(f"{len(added)} row(s) not in it (lines {_lines([item['line'] for item in added], 5)})")
-        if removed:
-            shown = ", ".join(f"{escape_path(image)} (label {label})" for image, label in removed[:3])
-            found.append(f"{len(removed)} item(s) no longer in the table (e.g. {shown})")
-        if moved:
-            found.append(f"{len(moved)} row(s) in another split (lines {_lines([item['line'] for item in moved], 5)})")
+    moved = [  # a row the table puts in another split (a validation split carved from its training rows is kept)
+        item["line"]
+        for image, item in table.items()
+        if "split" in item
+        and image in saved_split
+        and saved_split[image][0] != item["split"]
+        and (item["split"], saved_split[image][0]) != ("train", "val")
+    ]
+    found = []
+    if added:
+        found.append(f"{len(added)} row(s) not in it (lines {_lines(added, 5)})")
+    if removed:
+        found.append(f"{len(removed)} of its images no longer in the table (e.g. {escape_path(removed[0])})")
+    if relabelled:
+        found.append(f"{len(relabelled)} row(s) with another label (lines {_lines(relabelled, 5)})")
+    if moved:
+        found.append(f"{len(moved)} row(s) in another split (lines {_lines(moved, 5)})")
+    if found:
         raise LabelTableError(f"{mismatch}: {'; '.join(found)}; {advice}.")
 
 

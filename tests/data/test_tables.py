@@ -144,7 +144,7 @@ def test_a_saved_split_that_no_longer_matches_the_table_is_refused_naming_the_fi
     table_splits(path, CLASSES, options)
     lines = path.read_text().splitlines()
     table(path, lines[:-1] + [lines[-1].replace(",c,", ",a,")])  # one row relabelled
-    with pytest.raises(LabelTableError, match=r"dl.json no longer matches the label table .*train.csv.*line 13"):
+    with pytest.raises(LabelTableError, match=r"dl.json no longer matches the label table .*train.csv: 1 row.s. with another label .lines 13."):
         table_splits(path, CLASSES, options)
 
 
