@@ -12,6 +12,7 @@ from fpt_monai.data.datalist import (
     json_datalist,
     make_datalist,
 )
+from fpt_monai.data.normalization import InputNormalization, bind_normalization, dataset_statistics
 from fpt_monai.data.pipeline import fpt_transforms, image_transforms, inference_transforms, make_fpt_dataset
 from fpt_monai.data.readers import (
     DICOM_WINDOWS,
@@ -78,6 +79,9 @@ __all__ = [
     "SAMPLE_CLASSES",
     "SampleFundusSpec",
     "make_sample_dataset",
+    "InputNormalization",
+    "bind_normalization",
+    "dataset_statistics",
     "TABLE_SUFFIXES",
     "LabelTableError",
     "is_label_table",

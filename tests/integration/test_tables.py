@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from conftest import TINY_BUNDLE as TINY
 from fpt_monai.bundle import bundle_dir
+from fpt_monai.data.normalization import NORMALIZATION_KEY
 
 BUNDLE = bundle_dir()
 
@@ -74,8 +75,19 @@ def ddr(root: Path) -> tuple[Path, dict]:
         "class_names": json.dumps(["none", "mild", "severe"]),
         "label_table#image_dir": root / "images",
         "label_table#test_fraction": 0.2,
+        "mean": "dataset",
+        "std": "dataset",
     }
     return root / "train.txt", options
+
+
+def run_bundle(entry: str, configs: list[str], options: dict) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "monai.bundle", "run", entry, "--config_file", json.dumps(configs)]
+    for key, value in options.items():
+        command += [f"--{key}", str(value)]
+    result = subprocess.run(command, cwd=BUNDLE, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
 
 
 @pytest.fixture(scope="module")
@@ -99,11 +111,7 @@ def test_each_table_shape_trains_one_epoch_and_saves_its_split(shape, weights, t
         "num_classes": 3,
         **table_options,
     }
-    command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.json"]
-    for key, value in options.items():
-        command += [f"--{key}", str(value)]
-    result = subprocess.run(command, cwd=BUNDLE, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_bundle("training", ["configs/train.json"], options)
     assert (run_root / "models" / "model_final.pt").is_file()
     saved = json.loads((run_root / "datalist.json").read_text())
     assert saved["classes"] == json.loads(table_options["class_names"])
@@ -114,6 +122,14 @@ def test_each_table_shape_trains_one_epoch_and_saves_its_split(shape, weights, t
         assert sorted({item["label"] for item in saved[split]}) == [0, 1, 2], split
     if shape is ddr:
         assert sorted({item["label"] for item in saved["test"]}) == [0, 1, 2]
+        # the train split's statistics normalise the input, are logged and recorded in the checkpoint
+        pixels = np.stack([np.asarray(Image.open(item["image"]), np.float64) / 255 for item in saved["train"]])
+        recorded = torch.load(run_root / "models" / "model_final.pt", weights_only=True)[NORMALIZATION_KEY]
+        np.testing.assert_allclose(recorded.numpy(), [pixels.mean((0, 1, 2)), pixels.std((0, 1, 2))], atol=1e-3)
+        assert "input normalisation: mean" in result.stdout + result.stderr
+        # evaluation reuses the saved split (its test list) and reads the statistics back from the checkpoint
+        run_bundle("evaluating", ["configs/train.json", "configs/evaluate.json"], options)
+        assert (run_root / "eval").is_dir()
     if shape is isic:  # both images of a lesion in one split
         split_of = {Path(i["image"]).stem: s for s in ("train", "val", "test") for i in saved[s]}
         assert all(split_of[f"ISIC_{2 * k:07d}"] == split_of[f"ISIC_{2 * k + 1:07d}"] for k in range(9))
