@@ -11,7 +11,8 @@ traceback. :func:`check_overrides` compares overrides with the config files they
   for a ``float``, ``bool``, ``str``, ``list``, ``dict``), with the exceptions given in ``extra_types`` (e.g.
   ``pretrained`` takes ``true``/``false`` or a weights file path);
 - a value must be one the key accepts (``value_checks``: ``num_epochs`` and ``batch_size`` at least 1, a
-  positive finite ``learning_rate``, a ``preset`` that exists, a ``kv_dtype`` of the cache's storage dtypes);
+  positive finite ``learning_rate``, a ``preset`` that exists, a ``kv_dtype`` of the cache's storage dtypes,
+  ``mean``/``std`` of ``"dataset"`` or per-channel numbers, ``label_table`` split fractions in [0, 1));
 - a top-level key holding a literal must be used by the configs (referred to as ``@key``): an override of a
   setting that nothing reads (e.g. ``--kv_dtype`` for a baseline, which preloads nothing) would have no effect.
 
@@ -90,6 +91,23 @@ def _known_storage_dtype(value: Any) -> str | None:
     return f"unknown K/V storage dtype {value!r} (the storage dtypes: {', '.join(STORAGE_DTYPES)})"
 
 
+def _statistics(value: Any) -> str | None:
+    from fpt_monai.data.normalization import DATASET
+
+    if value == DATASET:
+        return None
+    numbers = isinstance(value, (list, tuple)) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+    )
+    return None if numbers and value else f"must be {DATASET!r} or a list of per-channel values, got {value!r}"
+
+
+def _fraction(value: Any) -> str | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and not 0 <= value < 1:
+        return f"must be a fraction in [0, 1), got {value!r}"
+    return None
+
+
 #: Checks of the values of the FPT bundle's keys (after the type check): value -> problem or ``None``.
 FPT_VALUE_CHECKS: dict[str, Callable[[Any], str | None]] = {
     "num_epochs": _at_least_one,
@@ -97,6 +115,10 @@ FPT_VALUE_CHECKS: dict[str, Callable[[Any], str | None]] = {
     "learning_rate": _positive_finite,
     "preset": _known_preset,
     "kv_dtype": _known_storage_dtype,
+    "mean": _statistics,
+    "std": _statistics,
+    "label_table#val_fraction": _fraction,
+    "label_table#test_fraction": _fraction,
 }
 _SPECIAL_KEYS = ("_target_", "_disabled_", "_requires_", "_desc_", "_mode_")
 

@@ -284,7 +284,7 @@ def read_label_table(
         if unknown:
             raise LabelTableError(
                 f"label table {escape_path(path)}: the one-hot columns {unknown} are not among the class_names "
-                f"{classes}: pass --class_names \"{one_hot_names}\" --num_classes {len(one_hot_names)}."
+                f'{classes}: pass --class_names "{one_hot_names}" --num_classes {len(one_hot_names)}.'
             )
 
     items, bad_labels, bad_rows, bad_splits = [], {}, [], {}
@@ -469,9 +469,7 @@ def _read_saved(split_file: Path) -> dict:
 def _check_saved(split_file: Path, path: Path, saved: dict, items: list[dict], classes: list[str]) -> None:
     """Raise when the saved split no longer matches the table: other classes, rows or labels, or rows that the
     table's ``split_column`` puts in another split."""
-    mismatch = (
-        f"the split saved in {escape_path(split_file)} no longer matches the label table {escape_path(path)}"
-    )
+    mismatch = f"the split saved in {escape_path(split_file)} no longer matches the label table {escape_path(path)}"
     advice = "delete that file to split the table again, or restore the table it was made from"
     if saved.get("classes") != classes:
         raise LabelTableError(f"{mismatch}: it has the classes {saved.get('classes')}, not {classes}; {advice}.")

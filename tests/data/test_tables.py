@@ -144,7 +144,10 @@ def test_a_saved_split_that_no_longer_matches_the_table_is_refused_naming_the_fi
     table_splits(path, CLASSES, options)
     lines = path.read_text().splitlines()
     table(path, lines[:-1] + [lines[-1].replace(",c,", ",a,")])  # one row relabelled
-    with pytest.raises(LabelTableError, match=r"dl.json no longer matches the label table .*train.csv: 1 row.s. with another label .lines 13."):
+    with pytest.raises(
+        LabelTableError,
+        match=r"dl.json no longer matches the label table .*train.csv: 1 row.s. with another label .lines 13.",
+    ):
         table_splits(path, CLASSES, options)
 
 
@@ -155,3 +158,28 @@ def test_a_split_column_with_train_and_test_gets_a_validation_split_from_train(t
     assert [len(splits[s]) for s in ("train", "val", "test")] == [6, 4, 4]
     assert all(int(Path(i["image"]).stem) >= 10 for i in splits["test"])
     assert Counter(i["label"] for i in splits["val"]) == {0: 2, 1: 2}
+
+
+def test_the_bundle_accepts_the_label_table_options_and_checks_their_values():
+    from fpt_monai.bundle import config_files
+    from fpt_monai.config_check import ConfigOverrideError, check_overrides
+
+    good = {
+        "dataset_dir": "/data/train.csv",
+        "label_table#image_dir": "/data/images",
+        "label_table#image_column": "id_code",
+        "label_table#one_hot_columns": ["MEL", "NV"],
+        "label_table#group_column": "patient",
+        "label_table#val_fraction": 0.1,
+        "mean": "dataset",
+        "std": [0.2, 0.2, 0.2],
+    }
+    check_overrides(config_files("train"), good)
+    check_overrides(config_files("train", "evaluate"), good)
+    bad = {"label_table#val_fraction": 1.5, "mean": "datset", "label_table#image_colum": "x"}
+    with pytest.raises(ConfigOverrideError) as raised:
+        check_overrides(config_files("train"), bad)
+    message = str(raised.value)
+    assert "--label_table#val_fraction: must be a fraction in [0, 1), got 1.5" in message
+    assert "--mean: must be 'dataset' or a list of per-channel values, got 'datset'" in message
+    assert "did you mean 'label_table::image_column'" in message
