@@ -183,3 +183,26 @@ def test_the_bundle_accepts_the_label_table_options_and_checks_their_values():
     assert "--label_table#val_fraction: must be a fraction in [0, 1), got 1.5" in message
     assert "--mean: must be 'dataset' or a list of per-channel values, got 'datset'" in message
     assert "did you mean 'label_table::image_column'" in message
+
+
+def test_the_documented_table_commands_pass_the_bundles_override_check():
+    import re
+    import shlex
+
+    from fpt_monai.bundle import config_files
+    from fpt_monai.config_check import check_overrides, command_line_overrides
+
+    docs = Path(__file__).parents[2] / "docs" / "data.md"
+    blocks = re.findall(r"^```bash\n(.*?)^```$", docs.read_text(encoding="utf-8"), flags=re.S | re.M)
+    lines = "\n".join(line for block in blocks for line in block.splitlines() if not line.startswith("#"))
+    commands = [
+        shlex.split(command.replace("\\\n", " "))
+        for command in re.split(r"\n(?=python )", lines)
+        if "--label_table#" in command
+    ]
+    assert len(commands) == 3
+    for words in commands:
+        arguments, overrides = command_line_overrides(["/x/monai/bundle/__main__.py", *words[3:]])
+        assert arguments["config_file"] == "configs/train.json"
+        assert str(overrides["dataset_dir"]).endswith((".csv", ".txt"))
+        check_overrides(config_files("train"), overrides)
