@@ -250,7 +250,8 @@ def read_label_table(
     classes = [str(c) for c in classes]
     header, rows = _rows(path)
     width = len(header) if header is not None else max(len(fields) for _, fields in rows)
-    image_dir = Path(options["image_dir"]) if options["image_dir"] is not None else path.parent
+    # absolute: the saved split is read back from another folder (paths of a JSON datalist are relative to it)
+    image_dir = (Path(options["image_dir"]) if options["image_dir"] is not None else path.parent).absolute()
     if not image_dir.is_dir():
         raise FileNotFoundError(f"label_table#image_dir {escape_path(image_dir)} is not a folder.")
 

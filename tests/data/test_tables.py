@@ -36,11 +36,14 @@ def table(path: Path, lines) -> Path:
     return path
 
 
-def test_a_kaggle_csv_with_extension_less_ids_and_index_labels(tmp_path):
+def test_a_kaggle_csv_with_extension_less_ids_and_index_labels(tmp_path, monkeypatch):
     images(tmp_path / "img", ["x1.png", "x2.png", "x3.jpg"])
     path = table(tmp_path / "train.csv", ["id_code,diagnosis", "x1,0", "x2,2", "x3,1"])
     items = read_label_table(path, CLASSES, {"image_dir": tmp_path / "img"})
     assert [(Path(i["image"]).name, i["label"]) for i in items] == [("x1.png", 0), ("x2.png", 2), ("x3.jpg", 1)]
+    # paths are absolute (the saved split is read back from another folder), whatever the table's path
+    monkeypatch.chdir(tmp_path)
+    assert read_label_table("train.csv", CLASSES, {"image_dir": "img"})[0]["image"] == str(tmp_path / "img" / "x1.png")
     # an explicit extension is the one tried
     items = read_label_table(path, CLASSES, {"image_dir": tmp_path / "img", "extension": "png"})
     assert Path(items[2]["image"]).name == "x3.png"
