@@ -12,7 +12,8 @@ traceback. :func:`check_overrides` compares overrides with the config files they
   ``pretrained`` takes ``true``/``false`` or a weights file path);
 - a value must be one the key accepts (``value_checks``: ``num_epochs`` and ``batch_size`` at least 1, a
   positive finite ``learning_rate``, a ``preset`` that exists, a ``kv_dtype`` of the cache's storage dtypes,
-  ``mean``/``std`` of ``"dataset"`` or per-channel numbers, ``label_table`` split fractions in [0, 1));
+  ``mean``/``std`` of ``"dataset"`` or per-channel numbers, known ``conventions``, ``label_table`` split
+  fractions in [0, 1));
 - a top-level key holding a literal must be used by the configs (referred to as ``@key``): an override of a
   setting that nothing reads (e.g. ``--kv_dtype`` for a baseline, which preloads nothing) would have no effect.
 
@@ -102,6 +103,14 @@ def _statistics(value: Any) -> str | None:
     return None if numbers and value else f"must be {DATASET!r} or a list of per-channel values, got {value!r}"
 
 
+def _known_conventions(value: Any) -> str | None:
+    from fpt_monai.networks.conventions import CONVENTIONS
+
+    if not isinstance(value, str) or value in CONVENTIONS:
+        return None
+    return f"unknown conventions {value!r} (one of: {', '.join(CONVENTIONS)})"
+
+
 def _fraction(value: Any) -> str | None:
     if isinstance(value, (int, float)) and not isinstance(value, bool) and not 0 <= value < 1:
         return f"must be a fraction in [0, 1), got {value!r}"
@@ -115,6 +124,7 @@ FPT_VALUE_CHECKS: dict[str, Callable[[Any], str | None]] = {
     "learning_rate": _positive_finite,
     "preset": _known_preset,
     "kv_dtype": _known_storage_dtype,
+    "conventions": _known_conventions,
     "mean": _statistics,
     "std": _statistics,
     "label_table#val_fraction": _fraction,

@@ -181,6 +181,8 @@ class InputNormalization:
         cache_dir: where computed statistics are kept (computed once).
         network: given, the statistics are recorded in its state dict and checked when it loads a checkpoint.
         checkpoint: the checkpoint to read ``"dataset"`` statistics from when no ``datalist`` is given.
+        conventions: ``"authors"`` (see :mod:`fpt_monai.networks.conventions`) takes the data set's statistics,
+            whatever ``mean`` and ``std`` say.
     """
 
     def __init__(
@@ -193,7 +195,10 @@ class InputNormalization:
         cache_dir: str | os.PathLike | None = None,
         network: nn.Module | None = None,
         checkpoint: str | os.PathLike | None = None,
+        conventions: str = "default",
     ) -> None:
+        if conventions == "authors":  # the authors normalise with the data set's statistics
+            mean, std = DATASET, DATASET
         for name, value in (("mean", mean), ("std", std)):
             if isinstance(value, str) and value != DATASET:
                 raise ValueError(f"{name} must be a list of per-channel values or {DATASET!r}, got {value!r}.")
