@@ -39,7 +39,11 @@ def kaggle(root: Path) -> tuple[Path, dict]:
         _image(root / "train_images" / f"{i:04x}c1434d8d7.png", i)
         lines.append(f"{i:04x}c1434d8d7,{i % 3}")
     (root / "train.csv").write_text("\n".join(lines) + "\n")
-    options = {"class_names": json.dumps(["0", "1", "2"]), "label_table#image_dir": root / "train_images"}
+    options = {
+        "class_names": json.dumps(["0", "1", "2"]),
+        "label_table#image_dir": root / "train_images",
+        "conventions": "authors",  # with the data set's statistics
+    }
     return root / "train.csv", options
 
 
@@ -130,6 +134,9 @@ def test_each_table_shape_trains_one_epoch_and_saves_its_split(shape, weights, t
         # evaluation reuses the saved split (its test list) and reads the statistics back from the checkpoint
         run_bundle("evaluating", ["configs/train.json", "configs/evaluate.json"], options)
         assert (run_root / "eval").is_dir()
+    if shape is kaggle:
+        assert NORMALIZATION_KEY in torch.load(run_root / "models" / "model_final.pt", weights_only=True)
+        assert "the authors' numerical conventions" in result.stdout + result.stderr
     if shape is isic:  # both images of a lesion in one split
         split_of = {Path(i["image"]).stem: s for s in ("train", "val", "test") for i in saved[s]}
         assert all(split_of[f"ISIC_{2 * k:07d}"] == split_of[f"ISIC_{2 * k + 1:07d}"] for k in range(9))
