@@ -12,7 +12,8 @@ traceback. :func:`check_overrides` compares overrides with the config files they
   ``pretrained`` takes ``true``/``false`` or a weights file path, ``image_reader#max_pixels`` a number or ``None``);
 - a value must be one the key accepts (``value_checks``: ``num_epochs``, ``batch_size``, ``val_interval`` and
   ``image_reader#max_pixels`` at least 1, a positive finite ``learning_rate``, a ``preset`` that exists, a
-  ``kv_dtype`` of the cache's storage dtypes, ``selection_map_images`` at least 0);
+  ``kv_dtype`` of the cache's storage dtypes, ``selection_map_images`` at least 0, ``mean``/``std`` of
+  ``"dataset"`` or per-channel numbers, known ``conventions``, ``label_table`` split fractions in [0, 1));
 - a top-level key holding a literal must be used by the configs (referred to as ``@key``): an override of a
   setting that nothing reads (e.g. ``--kv_dtype`` for a baseline, which preloads nothing) would have no effect.
 
@@ -100,6 +101,31 @@ def _known_storage_dtype(value: Any) -> str | None:
     return f"unknown K/V storage dtype {value!r} (the storage dtypes: {', '.join(STORAGE_DTYPES)})"
 
 
+def _statistics(value: Any) -> str | None:
+    from fpt_monai.data.normalization import DATASET
+
+    if value == DATASET:
+        return None
+    numbers = isinstance(value, (list, tuple)) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+    )
+    return None if numbers and value else f"must be {DATASET!r} or a list of per-channel values, got {value!r}"
+
+
+def _known_conventions(value: Any) -> str | None:
+    from fpt_monai.networks.conventions import CONVENTIONS
+
+    if not isinstance(value, str) or value in CONVENTIONS:
+        return None
+    return f"unknown conventions {value!r} (one of: {', '.join(CONVENTIONS)})"
+
+
+def _fraction(value: Any) -> str | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and not 0 <= value < 1:
+        return f"must be a fraction in [0, 1), got {value!r}"
+    return None
+
+
 #: Checks of the values of the FPT bundle's keys (after the type check): value -> problem or ``None``.
 FPT_VALUE_CHECKS: dict[str, Callable[[Any], str | None]] = {
     "num_epochs": _at_least_one,
@@ -110,6 +136,11 @@ FPT_VALUE_CHECKS: dict[str, Callable[[Any], str | None]] = {
     "preset": _known_preset,
     "kv_dtype": _known_storage_dtype,
     "selection_map_images": _at_least_zero,
+    "conventions": _known_conventions,
+    "mean": _statistics,
+    "std": _statistics,
+    "label_table#val_fraction": _fraction,
+    "label_table#test_fraction": _fraction,
 }
 _SPECIAL_KEYS = ("_target_", "_disabled_", "_requires_", "_desc_", "_mode_")
 

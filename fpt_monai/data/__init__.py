@@ -1,4 +1,4 @@
-"""Data: datalists (folder layout or JSON) and the two-view transforms of FPT, for images and volumes."""
+"""Data: datalists (folder layout, JSON or label table) and the two-view transforms of FPT, for images and volumes."""
 
 from fpt_monai.data.datalist import (
     IMAGE_SUFFIXES,
@@ -12,6 +12,7 @@ from fpt_monai.data.datalist import (
     json_datalist,
     make_datalist,
 )
+from fpt_monai.data.normalization import InputNormalization, bind_normalization, dataset_statistics
 from fpt_monai.data.pipeline import fpt_transforms, image_transforms, inference_transforms, make_fpt_dataset
 from fpt_monai.data.readers import (
     DEFAULT_MAX_PIXELS,
@@ -27,6 +28,15 @@ from fpt_monai.data.readers import (
 )
 from fpt_monai.data.sample import SAMPLE_CLASSES, SampleFundusSpec, make_sample_dataset
 from fpt_monai.data.sample3d import SAMPLE_3D_CLASSES, SampleVolumeSpec, make_sample_dataset_3d
+from fpt_monai.data.tables import (
+    TABLE_SUFFIXES,
+    LabelTableError,
+    is_label_table,
+    read_label_table,
+    split_rows,
+    table_datalist,
+    table_splits,
+)
 from fpt_monai.data.transforms import SideSourced, SideViewd, load_and_normalize
 from fpt_monai.data.validation import (
     BAD_ITEM_POLICIES,
@@ -71,6 +81,16 @@ __all__ = [
     "SAMPLE_CLASSES",
     "SampleFundusSpec",
     "make_sample_dataset",
+    "InputNormalization",
+    "bind_normalization",
+    "dataset_statistics",
+    "TABLE_SUFFIXES",
+    "LabelTableError",
+    "is_label_table",
+    "read_label_table",
+    "split_rows",
+    "table_datalist",
+    "table_splits",
     "SideSourced",
     "SideViewd",
     "check_class_names",

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from fpt_monai.data.readers import CONTENT_FORMATS, IMAGE_SUFFIXES, sniff_format
+from fpt_monai.data.tables import is_label_table, read_label_table, table_datalist
 from fpt_monai.utils import escape_path
 
 __all__ = [
@@ -233,14 +235,26 @@ def json_datalist(path: str | os.PathLike, split: str, strict: bool = True) -> l
 
 
 def make_datalist(
-    dataset_dir: str | os.PathLike, split: str, strict: bool = True, missing_ok: bool = False
+    dataset_dir: str | os.PathLike,
+    split: str,
+    strict: bool = True,
+    missing_ok: bool = False,
+    label_table: Mapping[str, Any] | None = None,
+    classes: Sequence[str] | None = None,
 ) -> list[dict]:
-    """Datalist of ``split`` from ``dataset_dir``: a JSON datalist file, or a folder of class sub-folders.
+    """Datalist of ``split`` from ``dataset_dir``: a JSON datalist file, a label table, or a folder of class
+    sub-folders.
 
     ``strict=False`` passes malformed JSON items on for :func:`~fpt_monai.data.validate_datalist` (see
     :func:`json_datalist`). ``missing_ok=True`` gives an empty list for a dataset without that split (no
     ``dataset_dir/split/`` folder, no such list in the JSON file): training checks the test split when there is one.
+    A label table (``.csv``, ``.tsv``, ``.txt``: see :mod:`fpt_monai.data.tables`) is read with the options
+    ``label_table`` and the class names ``classes``; its splits are made once and saved (``label_table#split_file``).
     """
+    if is_label_table(dataset_dir):
+        if classes is None:
+            raise ValueError(f"the label table {escape_path(dataset_dir)} needs the class names (classes=...).")
+        return table_datalist(dataset_dir, split, classes, label_table)
     if str(dataset_dir).endswith(".json"):
         if missing_ok and split not in _read_json_datalist(Path(dataset_dir)):
             return []
@@ -317,12 +331,17 @@ def image_datalist(source: str | os.PathLike | list) -> list[dict]:
 
 
 def check_class_names(
-    class_names: Sequence[str], num_classes: int, dataset_dir: str | os.PathLike | None = None
+    class_names: Sequence[str],
+    num_classes: int,
+    dataset_dir: str | os.PathLike | None = None,
+    label_table: Mapping[str, Any] | None = None,
 ) -> list[str]:
     """Check a config's literal ``class_names`` against its ``num_classes`` and, given, the dataset's classes.
 
     The bundle's configs state the classes (the network and the outputs are built from them without any data);
-    training checks that the dataset has exactly these classes, in label order.
+    training checks that the dataset has exactly these classes, in label order. A label table (read with the
+    options ``label_table``) must label its rows with these class names or their indices, and its one-hot
+    columns must be among them (:class:`~fpt_monai.data.tables.LabelTableError` otherwise).
 
     Raises:
         ValueError: naming the config keys to change and the classes found.
@@ -334,7 +353,9 @@ def check_class_names(
         )
     if len(set(names)) != len(names):
         raise ValueError(f"class_names has duplicate names: {names}.")
-    if dataset_dir is not None:
+    if dataset_dir is not None and is_label_table(dataset_dir):
+        read_label_table(dataset_dir, names, label_table)
+    elif dataset_dir is not None:
         found = dataset_classes(dataset_dir)
         if found != names:
             raise ValueError(

@@ -535,6 +535,7 @@ def create_fpt(
     side_only: bool = False,
     recompute: bool = True,
     class_names: Sequence[str] | None = None,
+    conventions: str = "default",
     **overrides,
 ) -> FPTNet:
     """Build an :class:`FPTNet` from a named preset.
@@ -554,15 +555,20 @@ def create_fpt(
         recompute: recompute the side ViT's activations in backward (less memory) or keep them (faster); see
             :class:`FPTNet`.
         class_names: the class names in output order, bound to the network (see :class:`FPTNet`).
+        conventions: ``"default"`` or ``"authors"``: the FPT authors' position-embedding resampling, fusion
+            initialisation and LayerNorm eps (see :mod:`fpt_monai.networks.conventions`).
         **overrides: any :class:`FPTPreset` field (``img_size``, ``side_img_size``, ``token_ratio``,
             ``blocks``, ``num_prompts``, ``reduction``, ``model_name``; for the 3D presets also any
             :class:`MonaiViTPreset` field: ``patch_size``, ``hidden_size``, ``num_layers``, ``mean``, ...).
     """
+    from fpt_monai.networks.conventions import CONVENTIONS, apply_conventions
     from fpt_monai.weights import pretrained_argument
 
+    if conventions not in CONVENTIONS:
+        raise ValueError(f"conventions must be one of {CONVENTIONS}, got {conventions!r}.")
     config = _preset(preset, overrides)
     backbone = config.build_backbone(pretrained_argument(pretrained))
-    return FPTNet(
+    network = FPTNet(
         backbone,
         num_classes=num_classes,
         side_img_size=config.side_img_size,
@@ -574,3 +580,5 @@ def create_fpt(
         recompute=recompute,
         class_names=class_names,
     )
+    model_name = config.model_name if isinstance(backbone, TimmViTBackbone) else None
+    return apply_conventions(network, conventions, model_name, pretrained)

@@ -16,7 +16,7 @@ from torch import nn
 
 from fpt_monai.weights.files import PretrainedWeightsError, _as_path, _format_keys, _load_checked, load_state_dict_file
 
-__all__ = ["resample_position_embedding", "load_monai_vit_weights"]
+__all__ = ["RESAMPLING_METHODS", "resample_position_embedding", "load_monai_vit_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +48,18 @@ def _infer_cube_grid(num_tokens: int, ndim: int) -> tuple[int, ...]:
     )
 
 
+#: How 2D grids are resampled: ``"timm"`` (antialiased bicubic to exactly the new grid, timm's) or ``"authors"``
+#: (plain bicubic with the scale factor ``(new + 0.1) / old``, the FPT authors' code after the older Hugging Face
+#: ``interpolate_pos_encoding``).
+RESAMPLING_METHODS = ("timm", "authors")
+
+
 def resample_position_embedding(
-    pos_embed: torch.Tensor, new_grid: Sequence[int], old_grid: Sequence[int] | None = None, num_prefix_tokens: int = 0
+    pos_embed: torch.Tensor,
+    new_grid: Sequence[int],
+    old_grid: Sequence[int] | None = None,
+    num_prefix_tokens: int = 0,
+    method: str = "timm",
 ) -> torch.Tensor:
     """Resamples an absolute position embedding to another patch grid, in 1, 2 or 3 spatial dimensions.
 
@@ -63,6 +73,8 @@ def resample_position_embedding(
         new_grid: target patch grid, e.g. ``(4, 4, 4)``.
         old_grid: grid of ``pos_embed``; inferred as a square / cube with ``len(new_grid)`` dims when None.
         num_prefix_tokens: number of leading non-spatial tokens.
+        method: for 2D grids, one of :data:`RESAMPLING_METHODS`. The two differ by up to a few percent of the
+            embedding's scale (the authors' samples the old grid at positions stretched by ``0.1 / new``).
 
     Returns:
         A tensor of shape ``(1, num_prefix_tokens + prod(new_grid), C)`` with the dtype of ``pos_embed``
@@ -95,6 +107,17 @@ def resample_position_embedding(
             )
     if old_grid == new_grid:
         return pos_embed
+    if method not in RESAMPLING_METHODS:
+        raise ValueError(f"`method` must be one of {RESAMPLING_METHODS}, got {method!r}.")
+    if len(new_grid) == 2 and method == "authors":
+        prefix, tokens = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+        grid = tokens.to(torch.float64).reshape(1, *old_grid, -1).movedim(-1, 1)
+        scale = tuple((new + 0.1) / old for new, old in zip(new_grid, old_grid))
+        grid = F.interpolate(grid, scale_factor=scale, mode="bicubic", align_corners=False)
+        if tuple(grid.shape[-2:]) != new_grid:
+            raise ValueError(f"the authors' resampling gives the grid {tuple(grid.shape[-2:])}, not {new_grid}.")
+        tokens = grid.movedim(1, -1).reshape(1, -1, pos_embed.shape[-1]).to(pos_embed.dtype)
+        return torch.cat([prefix, tokens], dim=1)
     if len(new_grid) == 2:
         return resample_abs_pos_embed(
             pos_embed,
