@@ -1,0 +1,144 @@
+"""The CPU kernels against the reference path: same outputs and gradients, and the one switch that chooses them."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from conftest import make_tiny_timm_vit
+from fpt_monai.networks import FPTNet, TimmViTBackbone, create_backbone, create_fpt
+from fpt_monai.networks.cpu_kernels import KERNEL_MODES, use_cpu_kernels
+
+
+class CountAttention(TorchFunctionMode):
+    """Counts the calls of ``F.scaled_dot_product_attention`` (PyTorch's fused attention) inside the mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += func is F.scaled_dot_product_attention
+        return func(*args, **(kwargs or {}))
+
+
+def tiny_fpt(variant, kernels, blocks=None):
+    backbone = TimmViTBackbone(make_tiny_timm_vit(), blocks=blocks, token_ratio=0.2)
+    net = FPTNet(backbone, 3, side_img_size=32, variant=variant, num_prompts=4, reduction=4, kernels=kernels)
+    return net.double().train()
+
+
+def training_step(net, images, kv=None):
+    """Logits and every gradient (parameters and input images) of one training forward/backward."""
+    images = images.clone().requires_grad_()
+    torch.manual_seed(1)  # the fusion's dropout draws the same mask on both paths
+    logits = net(images, kv=kv)
+    (logits.square().sum() + logits.logsumexp(dim=1).sum()).backward()
+    grads = {name: p.grad for name, p in net.named_parameters() if p.requires_grad}
+    return logits, grads, images.grad
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+@pytest.mark.parametrize("preloaded", [True, False])
+@pytest.mark.parametrize("variant,blocks", [("fpt", None), ("fpt_plus", (2, 3))])
+def test_cpu_kernels_and_reference_agree_in_outputs_and_all_gradients(variant, blocks, preloaded, recompute):
+    torch.manual_seed(0)
+    kernels = tiny_fpt(variant, "cpu", blocks)
+    kernels.side.recompute = recompute
+    reference = copy.deepcopy(kernels)
+    reference.kernels = "reference"
+    images = torch.randn(3, 3, 64, 64, dtype=torch.float64)
+    kv = None
+    if preloaded:
+        kv = kernels.backbone(images)
+        images = kernels.side_view(images)
+    logits, grads, image_grad = training_step(kernels, images, kv)
+    logits_ref, grads_ref, image_grad_ref = training_step(reference, images, kv)
+    torch.testing.assert_close(logits, logits_ref, rtol=1e-10, atol=1e-12)
+    assert grads.keys() == grads_ref.keys() and len(grads) == len(kernels.trainable_parameters())
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, grads_ref[name], rtol=1e-10, atol=1e-12, msg=name)
+    torch.testing.assert_close(image_grad, image_grad_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_cpu_kernels_and_reference_agree_in_float32_on_a_float16_cache():
+    torch.manual_seed(0)
+    kernels = tiny_fpt("fpt_plus", "cpu", (2, 3)).float()
+    reference = copy.deepcopy(kernels)
+    reference.kernels = "reference"
+    images = torch.randn(4, 3, 64, 64)
+    kv = kernels.backbone(images).half()
+    logits, grads, _ = training_step(kernels, kernels.side_view(images), kv)
+    logits_ref, grads_ref, _ = training_step(reference, reference.side_view(images), kv)
+    torch.testing.assert_close(logits, logits_ref, rtol=1e-5, atol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, grads_ref[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("blocks", [None, (1, 3)])
+def test_backbone_kernels_and_reference_agree(blocks):
+    backbone = TimmViTBackbone(make_tiny_timm_vit().double(), blocks=blocks, token_ratio=0.3)
+    images = torch.randn(3, 3, 64, 64, dtype=torch.float64)
+    backbone.kernels = "cpu"
+    kv, features = backbone.forward_with_features(images)
+    backbone.kernels = "reference"
+    kv_ref, features_ref = backbone.forward_with_features(images)
+    torch.testing.assert_close(kv, kv_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(features, features_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_switch_reaches_every_module_and_refuses_unknown_values():
+    net = tiny_fpt("fpt", "auto")
+    for kernels in KERNEL_MODES:
+        net.kernels = kernels
+        assert net.side.kernels == net.fusion.kernels == net.backbone.kernels == kernels
+        assert all(block.attn.kernels == block.mlp.kernels == kernels for block in net.side.blocks)
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        net.kernels = "gpu"
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        tiny_fpt("fpt", "fast")
+
+
+def test_use_cpu_kernels_rule():
+    cpu, meta = torch.zeros(1), torch.zeros(1, device="meta")
+    assert use_cpu_kernels("auto", cpu) and use_cpu_kernels("cpu", cpu) and use_cpu_kernels("cpu", meta)
+    assert not use_cpu_kernels("auto", meta) and not use_cpu_kernels("reference", cpu)
+    assert not use_cpu_kernels("auto", cpu, training=False) and not use_cpu_kernels("cpu", cpu, training=False)
+
+
+@pytest.mark.parametrize("variant,preset", [("fpt", "fpt_tiny"), ("fpt_plus", "fpt_plus_tiny")])
+def test_auto_trains_with_the_kernels_on_the_cpu_and_infers_with_fused_attention(variant, preset, random_weights_quiet):
+    with torch.device("meta"):
+        shape = create_backbone(preset, pretrained=False).shape
+    net = FPTNet(shape, 3, side_img_size=32, variant=variant).train()
+    side, kv = torch.randn(2, 3, 32, 32), torch.randn(2, *shape.kv_shape).half()
+    with CountAttention() as training:
+        net(side, kv=kv).sum().backward()
+    with CountAttention() as inference, torch.no_grad():
+        net.eval()(side, kv=kv)
+    assert training.calls == 0  # NarrowHeadAttention and PromptCrossAttention
+    assert inference.calls == net.side.depth + 1  # every side block and the fusion
+
+
+@pytest.mark.parametrize("variant,preset", [("fpt", "fpt_tiny"), ("fpt_plus", "fpt_plus_tiny")])
+def test_training_off_the_cpu_dispatches_fused_attention(variant, preset, random_weights_quiet):
+    """On the meta device (standing for any accelerator), training runs scaled_dot_product_attention everywhere."""
+    counts = {}
+    for kernels in ("auto", "cpu"):
+        with torch.device("meta"):
+            shape = create_backbone(preset, pretrained=False).shape
+            net = FPTNet(shape, 3, side_img_size=32, variant=variant, kernels=kernels).train()
+            side, kv = torch.randn(2, 3, 32, 32), torch.randn(2, *shape.kv_shape).half()
+        with CountAttention() as mode:
+            loss = net(side, kv=kv).sum()
+            loss.backward()
+        assert all(p.grad is not None and p.grad.is_meta for p in net.trainable_parameters())
+        counts[kernels] = mode.calls
+    assert counts == {"auto": net.side.depth + 1, "cpu": 0}
+
+
+def test_create_fpt_passes_the_switch(random_weights_quiet):
+    net = create_fpt("fpt_tiny", 3, pretrained=False, img_size=64, side_img_size=32, kernels="reference")
+    assert net.kernels == net.side.kernels == net.backbone.kernels == "reference"
