@@ -185,6 +185,9 @@ def test_a_non_finite_gradient_stops_training_with_or_without_clipping(with_clip
     (["train", "demo"], {"preset": "nonsense"}, r"--preset: unknown preset 'nonsense'"),
     (["train"], {"kv_dtype": "int4"}, r"--kv_dtype: unknown K/V storage dtype 'int4' \(the storage dtypes: "
                                       r"float16, bfloat16, float32, int8\)"),
+    (["train"], {"kernels": "gpu"}, r"--kernels: unknown kernels 'gpu' \(the choices: auto, reference, cpu\)"),
+    (["inference"], {"kernels": "fast"}, r"--kernels: unknown kernels 'fast'"),
+    (["train", "baseline"], {"kernels": "cpu"}, r"--kernels: has no effect: nothing in these configs refers to @kernels"),
     (["train", "demo", "baseline", "demo_baseline"], {"preset": "fpt_plus"},
      r"--preset: has no effect: nothing in these configs refers to @preset"),
 ])

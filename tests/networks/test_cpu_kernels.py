@@ -1,10 +1,12 @@
 """The CPU kernels against the reference path: same outputs and gradients, and the one switch that chooses them."""
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from monai.bundle import ConfigParser
 from torch.overrides import TorchFunctionMode
 
 from conftest import make_tiny_timm_vit
@@ -111,7 +113,7 @@ def test_use_cpu_kernels_rule():
 @pytest.mark.parametrize("variant,preset", [("fpt", "fpt_tiny"), ("fpt_plus", "fpt_plus_tiny")])
 def test_auto_trains_with_the_kernels_on_the_cpu_and_infers_with_fused_attention(variant, preset, random_weights_quiet):
     with torch.device("meta"):
-        shape = create_backbone(preset, pretrained=False).shape
+        shape = create_backbone(preset, pretrained=False, img_size=64).shape
     net = FPTNet(shape, 3, side_img_size=32, variant=variant).train()
     side, kv = torch.randn(2, 3, 32, 32), torch.randn(2, *shape.kv_shape).half()
     with CountAttention() as training:
@@ -128,7 +130,7 @@ def test_training_off_the_cpu_dispatches_fused_attention(variant, preset, random
     counts = {}
     for kernels in ("auto", "cpu"):
         with torch.device("meta"):
-            shape = create_backbone(preset, pretrained=False).shape
+            shape = create_backbone(preset, pretrained=False, img_size=64).shape
             net = FPTNet(shape, 3, side_img_size=32, variant=variant, kernels=kernels).train()
             side, kv = torch.randn(2, 3, 32, 32), torch.randn(2, *shape.kv_shape).half()
         with CountAttention() as mode:
@@ -142,3 +144,12 @@ def test_training_off_the_cpu_dispatches_fused_attention(variant, preset, random
 def test_create_fpt_passes_the_switch(random_weights_quiet):
     net = create_fpt("fpt_tiny", 3, pretrained=False, img_size=64, side_img_size=32, kernels="reference")
     assert net.kernels == net.side.kernels == net.backbone.kernels == "reference"
+
+
+@pytest.mark.parametrize("config", ["train.json", "inference.json"])
+def test_bundle_configs_pass_the_switch_to_the_network(config):
+    parser = ConfigParser()
+    parser.read_config(Path(__file__).parents[2] / "bundles" / "fpt_classification" / "configs" / config)
+    assert parser["kernels"] == "auto"
+    parser["kernels"] = "reference"  # what `--kernels reference` does
+    assert parser.get_parsed_content("network_def#kernels") == "reference"
