@@ -24,6 +24,7 @@ __all__ = ["FUSION_VARIANTS", "FineGrainedPrompts", "FineGrainedFusion"]
 
 FUSION_VARIANTS = ("fpt", "fpt_plus")
 
+
 class FineGrainedPrompts(nn.Module):
     """``num_prompts`` learnable prompts of width ``dim`` for each of ``num_blocks`` side blocks.
 

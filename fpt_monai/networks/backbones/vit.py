@@ -66,8 +66,7 @@ class FrozenViTBackbone(FrozenBackbone):
 
     # -- the walk through the blocks, shared by every layout ------------------------------------------
     def _attend_and_rank(
-        self,
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, scale: float
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, scale: float
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Attention context (B, H, N, D) and token importance (B, H, N) from one softmax per (image, head).
 
