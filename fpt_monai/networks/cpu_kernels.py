@@ -20,10 +20,10 @@ gradients equal). The switch, ``kernels`` (:data:`KERNEL_MODES`; ``FPTNet(..., k
 bundle's ``kernels`` key), is read by :func:`use_cpu_kernels`:
 
 - ``"auto"`` (default): the kernels for training work on a CPU. The side ViT and the fusion take them in forwards
-  that build a graph for backward (training) on CPU tensors; the frozen backbone, which never builds one, takes its
-  kernels whenever it runs on a CPU (filling the cache or training without one), where its batched reference path
-  would hold every head's N x N attention matrix at once. Everything else (inference of the side ViT and fusion,
-  every other device) takes the reference path.
+  that build a graph for backward (training) on CPU tensors. The frozen backbone never builds one and takes its
+  kernels whenever it runs on a CPU (filling the cache, training without one, inference): its batched reference
+  path would hold every head's N x N attention matrix at once. Everything else (inference of the side ViT and the
+  fusion, every other device) takes the reference path.
 - ``"reference"``: the reference path everywhere.
 - ``"cpu"``: the kernels for the same work on any device (the tensors' device is not consulted).
 
