@@ -14,15 +14,15 @@ from fpt_monai.networks import FPTNet, TimmViTBackbone, create_backbone, create_
 from fpt_monai.networks.cpu_kernels import KERNEL_MODES, use_cpu_kernels
 
 
-class CountAttention(TorchFunctionMode):
-    """Counts the calls of ``F.scaled_dot_product_attention`` (PyTorch's fused attention) inside the mode."""
+class CountCalls(TorchFunctionMode):
+    """Counts the calls of one torch function inside the mode (by default ``F.scaled_dot_product_attention``)."""
 
-    def __init__(self):
+    def __init__(self, function=F.scaled_dot_product_attention):
         super().__init__()
-        self.calls = 0
+        self.function, self.calls = function, 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.calls += func is F.scaled_dot_product_attention
+        self.calls += func is self.function
         return func(*args, **(kwargs or {}))
 
 
@@ -36,8 +36,11 @@ def training_step(net, images, kv=None):
     """Logits and every gradient (parameters and input images) of one training forward/backward."""
     images = images.clone().requires_grad_()
     torch.manual_seed(1)  # the fusion's dropout draws the same mask on both paths
-    logits = net(images, kv=kv)
-    (logits.square().sum() + logits.logsumexp(dim=1).sum()).backward()
+    with CountCalls() as attention:
+        logits = net(images, kv=kv)
+        (logits.square().sum() + logits.logsumexp(dim=1).sum()).backward()
+    if kv is not None:  # the path taken (the backbone's blocks that extract nothing are timm's own)
+        assert attention.calls == (0 if net.kernels == "cpu" else net.side.depth + 1)
     grads = {name: p.grad for name, p in net.named_parameters() if p.requires_grad}
     return logits, grads, images.grad
 
@@ -84,9 +87,12 @@ def test_backbone_kernels_and_reference_agree(blocks):
     backbone = TimmViTBackbone(make_tiny_timm_vit().double(), blocks=blocks, token_ratio=0.3)
     images = torch.randn(3, 3, 64, 64, dtype=torch.float64)
     backbone.kernels = "cpu"
-    kv, features = backbone.forward_with_features(images)
+    with CountCalls(torch.mm) as kernel_path:  # the per-(image, head) loop of attend_and_rank
+        kv, features = backbone.forward_with_features(images)
     backbone.kernels = "reference"
-    kv_ref, features_ref = backbone.forward_with_features(images)
+    with CountCalls(torch.mm) as reference_path:
+        kv_ref, features_ref = backbone.forward_with_features(images)
+    assert kernel_path.calls > 0 and reference_path.calls == 0
     torch.testing.assert_close(kv, kv_ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(features, features_ref, rtol=1e-12, atol=1e-12)
 
@@ -116,9 +122,9 @@ def test_auto_trains_with_the_kernels_on_the_cpu_and_infers_with_fused_attention
         shape = create_backbone(preset, pretrained=False, img_size=64).shape
     net = FPTNet(shape, 3, side_img_size=32, variant=variant).train()
     side, kv = torch.randn(2, 3, 32, 32), torch.randn(2, *shape.kv_shape).half()
-    with CountAttention() as training:
+    with CountCalls() as training:
         net(side, kv=kv).sum().backward()
-    with CountAttention() as inference, torch.no_grad():
+    with CountCalls() as inference, torch.no_grad():
         net.eval()(side, kv=kv)
     assert training.calls == 0  # NarrowHeadAttention and PromptCrossAttention
     assert inference.calls == net.side.depth + 1  # every side block and the fusion
@@ -133,7 +139,7 @@ def test_training_off_the_cpu_dispatches_fused_attention(variant, preset, random
             shape = create_backbone(preset, pretrained=False, img_size=64).shape
             net = FPTNet(shape, 3, side_img_size=32, variant=variant, kernels=kernels).train()
             side, kv = torch.randn(2, 3, 32, 32), torch.randn(2, *shape.kv_shape).half()
-        with CountAttention() as mode:
+        with CountCalls() as mode:
             loss = net(side, kv=kv).sum()
             loss.backward()
         assert all(p.grad is not None and p.grad.is_meta for p in net.trainable_parameters())
