@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from monai.bundle import ConfigParser
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import make_tiny_timm_vit
 from fpt_monai.networks import FPTNet, TimmViTBackbone, create_backbone, create_fpt
@@ -23,6 +24,18 @@ class CountCalls(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         self.calls += func is self.function
+        return func(*args, **(kwargs or {}))
+
+
+class RecordOps(TorchDispatchMode):
+    """The aten operators dispatched inside the mode, in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
         return func(*args, **(kwargs or {}))
 
 
@@ -128,6 +141,21 @@ def test_auto_trains_with_the_kernels_on_the_cpu_and_infers_with_fused_attention
         net.eval()(side, kv=kv)
     assert training.calls == 0  # NarrowHeadAttention and PromptCrossAttention
     assert inference.calls == net.side.depth + 1  # every side block and the fusion
+
+
+@pytest.mark.parametrize("variant", ["fpt", "fpt_plus"])
+def test_auto_training_on_the_cpu_dispatches_exactly_the_kernels_path(variant):
+    ops = {}
+    for kernels in ("auto", "cpu", "reference"):
+        torch.manual_seed(0)
+        net = tiny_fpt(variant, kernels).float()
+        images = torch.randn(2, 3, 64, 64)
+        with RecordOps() as record:
+            net(images).sum().backward()
+        ops[kernels] = record.ops
+    assert ops["auto"] == ops["cpu"]
+    assert not any("scaled_dot_product" in op for op in ops["cpu"])
+    assert any("scaled_dot_product" in op for op in ops["reference"])
 
 
 @pytest.mark.parametrize("variant,preset", [("fpt", "fpt_tiny"), ("fpt_plus", "fpt_plus_tiny")])
