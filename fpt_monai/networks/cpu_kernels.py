@@ -338,14 +338,14 @@ def attend_and_rank(
 
 
 def one_image_at_a_time(
-    run: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]], images: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``run(images)`` computed one image at a time and concatenated (``run`` returns a tensor and an optional one).
+    run: Callable[[torch.Tensor], tuple[torch.Tensor | None, ...]], images: torch.Tensor
+) -> tuple[torch.Tensor | None, ...]:
+    """``run(images)`` computed one image at a time: each tensor ``run`` returns, concatenated over the images
+    (an output that is ``None`` stays ``None``).
 
     A ViT-B/16 block's largest intermediates at 512 (the MLP's 4100 x 3072 activations at batch 4) are then a
     batch's fraction, small enough for the allocator to reuse instead of mapping fresh, page-faulting memory on
     every call.
     """
     runs = [run(image[None]) for image in images]
-    second = None if runs[0][1] is None else torch.cat([extra for _, extra in runs])
-    return torch.cat([first for first, _ in runs]), second
+    return tuple(None if parts[0] is None else torch.cat(parts) for parts in zip(*runs))

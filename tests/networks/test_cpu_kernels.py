@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import make_tiny_timm_vit
 from fpt_monai.networks import FPTNet, TimmViTBackbone, create_backbone, create_fpt
-from fpt_monai.networks.cpu_kernels import KERNEL_MODES, use_cpu_kernels
+from fpt_monai.networks.cpu_kernels import KERNEL_MODES, one_image_at_a_time, use_cpu_kernels
 
 
 class CountCalls(TorchFunctionMode):
@@ -187,3 +187,11 @@ def test_bundle_configs_pass_the_switch_to_the_network(config):
     assert parser["kernels"] == "auto"
     parser["kernels"] = "reference"  # what `--kernels reference` does
     assert parser.get_parsed_content("network_def#kernels") == "reference"
+
+
+def test_one_image_at_a_time_concatenates_every_output():
+    images = torch.randn(3, 2, 4)
+    first, none, last = one_image_at_a_time(lambda x: (x * 2, None, x.sum(dim=(1, 2))), images)
+    torch.testing.assert_close(first, images * 2)
+    torch.testing.assert_close(last, images.sum(dim=(1, 2)))
+    assert none is None
