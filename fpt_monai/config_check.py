@@ -40,6 +40,7 @@ from pathlib import Path
 from pydoc import locate
 from typing import Any
 
+from fire.parser import DefaultParseValue
 from monai.bundle import ConfigParser
 from monai.bundle.config_item import ComponentLocator
 
@@ -308,8 +309,6 @@ def command_line_overrides(argv: Sequence[str] | None = None) -> tuple[dict, dic
 
     ``--args_file`` contents are merged in (the command line wins), as ``monai.bundle`` does.
     """
-    from fire.parser import DefaultParseValue
-
     argv = list(sys.argv if argv is None else argv)
     program = Path(argv[0]) if argv else Path()
     is_bundle_main = program.name == "__main__.py" and program.parent.parts[-2:] == ("monai", "bundle")
