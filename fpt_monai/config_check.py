@@ -13,7 +13,8 @@ traceback. :func:`check_overrides` compares overrides with the config files they
 - a value must be one the key accepts (``value_checks``: ``num_epochs``, ``batch_size``, ``val_interval`` and
   ``image_reader#max_pixels`` at least 1, a positive finite ``learning_rate``, a ``preset`` that exists, a
   ``kv_dtype`` of the cache's storage dtypes, ``selection_map_images`` at least 0, ``mean``/``std`` of
-  ``"dataset"`` or per-channel numbers, known ``conventions``, ``label_table`` split fractions in [0, 1));
+  ``"dataset"`` or per-channel numbers, known ``conventions``, ``label_table`` split fractions in [0, 1),
+  ``kernels`` one of the networks' paths);
 - a top-level key holding a literal must be used by the configs (referred to as ``@key``): an override of a
   setting that nothing reads (e.g. ``--kv_dtype`` for a baseline, which preloads nothing) would have no effect.
 
@@ -43,7 +44,16 @@ import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from pydoc import locate
 from typing import Any
+
+from fire.parser import DefaultParseValue
+from monai.bundle import ConfigParser
+from monai.bundle.config_item import ComponentLocator
+
+from fpt_monai.networks.cpu_kernels import KERNEL_MODES
+from fpt_monai.networks.fpt import PRESETS
+from fpt_monai.preload.transform import STORAGE_DTYPES
 
 __all__ = [
     "BUNDLE_RUN_ARGUMENTS",
@@ -83,8 +93,6 @@ def _positive_finite(value: Any) -> str | None:
 
 
 def _known_preset(value: Any) -> str | None:
-    from fpt_monai.networks.fpt import PRESETS
-
     names = list(PRESETS)
     if not isinstance(value, str) or value in names:
         return None
@@ -94,8 +102,6 @@ def _known_preset(value: Any) -> str | None:
 
 
 def _known_storage_dtype(value: Any) -> str | None:
-    from fpt_monai.preload.transform import STORAGE_DTYPES
-
     if not isinstance(value, str) or value in STORAGE_DTYPES:
         return None
     return f"unknown K/V storage dtype {value!r} (the storage dtypes: {', '.join(STORAGE_DTYPES)})"
@@ -126,6 +132,12 @@ def _fraction(value: Any) -> str | None:
     return None
 
 
+def _known_kernels(value: Any) -> str | None:
+    if not isinstance(value, str) or value in KERNEL_MODES:
+        return None
+    return f"unknown kernels {value!r} (the choices: {', '.join(KERNEL_MODES)})"
+
+
 #: Checks of the values of the FPT bundle's keys (after the type check): value -> problem or ``None``.
 FPT_VALUE_CHECKS: dict[str, Callable[[Any], str | None]] = {
     "num_epochs": _at_least_one,
@@ -141,6 +153,7 @@ FPT_VALUE_CHECKS: dict[str, Callable[[Any], str | None]] = {
     "std": _statistics,
     "label_table#val_fraction": _fraction,
     "label_table#test_fraction": _fraction,
+    "kernels": _known_kernels,
 }
 _SPECIAL_KEYS = ("_target_", "_disabled_", "_requires_", "_desc_", "_mode_")
 
@@ -191,12 +204,8 @@ def _has_type(value: Any, types: tuple[type, ...]) -> bool:
 
 def _resolve_target(target: str) -> Any:
     """The callable a component's ``_target_`` names (as ``ConfigComponent`` finds it), or ``None``."""
-    from pydoc import locate
-
     if "." in target:
         return locate(target)
-    from monai.bundle.config_item import ComponentLocator
-
     module_name = ComponentLocator().get_component_module_name(target)
     if isinstance(module_name, list):
         module_name = module_name[0] if module_name else None
@@ -308,8 +317,6 @@ def check_overrides(
         value_checks: key -> function of the value returning a problem or ``None`` (default:
             :data:`FPT_VALUE_CHECKS`).
     """
-    from monai.bundle import ConfigParser
-
     files = [str(f) for f in ([config_file] if isinstance(config_file, (str, os.PathLike)) else config_file)]
     parser = ConfigParser()
     parser.read_config(files)
@@ -349,8 +356,6 @@ def command_line_overrides(argv: Sequence[str] | None = None) -> tuple[dict, dic
 
     ``--args_file`` contents are merged in (the command line wins), as ``monai.bundle`` does.
     """
-    from fire.parser import DefaultParseValue
-
     argv = list(sys.argv if argv is None else argv)
     program = Path(argv[0]) if argv else Path()
     is_bundle_main = program.name == "__main__.py" and program.parent.parts[-2:] == ("monai", "bundle")
@@ -380,8 +385,6 @@ def command_line_overrides(argv: Sequence[str] | None = None) -> tuple[dict, dic
     arguments.update({k: v for k, v in keyed.items() if k in BUNDLE_RUN_ARGUMENTS})
     overrides = {k: v for k, v in keyed.items() if k not in BUNDLE_RUN_ARGUMENTS}
     if arguments.get("args_file"):
-        from monai.bundle import ConfigParser
-
         from_file = ConfigParser.load_config_file(arguments["args_file"])
         arguments = {**{k: v for k, v in from_file.items() if k in BUNDLE_RUN_ARGUMENTS}, **arguments}
         overrides = {**{k: v for k, v in from_file.items() if k not in BUNDLE_RUN_ARGUMENTS}, **overrides}

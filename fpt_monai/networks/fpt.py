@@ -30,7 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.utils import ensure_tuple_rep
 
-from fpt_monai.networks.backbones import BackboneShape, FrozenBackbone, TimmViTBackbone
+from fpt_monai.networks.backbones import BackboneShape, FrozenBackbone, FrozenViTBackbone, TimmViTBackbone
+from fpt_monai.networks.cpu_kernels import check_kernels
 from fpt_monai.networks.fusion import FUSION_VARIANTS, FineGrainedFusion, FineGrainedPrompts
 from fpt_monai.networks.labels import bind_class_names, class_names_of
 from fpt_monai.networks.side import SideViT
@@ -99,8 +100,15 @@ class FPTNet(nn.Module):
         recompute: where training memory and speed pull apart. ``True`` (default): the side ViT recomputes its
             attention probabilities and MLP activations in backward instead of keeping them. ``False``: it keeps
             them, which is faster and costs more memory (at batch 16 with ViT-B/16 shapes, measured on a 2-core
-            CPU: see the ``step`` benchmark in ``benchmarks/README.md``). Also settable later through
-            ``net.side.recompute``.
+            CPU: see the ``step`` benchmark in ``benchmarks/README.md``). Applies where the CPU kernels run (the
+            reference path is plain autograd). Also settable later through ``net.side.recompute``.
+        kernels: which implementation runs, one switch for the backbone, fusion and side network (also an
+            attribute, settable later): ``"auto"`` (default) the hand-written CPU kernels for training work on a
+            CPU (:mod:`~fpt_monai.networks.cpu_kernels`: the side network and fusion in training, the frozen
+            backbone whenever it runs there), the reference path (stock PyTorch and timm operations,
+            ``scaled_dot_product_attention``) otherwise: on any other device and in inference; ``"reference"``
+            the reference path everywhere; ``"cpu"`` the kernels for training work on any device. Exports always
+            take the reference path. Both paths compute the same outputs and gradients.
         class_names: the names of the classes in output order, bound to the network
             (:func:`~fpt_monai.networks.labels.bind_class_names`): saved in its state dict and exports, and
             checked against a checkpoint's when one is loaded. ``None``: taken from the first checkpoint loaded.
@@ -125,6 +133,7 @@ class FPTNet(nn.Module):
         side_only: bool = False,
         recompute: bool = True,
         class_names: Sequence[str] | None = None,
+        kernels: str = "auto",
     ) -> None:
         super().__init__()
         if isinstance(backbone, FrozenBackbone):
@@ -137,6 +146,7 @@ class FPTNet(nn.Module):
             raise TypeError(f"backbone must be a FrozenBackbone or a BackboneShape, got {type(backbone).__name__}.")
         if variant not in FUSION_VARIANTS:
             raise ValueError(f"variant must be one of {FUSION_VARIANTS}, got {variant!r}.")
+        check_kernels(kernels)
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
         if class_names is not None and len(class_names) != num_classes:
@@ -180,9 +190,22 @@ class FPTNet(nn.Module):
         self.backbone_in_state_dict = False
         #: Whether a strict ``load_state_dict`` accepts a checkpoint without the backbone digest (off: refused).
         self.allow_missing_backbone_digest = False
+        self.kernels = kernels
         self.register_state_dict_post_hook(_reference_frozen_backbone)
         self.register_load_state_dict_pre_hook(_check_and_keep_frozen_backbone)
         bind_class_names(self, class_names)
+
+    @property
+    def kernels(self) -> str:
+        """Which implementation runs: ``"auto"``, ``"reference"`` or ``"cpu"`` (see the class)."""
+        return self._kernels
+
+    @kernels.setter
+    def kernels(self, value: str) -> None:
+        self._kernels = check_kernels(value)
+        self.side.kernels = self.fusion.kernels = self._kernels
+        if isinstance(self.backbone, FrozenViTBackbone):
+            self.backbone.kernels = self._kernels
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters that learn (side network, fusion, prompts): what the optimizer should get."""
@@ -536,6 +559,7 @@ def create_fpt(
     recompute: bool = True,
     class_names: Sequence[str] | None = None,
     conventions: str = "default",
+    kernels: str = "auto",
     **overrides,
 ) -> FPTNet:
     """Build an :class:`FPTNet` from a named preset.
@@ -557,6 +581,8 @@ def create_fpt(
         class_names: the class names in output order, bound to the network (see :class:`FPTNet`).
         conventions: ``"default"`` or ``"authors"``: the FPT authors' position-embedding resampling, fusion
             initialisation and LayerNorm eps (see :mod:`fpt_monai.networks.conventions`).
+        kernels: ``"auto"`` (the CPU kernels for training on a CPU, the reference path elsewhere), ``"reference"``
+            or ``"cpu"``; see :class:`FPTNet`.
         **overrides: any :class:`FPTPreset` field (``img_size``, ``side_img_size``, ``token_ratio``,
             ``blocks``, ``num_prompts``, ``reduction``, ``model_name``; for the 3D presets also any
             :class:`MonaiViTPreset` field: ``patch_size``, ``hidden_size``, ``num_layers``, ``mean``, ...).
@@ -579,6 +605,7 @@ def create_fpt(
         side_only=side_only,
         recompute=recompute,
         class_names=class_names,
+        kernels=kernels,
     )
     model_name = config.model_name if isinstance(backbone, TimmViTBackbone) else None
     return apply_conventions(network, conventions, model_name, pretrained)

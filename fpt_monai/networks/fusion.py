@@ -16,16 +16,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from fpt_monai.utils import exporting
+from fpt_monai.networks.cpu_kernels import PromptCrossAttention, builds_graph, check_kernels, use_cpu_kernels
 
-__all__ = ["FUSION_VARIANTS", "FineGrainedPrompts", "FineGrainedFusion", "PromptCrossAttention"]
+__all__ = ["FUSION_VARIANTS", "FineGrainedPrompts", "FineGrainedFusion"]
 
 FUSION_VARIANTS = ("fpt", "fpt_plus")
-
-#: Bytes of float32 keys+values :class:`PromptCrossAttention` upcasts and works on at a time (about 4 images of
-#: ViT-B/16 at 512): what stays in a CPU's cache.
-FUSION_CHUNK_BYTES = 6 * 2**20
 
 
 class FineGrainedPrompts(nn.Module):
@@ -56,83 +53,6 @@ class FineGrainedPrompts(nn.Module):
         return self.prompts
 
 
-class PromptCrossAttention(torch.autograd.Function):
-    """softmax(q K^T * scale) V for prompt queries shared by the batch, over frozen keys/values of any dtype.
-
-    The keys/values come from the frozen backbone (often a float16 cache) and never need a gradient. Computing
-    in float32 through ``kv.float()`` would keep a float32 copy of them alive for backward, so a float16 cache
-    would cost more memory than a float32 one. This function saves the keys/values as they came (no copy) and
-    upcasts a few images of one block at a time into one reused buffer, in forward and again in backward. The attention weights
-    are not kept either: with a handful of prompt queries they are cheaper to recompute per block in backward than
-    to store for all blocks (30 MB at batch 16 for the ``fpt`` preset).
-
-    The queries are shared by the batch, so the buffer holds a block's keys as (heads, images x tokens, head_dim):
-    the transposed scores of the chunk's images are one (images*tokens x head_dim) @ (head_dim x prompts) product per
-    head, and the queries' gradient, summed over the images, one (prompts x images*tokens) @ (images*tokens x head_dim)
-    product. Scores are kept transposed, (heads, batch, tokens, prompts): with a few prompts as the short side the
-    products run about twice as fast on a CPU as in the (prompts x tokens) orientation.
-
-    Shapes: q (L, H, P, D) float32; kv (B, L, 2, H, k, D); returns (B, L, H, P, D) in q's dtype.
-    """
-
-    @staticmethod
-    def forward(ctx, q: torch.Tensor, kv: torch.Tensor, scale: float) -> torch.Tensor:
-        batch, num_blocks, _, heads, _, head_dim = kv.shape
-        out = q.new_empty(batch, num_blocks, heads, q.shape[2], head_dim)
-        for block, images, keys, values in PromptCrossAttention._chunks(q, kv):
-            attention = PromptCrossAttention._attention(q[block] * scale, keys)  # (H, b, k, P)
-            out[images, block] = torch.matmul(attention.transpose(-2, -1), values).transpose(0, 1)
-        ctx.save_for_backward(q, kv)
-        ctx.scale = scale
-        return out
-
-    @staticmethod
-    def _chunks(q: torch.Tensor, kv: torch.Tensor):
-        """(block, image slice, keys, values): the keys/values of a few images of one block, upcast to q's dtype
-        and laid out (H, b, k, D) in one reused buffer of at most ``FUSION_CHUNK_BYTES`` (or one image).
-
-        A chunk that fits in the CPU's cache is read from memory once and then stays there while its scores are
-        computed, softmax'ed and multiplied; a whole block (20 MB in float32 for ViT-B/16 at batch 16) would be
-        streamed through memory by every product. Measured on a 2-core CPU: 30% less time than whole blocks.
-        """
-        batch, num_blocks, _, heads, tokens, head_dim = kv.shape
-        per_image = 2 * heads * tokens * head_dim * q.element_size()
-        size = max(1, min(batch, FUSION_CHUNK_BYTES // per_image))
-        buffer = q.new_empty(2, heads, size, tokens, head_dim)
-        for block in range(num_blocks):
-            for first in range(0, batch, size):
-                images = slice(first, min(first + size, batch))
-                chunk = buffer[:, :, : images.stop - first]
-                chunk.copy_(kv[images, block].permute(1, 2, 0, 3, 4))
-                yield block, images, chunk[0], chunk[1]
-
-    @staticmethod
-    def _attention(scaled_q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """Transposed attention weights (H, b, k, P): softmax over the tokens of each image."""
-        heads, batch, tokens, head_dim = keys.shape
-        scores = torch.matmul(keys.reshape(heads, batch * tokens, head_dim), scaled_q.transpose(-2, -1))
-        return scores.view(heads, batch, tokens, scaled_q.shape[1]).softmax(dim=2)
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
-        q, kv = ctx.saved_tensors
-        num_prompts = q.shape[2]
-        grad_q = torch.zeros_like(q)
-        for block, images, keys, values in PromptCrossAttention._chunks(q, kv):
-            heads, batch, tokens, head_dim = keys.shape
-            attention = PromptCrossAttention._attention(q[block] * ctx.scale, keys)
-            grad_attention = torch.matmul(values, grad_output[images, block].transpose(0, 1).transpose(-2, -1))
-            # softmax backward over the tokens: a * (da - sum(da * a))
-            grad_scores = grad_attention.sub_((grad_attention * attention).sum(dim=2, keepdim=True)).mul_(attention)
-            # one batched product per chunk (an in-place baddbmm_ on this transposed view runs one product per head)
-            grad_q_chunk = torch.bmm(
-                grad_scores.view(heads, batch * tokens, num_prompts).transpose(-2, -1),
-                keys.reshape(heads, batch * tokens, head_dim),
-            )
-            grad_q[block].add_(grad_q_chunk, alpha=ctx.scale)
-        return grad_q, None, None
-
-
 class FineGrainedFusion(nn.Module):
     """Cross-attention of fine-grained prompts over the frozen backbone's selected keys/values.
 
@@ -142,9 +62,20 @@ class FineGrainedFusion(nn.Module):
         backbone_dim: width of the backbone's attention (heads x head_dim).
         num_heads: backbone heads; the keys/values arrive split into them.
         dropout: dropout on the fused prompts (0.5 in the papers).
+        kernels: ``"auto"``, ``"reference"`` or ``"cpu"``: where the attention runs as the CPU kernel
+            :class:`~fpt_monai.networks.cpu_kernels.PromptCrossAttention` (see :mod:`~fpt_monai.networks.cpu_kernels`);
+            also an attribute.
     """
 
-    def __init__(self, variant: str, side_dim: int, backbone_dim: int, num_heads: int, dropout: float = 0.5) -> None:
+    def __init__(
+        self,
+        variant: str,
+        side_dim: int,
+        backbone_dim: int,
+        num_heads: int,
+        dropout: float = 0.5,
+        kernels: str = "auto",
+    ) -> None:
         super().__init__()
         if variant not in FUSION_VARIANTS:
             raise ValueError(f"variant must be one of {FUSION_VARIANTS}, got {variant!r}.")
@@ -162,6 +93,7 @@ class FineGrainedFusion(nn.Module):
         self.query = nn.Linear(side_dim, backbone_dim) if variant == "fpt" else nn.LayerNorm(backbone_dim)
         self.out_proj = nn.Linear(backbone_dim, side_dim)
         self.dropout = nn.Dropout(dropout)
+        self.kernels = check_kernels(kernels)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -199,13 +131,13 @@ class FineGrainedFusion(nn.Module):
         query = self.query(prompts)
         query = query.reshape(num_blocks, num_prompts, self.num_heads, self.head_dim).transpose(1, 2)
         # computed in the prompts' precision whatever the storage dtype of the (preloaded) keys/values
-        if exporting():
-            # a graph cannot hold a Python autograd function nor its loop over the batch; exports do not train
-            keys, values = kv[:, :, 0].to(query.dtype), kv[:, :, 1].to(query.dtype)
-            attention = (query * self.head_dim**-0.5 @ keys.transpose(-2, -1)).softmax(dim=-1)
-            context = attention @ values
-        else:
+        if use_cpu_kernels(self.kernels, kv, builds_graph(self)):
             context = PromptCrossAttention.apply(query, kv, self.head_dim**-0.5)
+        else:
+            # the L blocks as a batch dimension: (B * L, H, P, D) queries over (B * L, H, k, D) keys/values
+            keys, values = (kv[:, :, i].to(query.dtype).flatten(0, 1) for i in (0, 1))
+            queries = query.expand(batch, -1, -1, -1, -1).flatten(0, 1)
+            context = F.scaled_dot_product_attention(queries, keys, values).unflatten(0, (-1, num_blocks))
         context = context.transpose(2, 3).reshape(batch, num_blocks, num_prompts, self.backbone_dim)
         if self.variant == "fpt":
             fused = self.out_proj(context) + prompts

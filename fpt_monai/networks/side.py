@@ -20,134 +20,29 @@ from monai.utils import ensure_tuple_rep
 from timm.layers import Attention, Mlp
 from timm.models.vision_transformer import Block
 
-from fpt_monai.utils import exporting
+from fpt_monai.networks.cpu_kernels import (
+    builds_graph,
+    check_kernels,
+    gelu_linear,
+    narrow_head_attention,
+    use_cpu_kernels,
+)
 
-__all__ = ["ActivationRecomputingMlp", "GeluLinear", "NarrowHeadAttention", "SideAttention", "SideBlock", "SideViT"]
-
-
-def _trains(module: nn.Module) -> bool:
-    """Whether a forward builds a graph for backward (not inference, tracing, scripting, compiling or export)."""
-    return module.training and torch.is_grad_enabled() and not exporting()
-
-
-#: Upper bound on the attention probabilities one chunk of :class:`NarrowHeadAttention` computes at a time: small
-#: enough to stay in a CPU core's cache while the chunk is softmax'ed and multiplied, large enough to amortise the
-#: per-chunk calls.
-ATTENTION_CHUNK_BYTES = 2 * 2**20
-
-LOG2_E = math.log2(math.e)
-
-
-class NarrowHeadAttention(torch.autograd.Function):
-    """``softmax(q k^T * scale) v`` for narrow heads, on transposed operands, over chunks of the batch.
-
-    The side ViT's heads are 8 wide. A matrix product whose output is 8 wide runs 3-4x slower on a CPU than the same
-    product computed transposed (8-row output), so this function takes and returns every operand transposed:
-    ``qt`` (B, H, D, Nq), ``kt`` and ``vt`` (B, H, D, Nk), contiguous; it returns ``ot`` (B, H, D, Nq), and its
-    gradients have the inputs' layouts. The attention probabilities are laid out keys-major, (B, H, Nk, Nq): the
-    softmax then reduces down the columns (over the keys), which vectorises across the queries (a maximum over each
-    81-wide row of the other layout takes about 4x as long as its sum), and every product keeps a wide output.
-
-    The softmax is taken in base 2: the scores are computed in log2 units (``scale * log2(e)`` folded into the
-    queries) and exponentiated with ``exp2``, which is about 3x faster than ``exp`` on a CPU and gives the same
-    probabilities. Its log-sum-exp per query, a (B, H, 1, Nq) tensor, is kept for backward.
-
-    The (B, H, Nk, Nq) attention probabilities are most of the side ViT's saved activations (31 MB per block at batch
-    16 for the ``fpt`` preset, against 1.3 MB of tokens). With ``keep_probabilities`` off they are not kept:
-    backward recomputes them, chunk by chunk, from ``qt``, ``kt`` and the log-sum-exp (one product and one
-    ``exp2``, no second softmax); on, they are kept and backward is quicker.
-    PyTorch's CPU flash attention keeps no matrix either, but is built for wide heads.
-    """
-
-    @staticmethod
-    def forward(ctx, qt, kt, vt, scale: float, keep_probabilities: bool):
-        batch, heads, _, num_queries = qt.shape
-        ot = torch.empty_like(qt)
-        log_sum = qt.new_empty((batch, heads, 1, num_queries))
-        kept = qt.new_empty((batch, heads, kt.shape[-1], num_queries)) if keep_probabilities else None
-        for rows in NarrowHeadAttention._chunks(qt, kt):
-            scores = NarrowHeadAttention._log2_scores(qt[rows], kt[rows], scale)
-            maximum = scores.amax(dim=-2, keepdim=True)
-            probabilities = scores.sub_(maximum).exp2_()
-            total = probabilities.sum(dim=-2, keepdim=True)
-            probabilities.div_(total)
-            torch.add(maximum, total.log2_(), out=log_sum[rows])
-            torch.matmul(vt[rows], probabilities, out=ot[rows])
-            if kept is not None:
-                kept[rows] = probabilities
-        ctx.save_for_backward(qt, kt, vt, ot, log_sum, kept)
-        ctx.scale = scale
-        return ot
-
-    @staticmethod
-    def _chunks(qt: torch.Tensor, kt: torch.Tensor):
-        per_item = qt.shape[1] * qt.shape[3] * kt.shape[3] * qt.element_size()
-        size = max(1, ATTENTION_CHUNK_BYTES // per_item)
-        return [slice(start, start + size) for start in range(0, qt.shape[0], size)]
-
-    @staticmethod
-    def _log2_scores(qt: torch.Tensor, kt: torch.Tensor, scale: float) -> torch.Tensor:
-        """Keys-major scores in log2 units, ``k q^T * scale * log2(e)``: (c, H, Nk, Nq)."""
-        return torch.matmul(kt.transpose(-2, -1), qt * (scale * LOG2_E))
-
-    @staticmethod
-    def backward(ctx, grad_ot: torch.Tensor):
-        qt, kt, vt, ot, log_sum, kept = ctx.saved_tensors
-        grad_ot = grad_ot.contiguous()
-        grad_qt, grad_kt, grad_vt = torch.empty_like(qt), torch.empty_like(kt), torch.empty_like(vt)
-        for rows in NarrowHeadAttention._chunks(qt, kt):
-            g = grad_ot[rows]
-            if kept is None:
-                scores = NarrowHeadAttention._log2_scores(qt[rows], kt[rows], ctx.scale)
-                probabilities = scores.sub_(log_sum[rows]).exp2_()
-            else:
-                probabilities = kept[rows]
-            torch.matmul(g, probabilities.transpose(-2, -1), out=grad_vt[rows])
-            # softmax backward: p * (dp - colsum(dp * p)), where colsum(dp * p) = colsum(g * o)
-            grad_scores = torch.matmul(vt[rows].transpose(-2, -1), g)
-            grad_scores.sub_((g * ot[rows]).sum(dim=-2, keepdim=True)).mul_(probabilities)
-            torch.matmul(kt[rows], grad_scores, out=grad_qt[rows]).mul_(ctx.scale)
-            torch.matmul(qt[rows] * ctx.scale, grad_scores.transpose(-2, -1), out=grad_kt[rows])
-        return grad_qt, grad_kt, grad_vt, None, None
-
-
-class GeluLinear(torch.autograd.Function):
-    """``linear(gelu(hidden), weight, bias)`` that keeps only ``hidden`` for backward and recomputes the GELU there.
-
-    ``torch.utils.checkpoint`` around the same two ops would recompute the linear layer's output too, which backward
-    does not need: a whole matrix product per block.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, approximate: str):
-        ctx.save_for_backward(hidden, weight)
-        ctx.approximate = approximate
-        ctx.has_bias = bias is not None
-        return F.linear(F.gelu(hidden, approximate=approximate), weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        hidden, weight = ctx.saved_tensors
-        with torch.enable_grad():
-            leaf = hidden.detach().requires_grad_()
-            activation = F.gelu(leaf, approximate=ctx.approximate)
-        grad_out = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_weight = grad_out.t() @ activation.detach().reshape(-1, activation.shape[-1])
-        grad_bias = grad_out.sum(dim=0) if ctx.has_bias else None
-        (grad_hidden,) = torch.autograd.grad(activation, leaf, (grad_out @ weight).view_as(hidden))
-        return grad_hidden, grad_weight, grad_bias, None
+__all__ = ["ActivationRecomputingMlp", "SideAttention", "SideBlock", "SideViT"]
 
 
 class ActivationRecomputingMlp(Mlp):
     """timm's ``Mlp`` (same parameters and state dict) that can keep only its hidden pre-activation for backward.
 
     A plain MLP keeps both ``fc1``'s output (for the GELU's backward) and the GELU's output (for ``fc2``'s weight
-    gradient). With ``recompute`` set, in training the GELU and ``fc2`` run as :class:`GeluLinear`, which recomputes
-    the GELU during backward: one elementwise op buys back a quarter of the side ViT's saved activations other than
-    attention (53 MB at batch 16 for the ``fpt`` preset). Inference and tracing run the plain path.
+    gradient). Where the ``kernels`` switch selects the CPU kernels (:mod:`~fpt_monai.networks.cpu_kernels`) and
+    ``recompute`` is set, the GELU and ``fc2`` run as :class:`~fpt_monai.networks.cpu_kernels.GeluLinear`, which
+    recomputes the GELU during backward: one elementwise op buys back a quarter of the side ViT's saved activations
+    other than attention. Otherwise (the reference path) it is timm's ``Mlp``.
     """
 
     recompute: bool = True
+    kernels: str = "auto"
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -156,8 +51,8 @@ class ActivationRecomputingMlp(Mlp):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = self.fc1(x)
-        if self.recompute and _trains(self):
-            return self.drop2(GeluLinear.apply(hidden, self.fc2.weight, self.fc2.bias, self.act.approximate))
+        if self.recompute and use_cpu_kernels(self.kernels, hidden, builds_graph(self)):
+            return self.drop2(gelu_linear(hidden, self.fc2, self.act.approximate))
         return self.drop2(self.fc2(self.act(hidden)))
 
 
@@ -168,35 +63,35 @@ class SideAttention(Attention):
     ``forward(x, num_queries)`` computes keys and values of all tokens but queries, outputs and the projection of
     the first ``num_queries`` only, which is exactly what the kept tokens receive.
 
-    Attention in training (``fused_attn`` off, the default here):
-
-    - ``recompute`` set: :class:`NarrowHeadAttention` keeps no (B, heads, queries, keys) probability matrix;
-    - ``recompute`` off: it keeps them, and backward needs no recomputation.
-
-    ``fused_attn`` on selects PyTorch's ``scaled_dot_product_attention`` instead, as in timm; so do inference,
-    tracing and export (an export then has a dynamic batch size).
+    The reference path is timm's: ``F.scaled_dot_product_attention`` (PyTorch's fused attention: flash or
+    memory-efficient on a GPU) with ``fused_attn`` set (timm's default), the explicit softmax without. Where the
+    ``kernels`` switch selects the CPU kernels, training runs
+    :class:`~fpt_monai.networks.cpu_kernels.NarrowHeadAttention`, which keeps no (B, heads, queries, keys)
+    probability matrix with ``recompute`` set and keeps them (a quicker backward) without.
     """
 
     recompute: bool = True
+    kernels: str = "auto"
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if self.attn_drop.p or self.gate is not None or not isinstance(self.q_norm, nn.Identity):
             raise ValueError("the side ViT's attention has no attention dropout, no gate and no query/key norm.")
-        self.fused_attn = False
 
     def forward(self, x: torch.Tensor, num_queries: int | None = None) -> torch.Tensor:
         batch, num_tokens, _ = x.shape
         num_queries = num_tokens if num_queries is None else num_queries
         qkv = self.qkv(x).reshape(batch, num_tokens, 3, self.num_heads, self.head_dim)
-        if self.fused_attn or not _trains(self):
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-            x = F.scaled_dot_product_attention(q[:, :, :num_queries], k, v).transpose(1, 2)
+        if use_cpu_kernels(self.kernels, x, builds_graph(self)):
+            x = narrow_head_attention(qkv, num_queries, self.scale, keep_probabilities=not self.recompute)
         else:
-            qt = qkv[:, :num_queries, 0].permute(0, 2, 3, 1).contiguous()  # (B, H, D, Nq)
-            kt, vt = qkv[:, :, 1:].permute(2, 0, 3, 4, 1).contiguous().unbind(0)  # each (B, H, D, N)
-            ot = NarrowHeadAttention.apply(qt, kt, vt, self.scale, not self.recompute)
-            x = ot.permute(0, 3, 1, 2)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            q = q[:, :, :num_queries]
+            if self.fused_attn:
+                x = F.scaled_dot_product_attention(q, k, v)
+            else:
+                x = (q * self.scale @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+            x = x.transpose(1, 2)
         x = self.norm(x.reshape(batch, num_queries, self.attn_dim))
         return self.proj_drop(self.proj(x))
 
@@ -238,9 +133,12 @@ class SideViT(nn.Module):
         mlp_ratio: MLP hidden width / ``embed_dim``.
         spatial_dims: 2 for images, 3 for volumes.
         drop_path_rate: stochastic depth rate, linearly increasing over blocks.
-        recompute: in training, recompute the attention probabilities and the MLP's activation in backward instead
-            of keeping them (:class:`NarrowHeadAttention`, :class:`ActivationRecomputingMlp`): less memory, more
-            time. Also an attribute that can be switched at any time.
+        recompute: on the CPU kernels' path, recompute the attention probabilities and the MLP's activation in
+            backward instead of keeping them (:class:`SideAttention`, :class:`ActivationRecomputingMlp`): less
+            memory, more time. The reference path is plain autograd and ignores it. Also an attribute that can be
+            switched at any time.
+        kernels: which path the blocks take, ``"auto"``, ``"reference"`` or ``"cpu"``
+            (see :mod:`~fpt_monai.networks.cpu_kernels`). Also an attribute that can be switched at any time.
     """
 
     def __init__(
@@ -256,6 +154,7 @@ class SideViT(nn.Module):
         spatial_dims: int = 2,
         drop_path_rate: float = 0.0,
         recompute: bool = True,
+        kernels: str = "auto",
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -300,6 +199,7 @@ class SideViT(nn.Module):
         self.norm = norm_layer(embed_dim)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.recompute = recompute
+        self.kernels = kernels
         self.reset_parameters()
 
     @property
@@ -313,6 +213,18 @@ class SideViT(nn.Module):
         for module in self.modules():
             if isinstance(module, (SideAttention, ActivationRecomputingMlp)):
                 module.recompute = self._recompute
+
+    @property
+    def kernels(self) -> str:
+        """Which path the blocks take: ``"auto"``, ``"reference"`` or ``"cpu"`` (see the class)."""
+        return self._kernels
+
+    @kernels.setter
+    def kernels(self, value: str) -> None:
+        self._kernels = check_kernels(value)
+        for module in self.modules():
+            if isinstance(module, (SideAttention, ActivationRecomputingMlp)):
+                module.kernels = self._kernels
 
     @property
     def depth(self) -> int:

@@ -188,6 +188,9 @@ def test_a_non_finite_gradient_stops_training_with_or_without_clipping(with_clip
     (["train"], {"selection_map_images": -1}, r"--selection_map_images: must be at least 0, got -1"),
     (["train"], {"selection_map_images": "4"}, r"--selection_map_images: .*int"),
     (["inference"], {"selection_maps": "yes"}, r"--selection_maps: .*bool"),
+    (["train"], {"kernels": "gpu"}, r"--kernels: unknown kernels 'gpu' \(the choices: auto, reference, cpu\)"),
+    (["inference"], {"kernels": "fast"}, r"--kernels: unknown kernels 'fast'"),
+    (["train", "baseline"], {"kernels": "cpu"}, r"--kernels: has no effect: nothing in these configs refers to @kernels"),
     (["train", "demo", "baseline", "demo_baseline"], {"preset": "fpt_plus"},
      r"--preset: has no effect: nothing in these configs refers to @preset"),
 ])

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from fpt_monai.networks import FineGrainedFusion, FineGrainedPrompts
-from fpt_monai.networks.fusion import PromptCrossAttention
+from fpt_monai.networks.cpu_kernels import PromptCrossAttention
 
 
 def reference_fusion(fusion, prompts, kv):

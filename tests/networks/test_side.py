@@ -143,7 +143,7 @@ def test_recompute_is_one_switch_over_every_block():
 
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 def test_gelu_linear_gradients(approximate):
-    from fpt_monai.networks.side import GeluLinear
+    from fpt_monai.networks.cpu_kernels import GeluLinear
 
     torch.manual_seed(0)
     hidden = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
@@ -156,7 +156,7 @@ def test_gelu_linear_gradients(approximate):
 
 @pytest.mark.parametrize("keep_probabilities", [False, True])
 def test_narrow_head_attention_gradients(keep_probabilities):
-    from fpt_monai.networks.side import NarrowHeadAttention
+    from fpt_monai.networks.cpu_kernels import NarrowHeadAttention
 
     torch.manual_seed(0)
     qt, kt, vt = (torch.randn(3, 2, 4, n, dtype=torch.float64, requires_grad=True) for n in (5, 7, 7))
@@ -168,7 +168,7 @@ def test_narrow_head_attention_gradients(keep_probabilities):
 
 def test_narrow_head_attention_is_stable_for_large_scores():
     """Scores in the thousands (far beyond exp's float32 range) give the softmax, not inf or NaN."""
-    from fpt_monai.networks.side import NarrowHeadAttention
+    from fpt_monai.networks.cpu_kernels import NarrowHeadAttention
 
     torch.manual_seed(0)
     qt, kt, vt = (torch.randn(2, 2, 8, n) * 30 for n in (5, 6, 6))

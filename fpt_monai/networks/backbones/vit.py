@@ -23,6 +23,7 @@ from monai.utils import ensure_tuple_rep
 
 from fpt_monai._compat import timm_vit_tokens
 from fpt_monai.networks.backbones.base import FrozenBackbone
+from fpt_monai.networks.cpu_kernels import attend_and_rank, one_image_at_a_time, use_cpu_kernels
 from fpt_monai.networks.selection import mean_received_attention, select_important_tokens
 from fpt_monai.utils import exporting
 
@@ -36,7 +37,13 @@ class FrozenViTBackbone(FrozenBackbone):
     implement :meth:`embed`, :meth:`attention_inputs`, :meth:`finish_block` and :meth:`final_norm` for their
     block layout, and fill ``shape``, ``mean`` and ``std``. The constructor is the base class's, with the
     ViT's transformer blocks as ``blocks_in_order``.
+
+    ``kernels`` (``"auto"``, ``"reference"``, ``"cpu"``; see :mod:`~fpt_monai.networks.cpu_kernels`) chooses between
+    the batched reference path and the CPU kernels, which run one image and one head at a time; under ``"auto"`` on
+    CPU inputs.
     """
+
+    kernels: str = "auto"
 
     # -- hooks for a concrete block layout ---------------------------------------------------------------
     def embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -58,35 +65,17 @@ class FrozenViTBackbone(FrozenBackbone):
         raise NotImplementedError
 
     # -- the walk through the blocks, shared by every layout ------------------------------------------
-    @staticmethod
     def _attend_and_rank(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, scale: float
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, scale: float
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Attention context (B, H, N, D) and token importance (B, H, N) from one softmax per (image, head).
 
         With ``v=None`` only the importance is computed (the context is ``None``).
         """
-        q = q * scale
-        # batched on accelerators and for export (a traced or exported loop would fix the batch size)
-        if q.device.type != "cpu" or exporting():
-            attention = (q @ k.transpose(-2, -1)).softmax(dim=-1)
-            return (None if v is None else attention @ v), mean_received_attention(attention)
-        # On the CPU one (image, head) at a time: its N x N matrix (4 MB at N=1025) stays in cache, which measured
-        # about twice as fast as materialising all of them at once (213 vs 400 ms, ViT-B at 512, batch 4). One
-        # N x N buffer is reused for the scores and, in place, their softmax: a fresh 4 MB tensor per head costs a
-        # page-faulting allocation, and the in-place softmax halves the traffic (159 vs 178 ms, best of 12).
-        n = q.shape[2]
-        attention = q.new_empty((n, n))
-        context = None if v is None else q.new_empty(v.shape)
-        importance = q.new_empty(q.shape[:3])
-        for b in range(q.shape[0]):
-            for h in range(q.shape[1]):
-                torch.mm(q[b, h], k[b, h].transpose(-2, -1), out=attention)
-                torch.softmax(attention, -1, out=attention)  # row-wise, so in place is exact
-                if context is not None:
-                    torch.mm(attention, v[b, h], out=context[b, h])
-                torch.sum(attention, dim=0, out=importance[b, h])
-        return context, importance.div_(n)
+        if use_cpu_kernels(self.kernels, q):
+            return attend_and_rank(q, k, v, scale)
+        attention = (q * scale @ k.transpose(-2, -1)).softmax(dim=-1)
+        return (None if v is None else attention @ v), mean_received_attention(attention)
 
     def _extracting_block(
         self, block: nn.Module, x: torch.Tensor, finish: bool = True
@@ -107,13 +96,8 @@ class FrozenViTBackbone(FrozenBackbone):
             # a MONAI MetaTensor (or other subclass): its per-op metadata handling would be paid by every op of the
             # per-head loops below, and the keys/values carry no image metadata
             images = images.as_subclass(torch.Tensor)
-        if images.device.type == "cpu" and images.shape[0] > 1 and not exporting():
-            # One image at a time on the CPU: a ViT-B/16 block's largest intermediates at 512 (the MLP's 4100 x 3072
-            # activations, 50 MB at batch 4) are then 13 MB, small enough for the allocator to reuse instead of
-            # mapping fresh, page-faulting memory on every call; measured 6.52 vs 7.30 s per batch of 4 (best of 5).
-            runs = [self._run_images(image[None], all_blocks) for image in images]
-            tokens = None if runs[0][1] is None else torch.cat([x for _, x, _ in runs])
-            return torch.cat([kv for kv, _, _ in runs]), tokens, torch.cat([i for _, _, i in runs])
+        if images.shape[0] > 1 and use_cpu_kernels(self.kernels, images):
+            return one_image_at_a_time(lambda image: self._run_images(image, all_blocks), images)
         return self._run_images(images, all_blocks)
 
     def _run_images(
