@@ -179,3 +179,52 @@ def test_a_site_refuses_global_weights_that_are_not_its_learnable_parameters(fed
     partial = dict(list(global_weights.items())[1:])
     with pytest.raises(ValueError, match="missing"):
         algo.evaluate(ExchangeObject(weights=partial, weight_type=WeightType.WEIGHTS))
+
+
+# -- NVIDIA FLARE ----------------------------------------------------------------------------------------------------
+
+
+def test_the_documented_command_runs_fedavg_over_two_sites_in_nvflares_simulator(tmp_path, capsys):
+    """``fpt-monai fl_job`` (the docs' command) on the tiny preset: 2 sites x 2 rounds in FLARE's simulator, each
+    site one process on its own bundle root, data and cache; the server holds only the learnable parameters."""
+    import json
+
+    from fpt_monai.cli import main
+    from fpt_monai.data import SAMPLE_CLASSES
+    from fpt_monai.networks import create_fpt
+
+    weights, sites = make_sites(tmp_path, 2)
+    tiny = {k: v for k, v in TINY.items() if k != "num_epochs"}  # the job sets rounds x local epochs
+    argv = ["fl_job", "--sites", ",".join(s["bundle_root"] for s in sites), "--num_rounds", "2"]
+    argv += ["--work_dir", str(tmp_path / "job"), "--pretrained", str(weights)]
+    argv += [f"--{key}={value}" for key, value in tiny.items()]
+    main(argv)
+    printed = capsys.readouterr().out
+    result = json.loads(printed[printed.rindex('{\n  "run"') :])
+    run_dir = Path(result["run"])
+    server = run_dir / "server" / "simulate_job" / "app_server"
+    assert result["global_model"] == str(server / "FL_global_model.pt") and result["sites"] == ["site-1", "site-2"]
+    global_model = torch.load(server / "FL_global_model.pt", map_location="cpu", weights_only=True)["model"]
+    initial = torch.load(tmp_path / "job" / "fpt_initial_learnable.pt", map_location="cpu", weights_only=True)
+
+    network = create_fpt(
+        "fpt_tiny",
+        num_classes=3,
+        class_names=list(SAMPLE_CLASSES),
+        pretrained=str(weights),
+        img_size=64,
+        side_img_size=32,
+    )
+    assert list(global_model) == learnable_names(network) == list(initial)
+    assert any(not torch.equal(global_model[n], initial[n]) for n in initial)  # two rounds moved it
+    state = network.state_dict()
+    state.update(global_model)
+    network.load_state_dict(state, strict=True)  # the global model loads into a site's network
+    for site in sites:  # each site kept its checkpoints and its cache at home
+        root = Path(site["bundle_root"])
+        assert (root / "models" / "model_final.pt").is_file() and any((root / "cache").iterdir())
+    # what the job carried: the initial learnable weights to the server, the sites' script to the sites
+    assert sorted(p.name for p in (server / "custom").iterdir()) == ["fpt_initial_learnable.pt"]
+    for index in (1, 2):
+        custom = run_dir / f"site-{index}" / "simulate_job" / f"app_site-{index}" / "custom"
+        assert sorted(p.name for p in custom.iterdir()) == ["fpt_fl_client.py"]
