@@ -353,6 +353,18 @@ class Commands:
         print(json.dumps(run(int(num_files), work_dir, image_format, int(threads)), indent=2))
 
 
+    def fl_bytes(self, table: bool = False) -> None:
+        """Bytes a site sends and receives per federated round for FPT, FPT+, LoRA and full fine-tuning, at
+        ViT-B/16 and on the demo network (JSON; seconds, nothing trained or downloaded: meta device). ``--table``
+        prints a Markdown table after the JSON. See :mod:`benchmarks.fl_bytes`."""
+        from benchmarks.fl_bytes import fl_bytes_markdown, run
+
+        result = run(command=_command_line())
+        print(json.dumps(result, indent=2))
+        if table:
+            print(fl_bytes_markdown(result))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m benchmarks`` entry point."""
     run_commands(Commands, "benchmarks", argv)

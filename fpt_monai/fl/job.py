@@ -185,9 +185,15 @@ class FLJob:
         with _working_dir(self.work_dir):
             self.recipe.run(env)
         run_dir = workspace / self.recipe.name
-        if not (run_dir / "server" / "simulate_job" / "app_server" / "FL_global_model.pt").is_file():
+        global_model = run_dir / "server" / "simulate_job" / "app_server" / "FL_global_model.pt"
+        initial = torch.load(self.work_dir / INITIAL_WEIGHTS, map_location="cpu", weights_only=True)
+        trained = global_model.is_file() and any(
+            not torch.equal(value, initial[name])
+            for name, value in torch.load(global_model, map_location="cpu", weights_only=True)["model"].items()
+        )
+        if not trained:  # FLARE's simulator does not report every failure of a site
             raise RuntimeError(
-                f"the federated run ended without a global model; the logs are in {run_dir}/*/log.txt "
+                f"the federated run ended without a trained global model; the logs are in {run_dir}/*/log.txt "
                 "(e.g. server/log.txt, site-1/log.txt)."
             )
         return run_dir
