@@ -19,8 +19,10 @@ from fpt_monai.weights import random_weights_expected
 __all__ = ["SETTINGS", "fl_bytes_markdown", "run"]
 
 #: (backbone label, preset of the baselines, FPT preset, FPT+ preset, number of classes).
-SETTINGS = (("ViT-B/16 at 512", "fpt", "fpt", "fpt_plus", 5), ("demo (EfficientNet-Lite0)", "fpt_demo",
-            "fpt_demo", "fpt_plus_demo", 3))
+SETTINGS = (
+    ("ViT-B/16 at 512", "fpt", "fpt", "fpt_plus", 5),
+    ("demo (EfficientNet-Lite0)", "fpt_demo", "fpt_demo", "fpt_plus_demo", 3),
+)
 #: The methods of the table, in its order.
 METHODS = ("fpt", "fpt_plus", "lora", "full")
 BYTES_PER_VALUE = torch.tensor([], dtype=torch.float32).element_size()
@@ -46,19 +48,30 @@ def run(command: str = "") -> dict:
             counts = net.parameter_counts()
             assert values == counts["learnable"], (method, preset)
             whole = counts["learnable"] + counts["frozen"]
-            rows.append({
-                "backbone": label, "method": method, "num_classes": num_classes, "tensors": len(names),
-                "values": values, "sent_bytes": values * BYTES_PER_VALUE, "received_bytes": values * BYTES_PER_VALUE,
-                "round_bytes": 2 * values * BYTES_PER_VALUE, "whole_model_bytes": whole * BYTES_PER_VALUE,
-                "share_of_whole": values / whole,
-            })
+            rows.append(
+                {
+                    "backbone": label,
+                    "method": method,
+                    "num_classes": num_classes,
+                    "tensors": len(names),
+                    "values": values,
+                    "sent_bytes": values * BYTES_PER_VALUE,
+                    "received_bytes": values * BYTES_PER_VALUE,
+                    "round_bytes": 2 * values * BYTES_PER_VALUE,
+                    "whole_model_bytes": whole * BYTES_PER_VALUE,
+                    "share_of_whole": values / whole,
+                }
+            )
     return {"command": command, "dtype": "float32", "rows": rows}
 
 
 def fl_bytes_markdown(result: dict) -> str:
     """The table of :func:`run` in Markdown (MB = 10^6 bytes)."""
-    lines = ["| backbone | method | tensors | values | sent per round | received per round | per round, both ways "
-             "| whole model | share |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| backbone | method | tensors | values | sent per round | received per round | per round, both ways "
+        "| whole model | share |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for row in result["rows"]:
         lines.append(
             f"| {row['backbone']} | {row['method']} | {row['tensors']} | {row['values']:,} "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -61,11 +62,18 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle_root", required=True, help="the site's folder (models, logs, cache)")
-    parser.add_argument("--overrides_file", help="the site's bundle config overrides, a JSON object")
+    parser.add_argument(
+        "--overrides_file", help="the site's bundle config overrides, a JSON object (relative: beside the script)"
+    )
     parser.add_argument("--local_epochs", type=int, default=1, help="training epochs per round")
     parser.add_argument("--configs", default="train", help="comma-separated training configs, e.g. train,baseline")
     args = parser.parse_args(argv)
-    overrides = json.loads(Path(args.overrides_file).read_text()) if args.overrides_file else {}
+    overrides = {}
+    if args.overrides_file:
+        path = Path(args.overrides_file)
+        if not path.is_absolute():  # shipped in the site's app, beside the script FLARE runs
+            path = Path(sys.argv[0]).absolute().parent / path
+        overrides = json.loads(path.read_text())
     if not isinstance(overrides, dict):
         raise ValueError(f"{args.overrides_file} must hold a JSON object of config overrides.")
 

@@ -79,8 +79,8 @@ def build_job(
     Args:
         sites: the sites' bundle roots (checkpoints, logs and K/V cache of each site go there).
         num_rounds: FedAvg rounds.
-        work_dir: where the initial global weights and the sites' script (both travel inside the job) and each
-            site's overrides (``site-N.json``, read by the site from there) are written.
+        work_dir: where the files that travel inside the job are written: the initial global weights (to the
+            server), the sites' script and each site's overrides (``site-N.json``, to that site).
         overrides: bundle config overrides of every site (``preset``, ``pretrained``, ``batch_size``, ...).
         dataset_dirs: each site's ``dataset_dir`` (default: ``<bundle root>/data``).
         local_epochs: training epochs per round at each site.
@@ -139,15 +139,17 @@ def build_job(
         )
     per_site = {}
     for site, root, dataset in zip(site_names(len(roots)), roots, data):
-        # a file, not the command line: FLARE reads braces in a job's arguments as its own expressions
-        site_overrides = work_dir / f"{site}.json"
-        with atomic_write(site_overrides, "w", what="site overrides") as f:
+        # a file that travels in the site's app, not the command line: FLARE reads braces in a job's arguments as
+        # its own expressions
+        with atomic_write(work_dir / f"{site}.json", "w", what="site overrides") as f:
             json.dump({**overrides, "dataset_dir": str(dataset)}, f, indent=2)
-        arguments = ["--bundle_root", str(root), "--overrides_file", str(site_overrides)]
+        arguments = ["--bundle_root", str(root), "--overrides_file", f"{site}.json"]
         arguments += ["--local_epochs", str(int(local_epochs)), "--configs", ",".join(configs)]
         per_site[site] = {"train_args": shlex.join(arguments)}
     with _working_dir(work_dir):
         set_per_site_config(recipe, per_site)
+        for site in per_site:
+            recipe.add_client_file(f"{site}.json", clients=[site])
     return FLJob(recipe, work_dir, list(per_site))
 
 

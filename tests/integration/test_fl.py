@@ -223,8 +223,32 @@ def test_the_documented_command_runs_fedavg_over_two_sites_in_nvflares_simulator
     for site in sites:  # each site kept its checkpoints and its cache at home
         root = Path(site["bundle_root"])
         assert (root / "models" / "model_final.pt").is_file() and any((root / "cache").iterdir())
-    # what the job carried: the initial learnable weights to the server, the sites' script to the sites
+    # what the job carried: the initial learnable weights to the server, the script and its overrides to each site
     assert sorted(p.name for p in (server / "custom").iterdir()) == ["fpt_initial_learnable.pt"]
     for index in (1, 2):
         custom = run_dir / f"site-{index}" / "simulate_job" / f"app_site-{index}" / "custom"
-        assert sorted(p.name for p in custom.iterdir()) == ["fpt_fl_client.py"]
+        assert sorted(p.name for p in custom.iterdir()) == ["fpt_fl_client.py", f"site-{index}.json"]
+
+
+def test_the_job_exports_for_a_real_deployment_with_each_sites_files_in_its_app(tmp_path, capsys):
+    """``fpt-monai fl_job --export_dir``: the job folder ``nvflare job submit`` takes; the package is not copied in
+    (sites run the fpt_monai they installed), each site's overrides go to that site only."""
+    import json
+
+    from fpt_monai.cli import main
+
+    argv = ["fl_job", "--sites", f"{tmp_path}/a,{tmp_path}/b", "--dataset_dirs", "/data/a,/data/b"]
+    argv += ["--work_dir", str(tmp_path / "job"), "--export_dir", str(tmp_path / "export"), "--pretrained", "False"]
+    argv += ["--preset", "fpt_tiny", "--network_def#img_size", "64", "--network_def#side_img_size", "32"]
+    main(argv)
+    printed = capsys.readouterr().out
+    job = Path(json.loads(printed[printed.rindex('{\n  "job"') :])["job"])
+    files = sorted(str(p.relative_to(job)) for p in job.rglob("*") if p.is_file())
+    assert not any("fpt_monai" in f for f in files), files
+    assert "app_server/custom/fpt_initial_learnable.pt" in files
+    for site, other, data in (("site-1", "site-2", "/data/a"), ("site-2", "site-1", "/data/b")):
+        app = job / f"app_{site}"
+        assert sorted(p.name for p in (app / "custom").iterdir()) == ["fpt_fl_client.py", f"{site}.json"]
+        assert json.loads((app / "custom" / f"{site}.json").read_text())["dataset_dir"] == data
+        client = (app / "config" / "config_fed_client.json").read_text()
+        assert f"{site}.json" in client and f"{other}.json" not in client
