@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from fpt_monai.fl import learnable_state_dict
+
 __all__ = ["CLIENT_SCRIPT", "INITIAL_WEIGHTS", "FLJob", "build_job", "initial_weights", "site_names"]
 
 logger = logging.getLogger(__name__)
@@ -41,27 +43,38 @@ def site_names(count: int) -> list[str]:
 def initial_weights(overrides: Mapping, configs: Sequence[str] = ("train",)) -> dict[str, torch.Tensor]:
     """The global model of round 1: the learnable parameters of the network the bundle builds with ``overrides``.
 
-    The network is built as a site builds it (``network_def``, after the bundle's seed), with random backbone
-    weights: the learnable parameters' initial values do not depend on the backbone's weights, and the server
-    needs no backbone file.
+    The network is built as a site builds it (``network_def``, after the bundle's seed). For FPT and FPT+ the
+    backbone's weights are random: the learnable parameters' initial values do not depend on them, and building
+    the job needs no backbone file. A baseline network is built with the job's ``pretrained`` weights, since what
+    it learns can be the pretrained weights themselves (full fine-tuning).
     """
+    from fpt_monai.networks import FPTNet
+
+    network = _bundle_network(overrides, configs, pretrained=False)
+    if not isinstance(network, FPTNet):
+        network = _bundle_network(overrides, configs, pretrained=None)
+    return learnable_state_dict(network)
+
+
+def _bundle_network(overrides: Mapping, configs: Sequence[str], pretrained: bool | None) -> torch.nn.Module:
+    """The bundle's ``network_def`` on the CPU after its seed; ``pretrained=None``: the configs' own setting."""
     from monai.bundle import ConfigParser
     from monai.utils import set_determinism
 
     from fpt_monai.bundle import config_files
-    from fpt_monai.fl import learnable_state_dict
     from fpt_monai.weights import random_weights_expected
 
     parser = ConfigParser()
     parser.read_config(config_files(*configs))
-    parser.update({**overrides, "pretrained": False, "device": "$torch.device('cpu')"})
+    parser.update({**overrides, "device": "$torch.device('cpu')"})
+    if pretrained is not None:
+        parser["pretrained"] = pretrained
     set_determinism(seed=parser.get_parsed_content("seed"))
     try:
-        with random_weights_expected():
-            network = parser.get_parsed_content("network_def")
+        with random_weights_expected() if pretrained is False else contextlib.nullcontext():
+            return parser.get_parsed_content("network_def")
     finally:
         set_determinism(seed=None)
-    return learnable_state_dict(network)
 
 
 def build_job(
