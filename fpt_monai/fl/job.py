@@ -132,8 +132,9 @@ def build_job(
     # runs the fpt_monai it has installed (with the bundle it ships)
     script = work_dir / CLIENT_SCRIPT
     with atomic_write(script, "w", what="client script") as f:
-        f.write('"""A site of the FPT job: fpt_monai.fl.client."""\n\nfrom fpt_monai.fl.client import main\n\n')
-        f.write('if __name__ == "__main__":\n    main()\n')
+        f.write('"""A site of the FPT job: fpt_monai.fl.client."""\n\nimport logging\n\n')
+        f.write("from fpt_monai.fl.client import main\n\n")
+        f.write('if __name__ == "__main__":\n    logging.basicConfig(level=logging.INFO)\n    main()\n')
 
     with _working_dir(work_dir):  # the recipe resolves the relative paths below
         recipe = FedAvgRecipe(
