@@ -223,6 +223,7 @@ class Commands:
         dataset_dirs: str | Sequence[str] | None = None,
         export_dir: str | None = None,
         configs: str | Sequence[str] = "train",
+        site_python: str | None = None,
         **overrides,
     ) -> None:
         """Federated training with NVIDIA FLARE: FedAvg of the learnable parameters over sites (docs/federated.md).
@@ -240,6 +241,8 @@ class Commands:
             dataset_dirs: each site's ``dataset_dir``, in the order of ``sites``.
             export_dir: write the job folder there instead of running the simulator.
             configs: training configs, e.g. ``train`` or ``train,baseline``.
+            site_python: the Python interpreter with fpt-monai that runs a site (default: this one for the
+                simulator, ``python3`` for an export).
             overrides: bundle config values of every site, e.g. ``--preset fpt_plus --batch_size 8``.
         """
         from pathlib import Path
@@ -258,6 +261,7 @@ class Commands:
             dataset_dirs=as_list(dataset_dirs) if dataset_dirs is not None else None,
             local_epochs=local_epochs,
             configs=as_list(configs),
+            site_python=site_python or ("python3" if export_dir is not None else None),
         )
         if export_dir is not None:
             print(json.dumps({"job": str(job.export(export_dir))}, indent=2))

@@ -86,6 +86,7 @@ def build_job(
     local_epochs: int = 1,
     configs: Sequence[str] = ("train",),
     name: str = "fpt_fedavg",
+    site_python: str | None = None,
 ) -> FLJob:
     """FLARE's FedAvg recipe for ``len(sites)`` sites, site ``i`` (``site-{i+1}``) on bundle root ``sites[i]``.
 
@@ -99,6 +100,8 @@ def build_job(
         local_epochs: training epochs per round at each site.
         configs: the training configs (``train``, or ``train`` and overlays).
         name: the job's name.
+        site_python: the Python interpreter (with fpt-monai) that runs a site's script; default: this one, as
+            the simulator needs (for an exported job, the sites' own, e.g. ``python3`` on their PATH).
     """
     from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
     from nvflare.client.config import ExchangeFormat
@@ -147,7 +150,7 @@ def build_job(
             num_rounds=int(num_rounds),
             train_script=CLIENT_SCRIPT,  # relative, as above: custom/fpt_fl_client.py
             launch_external_process=True,  # one process per site: sites share no Python state
-            command=f"{shlex.quote(sys.executable)} -u",
+            command=f"{shlex.quote(site_python or sys.executable)} -u",
             server_expected_format=ExchangeFormat.PYTORCH,
             key_metric="val_auc",
         )

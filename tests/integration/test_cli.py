@@ -78,6 +78,6 @@ def test_help_lists_the_commands_of_the_method():
     result = run_cli("--help")
     assert result.returncode == 0, result.stderr
     listed = result.stdout + result.stderr
-    for command in ("presets", "params", "preload", "demo", "export_bundle", "sample_data", "sample_data_3d"):
+    for command in ("presets", "params", "preload", "demo", "export_bundle", "sample_data", "sample_data_3d", "fl_job"):
         assert f"\n     {command}\n" in listed, command
     assert "accuracy" not in listed and "memory" not in listed  # the benchmarks live in python -m benchmarks

@@ -252,3 +252,4 @@ def test_the_job_exports_for_a_real_deployment_with_each_sites_files_in_its_app(
         assert json.loads((app / "custom" / f"{site}.json").read_text())["dataset_dir"] == data
         client = (app / "config" / "config_fed_client.json").read_text()
         assert f"{site}.json" in client and f"{other}.json" not in client
+        assert '"python3",' in client  # the sites' interpreter, not this machine's
