@@ -353,6 +353,39 @@ class Commands:
         print(json.dumps(run(int(num_files), work_dir, image_format, int(threads)), indent=2))
 
 
+    def fl_bytes(self, table: bool = False) -> None:
+        """Bytes a site sends and receives per federated round for FPT, FPT+, LoRA and full fine-tuning, at
+        ViT-B/16 and on the demo network (JSON; seconds, nothing trained or downloaded: meta device). ``--table``
+        prints a Markdown table after the JSON. See :mod:`benchmarks.fl_bytes`."""
+        from benchmarks.fl_bytes import fl_bytes_markdown, run
+
+        result = run(command=_command_line())
+        print(json.dumps(result, indent=2))
+        if table:
+            print(fl_bytes_markdown(result))
+
+
+    def fl_accuracy(self, work_dir: str = "fpt_fl_accuracy", output_dir: str = "benchmarks/results",
+                    num_epochs: int = 20, img_size: int = 512, num_sites: int = 3, **overrides) -> None:
+        """Test AUC of federated FPT (NVIDIA FLARE's simulator), central FPT and FPT on one site alone, after the
+        same number of epochs, on the sample task split over ``num_sites`` sites with grades skewed per site.
+        Writes ``fl_accuracy.json`` and ``fl_accuracy.md`` to ``output_dir`` and prints the table. ``--img_size
+        256`` makes it about 4x cheaper. See :mod:`benchmarks.fl_accuracy`."""
+        from benchmarks.fl_accuracy import fl_accuracy, fl_accuracy_markdown
+        from fpt_monai.utils import atomic_write
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+        result = fl_accuracy(work_dir, int(num_epochs), int(img_size), int(num_sites), **overrides)
+        result["command"] = _command_line()
+        table = fl_accuracy_markdown(result)
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        with atomic_write(Path(output_dir) / "fl_accuracy.json", "w", what="results") as f:
+            json.dump(result, f, indent=2)
+        with atomic_write(Path(output_dir) / "fl_accuracy.md", "w", what="results") as f:
+            f.write(f"`{result['command']}`\n\n{table}\n")
+        print(table)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m benchmarks`` entry point."""
     run_commands(Commands, "benchmarks", argv)

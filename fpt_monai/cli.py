@@ -268,6 +268,63 @@ class Commands:
 
         print(export_bundle(output_dir, overwrite=overwrite))
 
+    def fl_job(
+        self,
+        sites: str | Sequence[str],
+        num_rounds: int = 2,
+        work_dir: str = "fpt_fl",
+        local_epochs: int = 1,
+        dataset_dirs: str | Sequence[str] | None = None,
+        export_dir: str | None = None,
+        configs: str | Sequence[str] = "train",
+        site_python: str | None = None,
+        **overrides,
+    ) -> None:
+        """Federated training with NVIDIA FLARE: FedAvg of the learnable parameters over sites (docs/federated.md).
+
+        Runs the job with FLARE's simulator (every site on this machine) and prints where the global model is;
+        with ``--export_dir DIR`` writes the job folder for a real deployment instead (``nvflare job submit``).
+        Needs ``pip install "fpt-monai[fl]"``.
+
+        Args:
+            sites: the sites' bundle roots, comma-separated or a list: each site's checkpoints, logs and K/V cache
+                go there, and its data is ``<root>/data`` unless ``dataset_dirs`` says otherwise.
+            num_rounds: FedAvg rounds.
+            work_dir: the job's files (initial weights, sites' script and overrides) and the simulator's workspace.
+            local_epochs: training epochs per round at each site.
+            dataset_dirs: each site's ``dataset_dir``, in the order of ``sites``.
+            export_dir: write the job folder there instead of running the simulator.
+            configs: training configs, e.g. ``train`` or ``train,baseline``.
+            site_python: the Python interpreter with fpt-monai that runs a site (default: this one for the
+                simulator, ``python3`` for an export).
+            overrides: bundle config values of every site, e.g. ``--preset fpt_plus --batch_size 8``.
+        """
+        from pathlib import Path
+
+        from fpt_monai.fl.job import build_job
+
+        def as_list(value):
+            return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
+
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        job = build_job(
+            as_list(sites),
+            num_rounds=num_rounds,
+            work_dir=work_dir,
+            overrides=overrides,
+            dataset_dirs=as_list(dataset_dirs) if dataset_dirs is not None else None,
+            local_epochs=local_epochs,
+            configs=as_list(configs),
+            site_python=site_python or ("python3" if export_dir is not None else None),
+        )
+        if export_dir is not None:
+            print(json.dumps({"job": str(job.export(export_dir))}, indent=2))
+            return
+        run_dir = job.simulate(Path(work_dir) / "simulator")
+        app = run_dir / "server" / "simulate_job" / "app_server"
+        result = {"run": str(run_dir), "global_model": str(app / "FL_global_model.pt"), "sites": job.sites}
+        print(json.dumps(result, indent=2))
+
     def onnx_class_names(self, onnx_file: str = "models/model.onnx", ckpt_file: str = "models/model.pt") -> None:
         """Store the class names of the checkpoint an ONNX model was exported from in the model's metadata.
 

@@ -79,7 +79,7 @@ def test_help_lists_the_commands_of_the_method():
     assert result.returncode == 0, result.stderr
     listed = result.stdout + result.stderr
     for command in ("presets", "params", "preload", "demo", "export_bundle", "sample_data", "sample_data_3d",
-                    "selection_map"):
+                    "selection_map", "onnx_class_names", "fl_job"):
         assert f"\n     {command}\n" in listed, command
     assert "accuracy" not in listed and "memory" not in listed  # the benchmarks live in python -m benchmarks
 
