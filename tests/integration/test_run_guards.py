@@ -11,9 +11,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 from fpt_monai.bundle import bundle_dir
@@ -47,7 +49,8 @@ def models(tmp_path_factory):
     torch.save(state, root / "random" / "models" / "model.pt")
     images = root / "images"
     images.mkdir()
-    huge_png(images / "small.png", 64, 64)
+    # a small image with content (a one-colour image is reported as constant, not classified)
+    Image.fromarray((np.arange(64 * 64).reshape(64, 64) % 251).astype(np.uint8)).save(images / "small.png")
     return root, str(weights), images
 
 
