@@ -85,11 +85,30 @@ def ddr(root: Path) -> tuple[Path, dict]:
     return root / "train.txt", options
 
 
-def run_bundle(entry: str, configs: list[str], options: dict) -> subprocess.CompletedProcess:
+def bundle_command(entry: str, configs: list[str], options: dict) -> list[str]:
     command = [sys.executable, "-m", "monai.bundle", "run", entry, "--config_file", json.dumps(configs)]
     for key, value in options.items():
         command += [f"--{key}", str(value)]
-    result = subprocess.run(command, cwd=BUNDLE, capture_output=True, text=True, timeout=600)
+    return command
+
+
+def inference_options(run_root: Path, weights: Path, table_options: dict) -> dict:
+    """Options of the standalone inference.json for the tiny network a table's training run made."""
+    return {
+        "preset": TINY["preset"],
+        "network_def#img_size": TINY["network_def#img_size"],
+        "network_def#side_img_size": TINY["network_def#side_img_size"],
+        "num_workers": 0,
+        "bundle_root": run_root,
+        "pretrained": weights,
+        "class_names": table_options["class_names"],
+        "num_classes": 3,
+    }
+
+
+def run_bundle(entry: str, configs: list[str], options: dict) -> subprocess.CompletedProcess:
+    result = subprocess.run(bundle_command(entry, configs, options), cwd=BUNDLE, capture_output=True, text=True,
+                            timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -134,9 +153,21 @@ def test_each_table_shape_trains_one_epoch_and_saves_its_split(shape, weights, t
         # evaluation reuses the saved split (its test list) and reads the statistics back from the checkpoint
         run_bundle("evaluating", ["configs/train.json", "configs/evaluate.json"], options)
         assert (run_root / "eval").is_dir()
+        # inference reads them back from the checkpoint too; without --mean/--std dataset it refuses, saying so
+        infer = {**inference_options(run_root, weights, table_options), "input_dir": table.parent / "images"}
+        run_bundle("run", ["configs/inference.json"], {**infer, "mean": "dataset", "std": "dataset"})
+        with open(run_root / "eval" / "inference" / "predictions.csv") as f:
+            assert len(f.read().splitlines()) == 1 + 15
+        refused = subprocess.run(bundle_command("run", ["configs/inference.json"], infer), cwd=BUNDLE,
+                                 capture_output=True, text=True, timeout=600)
+        assert refused.returncode != 0 and "--mean dataset --std dataset" in refused.stderr
     if shape is kaggle:
         assert NORMALIZATION_KEY in torch.load(run_root / "models" / "model_final.pt", weights_only=True)
         assert "the authors' numerical conventions" in result.stdout + result.stderr
+        # inference of a model trained with the authors' conventions takes the same switch
+        infer = {**inference_options(run_root, weights, table_options), "input_dir": table.parent / "train_images"}
+        run_bundle("run", ["configs/inference.json"], {**infer, "conventions": "authors"})
+        assert (run_root / "eval" / "inference" / "predictions.csv").is_file()
     if shape is isic:  # both images of a lesion in one split
         split_of = {Path(i["image"]).stem: s for s in ("train", "val", "test") for i in saved[s]}
         assert all(split_of[f"ISIC_{2 * k:07d}"] == split_of[f"ISIC_{2 * k + 1:07d}"] for k in range(9))
