@@ -4,10 +4,9 @@ workers never carry the cached keys/values.
 A training batch of FPT is mostly keys/values (ViT-B/16, float16, batch 16: 121 MB for FPT, 60 MB for FPT+),
 against a few MB of side views. Through a plain ``DataLoader`` with workers, a worker's collation stacks them
 into a new shared-memory block for every batch, whose pages are then touched again by the training process;
-reading an FPT+ batch's keys/values into a batch tensor that is already mapped takes 7.4 ms (one thread, 2-core
-x86_64 CPU, 2026-11-30). This loader leaves the
-keys/values on disk in the workers, which make the side views and send a :class:`~fpt_monai.preload.KVReference`
-per item; the training process reads each entry's keys/values straight into a batch tensor it reuses once nothing
+reading them into a batch tensor that is already mapped is far cheaper (figures: docs/design.md, "The training
+epoch"). This loader leaves the keys/values on disk in the workers, which make the side views and send a
+:class:`~fpt_monai.preload.KVReference` per item; the training process reads each entry's keys/values straight into a batch tensor it reuses once nothing
 refers to it any more. A thread reads the next batch's keys/values while the current batch trains: with workers,
 from the references they sent; without workers, from the entries this process verified, by index (the batch
 sampler's order is known in advance, and reading keys/values draws no random number, so the items and their random
@@ -44,8 +43,8 @@ def default_num_workers(device: str | torch.device | None = None, max_workers: i
     (``LOCAL_WORLD_SIZE``). On a GPU the training process needs little CPU: half the CPUs, at most ``max_workers``.
     On the CPU the training step's threads use every core and a worker takes its time from them: none up to
     3 CPUs, a quarter of them beyond, at most ``max_workers``. From the cache the data path of an image is cheap
-    (about 1.3 ms for FPT+: a side view and one read), and on a 2-core x86_64 CPU a bundle epoch of FPT+ moved
-    0.74 of the bare step's images/s with no worker against 0.64 with one (2026-11-30).
+    (a side view and one read), and on a 2-core CPU a bundle epoch of FPT+ kept more of the bare step's speed with
+    no worker than with one (docs/design.md, "The training epoch").
     """
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     cpus //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
