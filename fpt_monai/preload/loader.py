@@ -6,8 +6,8 @@ against a few MB of side views. Through a plain ``DataLoader`` with workers, a w
 into a new shared-memory block for every batch, whose pages are then touched again by the training process;
 reading them into a batch tensor that is already mapped is far cheaper (figures: docs/design.md, "The training
 epoch"). This loader leaves the keys/values on disk in the workers, which make the side views and send a
-:class:`~fpt_monai.preload.KVReference` per item; the training process reads each entry's keys/values straight into a batch tensor it reuses once nothing
-refers to it any more. A thread reads the next batch's keys/values while the current batch trains: with workers,
+:class:`~fpt_monai.preload.KVReference` per item; the training process reads each entry's keys/values straight
+into a batch tensor it reuses once nothing refers to it any more. A thread reads the next batch's keys/values while the current batch trains: with workers,
 from the references they sent; without workers, from the entries this process verified, by index (the batch
 sampler's order is known in advance, and reading keys/values draws no random number, so the items and their random
 transforms are made as PyTorch's single-process loading makes them).
