@@ -2,15 +2,15 @@
 workers never carry the cached keys/values.
 
 A training batch of FPT is mostly keys/values (ViT-B/16, float16, batch 16: 121 MB for FPT, 60 MB for FPT+),
-against a few MB of side views. Through a plain ``DataLoader`` with workers, a worker's collation stacks them
-into a new shared-memory block for every batch, whose pages are then touched again by the training process;
-reading them into a batch tensor that is already mapped is far cheaper (figures: docs/design.md, "The training
-epoch"). This loader leaves the keys/values on disk in the workers, which make the side views and send a
-:class:`~fpt_monai.preload.KVReference` per item; the training process reads each entry's keys/values straight
-into a batch tensor it reuses once nothing refers to it any more. A thread reads the next batch's keys/values while the current batch trains: with workers,
-from the references they sent; without workers, from the entries this process verified, by index (the batch
-sampler's order is known in advance, and reading keys/values draws no random number, so the items and their random
-transforms are made as PyTorch's single-process loading makes them).
+against a few MB of side views. Through a plain ``DataLoader`` with workers, a worker's collation stacks them into
+a new shared-memory block for every batch, whose pages are then touched again by the training process; reading them
+into a batch tensor that is already mapped is far cheaper (figures: docs/design.md, "The training epoch"). This
+loader leaves the keys/values on disk in the workers, which make the side views and send a
+:class:`~fpt_monai.preload.KVReference` per item; the training process reads each entry's keys/values straight into
+a batch tensor it reuses once nothing refers to it any more. A thread reads the next batch's keys/values while the
+current batch trains: with workers, from the references they sent; without workers, from the entries this process
+verified, by index (the batch sampler's order is known in advance, and reading keys/values draws no random number,
+so the items and their random transforms are made as PyTorch's single-process loading makes them).
 
 Everything else is MONAI's ``DataLoader`` (same sampler, collation of the other fields, worker seeding and
 arguments), and with any other dataset this loader is that ``DataLoader``.
