@@ -162,6 +162,16 @@ def test_logging_conf_filters_only_the_known_third_party_noise():
     assert "a real decoder error" in output and "a user warning" in output and "a user UserWarning" in output
 
 
+def test_training_uses_mixed_precision_on_a_gpu_by_default():
+    """MONAI's ``amp`` (float16 autocast and a gradient scaler) is on for a CUDA device and off on the CPU."""
+    for device, expected in (("$torch.device('cuda:0')", True), ("cuda", True), ("$torch.device('cpu')", False)):
+        parser = ConfigParser()
+        parser.read_config(config_files("train"))
+        parser["device"] = device
+        assert parser.get_parsed_content("amp") is expected, device
+    assert parser["train#trainer#amp"] == "@amp"  # `--amp False` turns it off
+
+
 def test_metadata_verifies_offline_against_the_shipped_schema():
     verify_metadata(meta_file=META, filepath=str(BUNDLE / "schema" / "meta_schema.json"))
 
