@@ -185,6 +185,29 @@ class Commands:
         if table:
             print(step_table(rows))
 
+    def gpu_step(self, presets: str | Sequence[str] = ("fpt", "fpt_plus"), batch_size: int = 32,
+                 device: str | None = None, amp: bool | None = None, repeats: int = 9, table: bool = False) -> None:
+        """The training step on a GPU, reference path against the CPU kernels: images/s and peak CUDA memory (JSON).
+
+        At the papers' setting (ViT-B/16 keys/values at 512, batch 32) under MONAI's mixed precision, as the bundle
+        trains on CUDA. The protocol is in :mod:`benchmarks.gpu_step`.
+
+        Args:
+            presets: comma-separated or a list of presets.
+            batch_size: images per step.
+            device: where to run (default: the GPU when there is one, else the CPU).
+            amp: float16 autocast with a gradient scaler (default: on CUDA).
+            repeats: timed samples per arm (the median is reported).
+            table: print a Markdown table after the JSON.
+        """
+        from benchmarks.gpu_step import gpu_step_comparison, gpu_step_table
+
+        presets = tuple(p for p in presets.split(",") if p) if isinstance(presets, str) else tuple(presets)
+        rows = gpu_step_comparison(presets, int(batch_size), device, amp, int(repeats))
+        print(json.dumps({"command": _command_line(), "rows": rows}, indent=2))
+        if table:
+            print(gpu_step_table(rows))
+
     def profile_extraction(self, preset: str = "fpt", img_size: int = 512, calls: int = 3, top: int = 30) -> None:
         """Per-operator CPU time of one image: the K/V extraction against bare ``forward_features`` (a table; a minute).
 

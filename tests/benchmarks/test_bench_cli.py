@@ -23,7 +23,7 @@ def test_help_lists_every_benchmark():
     assert result.returncode == 0, result.stderr
     listed = result.stdout + result.stderr
     for command in ("bench", "memory", "memory3d", "speed", "epoch", "accuracy", "accuracy_merge", "cache_dtype",
-                    "file_digest"):
+                    "file_digest", "onnx", "gpu_step", "fl_bytes", "fl_accuracy"):
         assert f"\n     {command}\n" in listed, command
 
 
