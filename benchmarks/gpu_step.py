@@ -9,7 +9,8 @@ precision (float16 autocast and a gradient scaler). Arms, timed in turn in one p
   ``F.scaled_dot_product_attention``: what ``kernels="auto"`` runs off the CPU;
 - ``cpu``: ``kernels="cpu"``, the hand-written CPU kernels forced onto the device, for comparison.
 
-Peak memory is ``torch.cuda.max_memory_allocated`` over one arm's steps (reset before each arm), in MiB; on a CPU
+Peak memory is an arm's own: ``torch.cuda.max_memory_allocated`` during its first step (network, optimizer state,
+activations), less what was allocated before the arm was built (the shared inputs, the other arm), in MiB; on a CPU
 it is not measured (``None``). Random weights and inputs: speed and memory do not depend on their values.
 """
 
@@ -72,18 +73,19 @@ def gpu_step_comparison(
         labels = torch.randint(0, num_classes, (batch_size,), device=device)
         steps, peaks = {}, {}
         for kernels in GPU_STEP_ARMS:
+            if cuda:  # the arm's own memory: what it allocates above the shared inputs and the arms built before it
+                torch.cuda.synchronize(device)
+                resident = torch.cuda.memory_allocated(device)
+                torch.cuda.reset_peak_memory_stats(device)
             with torch.device(device):
                 network = FPTNet(
                     shape, num_classes, side_img_size=config.side_img_size, variant=config.variant, kernels=kernels
                 ).train()
             steps[kernels] = _train_step(network, side, kv, labels, amp)
+            steps[kernels]()  # one step: the network, its optimizer state and one step's activations
             if cuda:
                 torch.cuda.synchronize(device)
-                torch.cuda.reset_peak_memory_stats(device)
-            steps[kernels]()  # one step, for the arm's own peak
-            if cuda:
-                torch.cuda.synchronize(device)
-                peaks[kernels] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+                peaks[kernels] = round((torch.cuda.max_memory_allocated(device) - resident) / 2**20, 1)
         seconds = time_alternating(steps, repeats=repeats, synchronize=_synchronizer(device))
         for kernels in GPU_STEP_ARMS:
             rows.append(
