@@ -21,11 +21,13 @@ from __future__ import annotations
 import logging
 import math
 import numbers
+import os
 from collections.abc import Mapping
 
 import torch
 import torch.nn as nn
 from monai.fl.client import MonaiAlgo
+from monai.fl.utils.constants import ExtraItems
 from monai.fl.utils.exchange_object import ExchangeObject
 
 __all__ = ["FPTMonaiAlgo", "learnable_names", "learnable_state_dict", "numeric_entries"]
@@ -86,6 +88,18 @@ class FPTMonaiAlgo(MonaiAlgo):
     Set the bundle's ``num_epochs`` to rounds x ``local_epochs``: the learning-rate schedule spans
     ``num_epochs`` and carries on across rounds, while each round trains ``local_epochs``.
     """
+
+    def initialize(self, extra: dict | None = None) -> None:
+        """MonaiAlgo's ``initialize``, with the site's ``bundle_root`` given to the workflows as a config override.
+
+        MonaiAlgo initialises the evaluation workflow once before it sets that workflow's ``bundle_root``: without
+        the override, that first pass resolves the configs' ``bundle_root`` (``"."``), so its outputs and run lock
+        would land in the process's working folder instead of the site's.
+        """
+        root = os.path.join((extra or {}).get(ExtraItems.APP_ROOT, ""), self.bundle_root)
+        self.train_kwargs.setdefault("bundle_root", root)
+        self.eval_kwargs.setdefault("bundle_root", root)
+        super().initialize(extra)
 
     def _learnable(self) -> list[str]:
         network = self.trainer.network if self.trainer is not None else getattr(self.evaluator, "network", None)

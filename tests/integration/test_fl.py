@@ -7,6 +7,7 @@ tiny preset, and everything a site hands back is inspected.
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 import os
 from pathlib import Path
@@ -101,6 +102,8 @@ def federation(tmp_path_factory):
     """Two sites, two rounds of FedAvg in-process; every exchanged object kept for the assertions."""
     root = tmp_path_factory.mktemp("fl")
     weights, sites = make_sites(root, 2)
+    work = root / "working_folder"
+    work.mkdir()
     algos = []
     for index, site in enumerate(sites):
         overrides = {**TINY, "dataset_dir": site["dataset_dir"], "pretrained": str(weights), "num_epochs": ROUNDS}
@@ -113,8 +116,10 @@ def federation(tmp_path_factory):
             train_kwargs=dict(overrides),
             eval_kwargs=dict(overrides),
         )
-        algo.initialize({"fl_client_name": f"site-{index + 1}"})
+        with contextlib.chdir(work):  # the process's working folder, which a site's run must leave alone
+            algo.initialize({"fl_client_name": f"site-{index + 1}"})
         algos.append(algo)
+    assert not any(work.iterdir()), sorted(work.rglob("*"))  # outputs and run locks are in the sites' folders
     global_weights = learnable_state_dict(algos[0].trainer.network)
     history = []
     for _ in range(ROUNDS):
