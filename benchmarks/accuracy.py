@@ -5,7 +5,7 @@ Every method trains and is tested through the bundle (:func:`fpt_monai.bundle.ru
 weight decay, cosine schedule, batch size, gradient clipping, epochs and augmentation; only the network (and,
 for FPT, its two-view input with preloaded keys/values) differs. The one ImageNet-pre-trained network available
 offline is the demo's EfficientNet-Lite0, so every method uses it
-(:func:`fpt_monai.pretrained.create_demo_baseline`, :func:`fpt_monai.pretrained.create_demo_fpt`):
+(:func:`fpt_monai.presets.create_demo_baseline`, :func:`fpt_monai.presets.create_demo_fpt`):
 
 - ``full``: every weight of EfficientNet-Lite0 and a new head learn.
 - ``linear``: a new head on the frozen network's globally average-pooled ``conv_head`` features.
@@ -14,7 +14,7 @@ offline is the demo's EfficientNet-Lite0, so every method uses it
 - ``vpt``: not run; VPT-deep needs transformer tokens, which a CNN does not have (the row says so).
 - ``fpt``: FPT with the frozen network behind the CNN adapter, side ViT at 112.
 - ``fpt_plus``: FPT+ on the same frozen network: its last three extracted blocks, side ViT at 64
-  (:data:`fpt_monai.pretrained.DEMO_PLUS_SETTINGS`).
+  (the ``fpt_plus_demo`` preset of :data:`fpt_monai.presets.PRESETS`).
 
 Per method: the test metrics (macro one-vs-rest AUC, accuracy, macro F1, quadratic weighted kappa) of the best
 (validation AUC) and the final checkpoint, the learnable and frozen parameter counts, and the wall time of the
@@ -57,8 +57,8 @@ ACCURACY_LABELS = {
 
 def _parameter_counts(method: str, num_classes: int, network_kwargs: dict) -> dict:
     """Learnable/frozen parameters of the network a run builds (random weights: the counts do not depend on them)."""
-    from fpt_monai.networks import create_fpt
-    from fpt_monai.pretrained import create_demo_baseline
+    from fpt_monai.presets import create_fpt
+    from fpt_monai.presets import create_demo_baseline
 
     with random_weights_expected():
         if method in _FPT_VARIANTS:

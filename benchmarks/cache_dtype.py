@@ -71,7 +71,7 @@ def _pretrained_kv(count: int = 12) -> torch.Tensor:
 
     from fpt_monai.data import make_datalist, make_sample_dataset
     from fpt_monai.data.transforms import load_and_normalize
-    from fpt_monai.networks import create_backbone
+    from fpt_monai.presets import create_backbone
 
     backbone = create_backbone("fpt_demo", pretrained=True).eval()
     with tempfile.TemporaryDirectory() as folder:

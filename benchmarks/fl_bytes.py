@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from fpt_monai.fl import learnable_names
-from fpt_monai.networks import create_baseline, create_fpt
+from fpt_monai.presets import create_baseline, create_fpt
 from fpt_monai.weights import random_weights_expected
 
 __all__ = ["SETTINGS", "fl_bytes_markdown", "run"]

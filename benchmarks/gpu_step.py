@@ -57,7 +57,8 @@ def gpu_step_comparison(
 
     ``device`` defaults to the GPU when there is one; ``amp`` to ``True`` on CUDA (the bundle's default).
     """
-    from fpt_monai.networks import PRESETS, FPTNet, create_backbone
+    from fpt_monai.networks import FPTNet
+    from fpt_monai.presets import PRESETS, create_backbone
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     amp = device.type == "cuda" if amp is None else bool(amp)

@@ -227,7 +227,8 @@ def _kv_read_dtype(kv_dtype: str) -> torch.dtype:
 def _build_2d(method: str, preset: str, img_size: int, num_classes: int, setup: str, backbone_resident: bool,
               kv_dtype: torch.dtype):
     """(network on the meta device, forward(network, inputs) -> logits, input specs)."""
-    from fpt_monai.networks import FPTNet, create_baseline, create_fpt
+    from fpt_monai.networks import FPTNet
+    from fpt_monai.presets import create_baseline, create_fpt
 
     with torch.device("meta"):
         if method not in FPT_METHODS:

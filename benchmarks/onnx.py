@@ -20,7 +20,7 @@ import torch
 
 from benchmarks.speed import _quiet_build, time_alternating
 from fpt_monai.engine.onnx_runtime import OnnxRuntimeNetwork
-from fpt_monai.networks import create_fpt
+from fpt_monai.presets import create_fpt
 
 __all__ = ["onnx_markdown", "run_onnx_benchmark"]
 

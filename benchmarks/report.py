@@ -64,7 +64,7 @@ TARGETS = {
 
 def parameter_table(num_classes: int = 5, preset: str = "fpt") -> list[dict]:
     """Learnable and frozen parameters of every method on the preset's backbone (meta device, no weights)."""
-    from fpt_monai.networks import create_baseline, create_fpt
+    from fpt_monai.presets import create_baseline, create_fpt
 
     rows = []
     with random_weights_expected(), torch.device("meta"):
@@ -81,7 +81,7 @@ def parameter_table(num_classes: int = 5, preset: str = "fpt") -> list[dict]:
 
 def cache_bytes() -> list[dict]:
     """Bytes of the cached keys/values of one image (the entry file adds a header of about 400 bytes)."""
-    from fpt_monai.networks import create_fpt
+    from fpt_monai.presets import create_fpt
 
     rows = []
     for preset in ("fpt", "fpt_plus"):

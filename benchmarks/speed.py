@@ -120,7 +120,8 @@ def training_throughput(
     device: str = "cpu",
 ) -> dict[str, float]:
     """Images per second of a training step (forward, backward, AdamW) per method, timed alternately."""
-    from fpt_monai.networks import FPTNet, create_baseline, create_fpt
+    from fpt_monai.networks import FPTNet
+    from fpt_monai.presets import create_baseline, create_fpt
 
     torch.manual_seed(0)
     labels = torch.randint(0, num_classes, (batch_size,), device=device)
@@ -152,7 +153,7 @@ def preload_throughput(
 ) -> dict[str, float]:
     """Images per second: K/V extraction of the preset's frozen backbone against bare ``forward_features``
     (fused and eager attention)."""
-    from fpt_monai.networks import create_backbone
+    from fpt_monai.presets import create_backbone
 
     backbone = _quiet_build(lambda: create_backbone(preset, pretrained=False, img_size=img_size)).to(device)
     images = torch.randn(batch_size, 3, img_size, img_size, device=device)
@@ -174,7 +175,7 @@ def inference_latency(
     preset: str = "fpt", img_size: int = 512, repeats: int = 3, num_classes: int = 5, device: str = "cpu"
 ) -> dict[str, float]:
     """Seconds for one image: the whole FPT network against the bare backbone (fused and eager attention)."""
-    from fpt_monai.networks import create_fpt
+    from fpt_monai.presets import create_fpt
 
     net = _quiet_build(lambda: create_fpt(preset, num_classes, pretrained=False, img_size=img_size)).eval().to(device)
     image = torch.randn(1, 3, img_size, img_size, device=device)
@@ -196,7 +197,7 @@ def extraction_profile(preset: str = "fpt", img_size: int = 512, calls: int = 3,
     by the larger of the two, plus a ``total`` row."""
     from torch.profiler import profile
 
-    from fpt_monai.networks import create_backbone
+    from fpt_monai.presets import create_backbone
 
     torch.manual_seed(0)
     backbone = _quiet_build(lambda: create_backbone(preset, pretrained=False, img_size=img_size))

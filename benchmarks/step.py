@@ -67,7 +67,8 @@ def training_step_comparison(
     yardstick: str | Path | None = None,
 ) -> list[dict]:
     """One row per preset and arm: images/s, the speed ratio to the yardstick (if given) and the peak memory."""
-    from fpt_monai.networks import PRESETS, FPTNet, create_backbone
+    from fpt_monai.networks import FPTNet
+    from fpt_monai.presets import PRESETS, create_backbone
     from fpt_monai.preload import storage_dtype
 
     plain_class = load_yardstick(yardstick) if yardstick else None

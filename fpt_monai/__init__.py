@@ -10,4 +10,4 @@ References:
 __version__ = "0.1.0"
 
 # Subpackages are imported here so bundle configs can reach them from `$import fpt_monai` alone.
-from fpt_monai import config_check, data, engine, networks, preload, pretrained  # noqa: E402,F401
+from fpt_monai import config_check, data, engine, networks, preload, presets, pretrained  # noqa: E402,F401

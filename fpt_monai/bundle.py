@@ -54,7 +54,7 @@ def demo_config_names(method: str = "fpt", evaluate: bool = False) -> list[str]:
     """The bundle configs, in layering order, of a sample-task run of ``method`` (training, or evaluation).
 
     FPT: ``train + demo`` (evaluation: ``train + evaluate + demo``). A baseline on the demo network
-    (:func:`fpt_monai.pretrained.create_demo_baseline`): ``train + demo + baseline + demo_baseline``
+    (:func:`fpt_monai.presets.create_demo_baseline`): ``train + demo + baseline + demo_baseline``
     (evaluation: ``train + evaluate + demo + baseline + demo_baseline + evaluate_baseline``), with ``method`` set.
 
     Raises:

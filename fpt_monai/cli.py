@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import fire
 import torch
 
-from fpt_monai.networks import PRESETS, create_backbone, create_fpt
+from fpt_monai.presets import PRESETS, create_backbone, create_fpt
 from fpt_monai.weights import random_weights_expected
 
 __all__ = ["Commands", "main", "run_commands"]

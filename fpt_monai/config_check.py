@@ -52,7 +52,8 @@ from monai.bundle import ConfigParser
 from monai.bundle.config_item import ComponentLocator
 
 from fpt_monai.networks.cpu_kernels import KERNEL_MODES
-from fpt_monai.networks.fpt import PRESETS
+from fpt_monai.conventions import CONVENTIONS
+from fpt_monai.presets import PRESETS
 from fpt_monai.preload.transform import STORAGE_DTYPES
 
 __all__ = [
@@ -119,8 +120,6 @@ def _statistics(value: Any) -> str | None:
 
 
 def _known_conventions(value: Any) -> str | None:
-    from fpt_monai.networks.conventions import CONVENTIONS
-
     if not isinstance(value, str) or value in CONVENTIONS:
         return None
     return f"unknown conventions {value!r} (one of: {', '.join(CONVENTIONS)})"

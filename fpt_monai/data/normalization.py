@@ -181,7 +181,7 @@ class InputNormalization:
         cache_dir: where computed statistics are kept (computed once).
         network: given, the statistics are recorded in its state dict and checked when it loads a checkpoint.
         checkpoint: the checkpoint to read ``"dataset"`` statistics from when no ``datalist`` is given.
-        conventions: ``"authors"`` (see :mod:`fpt_monai.networks.conventions`) takes the data set's statistics,
+        conventions: ``"authors"`` (see :mod:`fpt_monai.conventions`) takes the data set's statistics,
             whatever ``mean`` and ``std`` say.
     """
 

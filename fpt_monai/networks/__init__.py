@@ -1,12 +1,6 @@
 """FPT/FPT+ networks as plain PyTorch modules: frozen backbones, token selection, side ViT, fusion, baselines."""
 
-from fpt_monai.networks.baselines import (
-    BASELINE_METHODS,
-    CNN_BASELINE_METHODS,
-    CNNBaseline,
-    ViTBaseline,
-    create_baseline,
-)
+from fpt_monai.networks.baselines import BASELINE_METHODS, CNN_BASELINE_METHODS, CNNBaseline, ViTBaseline
 from fpt_monai.networks.backbones import (
     BackboneShape,
     FrozenBackbone,
@@ -15,15 +9,7 @@ from fpt_monai.networks.backbones import (
     MonaiViTBackbone,
     TimmViTBackbone,
 )
-from fpt_monai.networks.fpt import (
-    PRESETS,
-    FPTNet,
-    FPTPreset,
-    MonaiViTPreset,
-    create_backbone,
-    create_fpt,
-    make_side_view,
-)
+from fpt_monai.networks.fpt import FPTNet, make_side_view
 from fpt_monai.networks.fusion import FineGrainedFusion, FineGrainedPrompts
 from fpt_monai.networks.labels import (
     CLASS_MAPPINGS,
@@ -41,7 +27,6 @@ __all__ = [
     "CNN_BASELINE_METHODS",
     "CNNBaseline",
     "ViTBaseline",
-    "create_baseline",
     "BackboneShape",
     "FrozenBackbone",
     "FrozenCNNBackbone",
@@ -49,11 +34,6 @@ __all__ = [
     "TimmViTBackbone",
     "MonaiViTBackbone",
     "FPTNet",
-    "FPTPreset",
-    "MonaiViTPreset",
-    "PRESETS",
-    "create_backbone",
-    "create_fpt",
     "make_side_view",
     "CLASS_MAPPINGS",
     "ClassNamesMismatchError",

@@ -19,7 +19,7 @@ LoRA is written here (two small matrices per projection) rather than taken from 
 ``transformers`` and ``accelerate`` as dependencies for what is a dozen lines on timm's ``Attention.qkv``.
 
 :class:`CNNBaseline` carries the methods over to a timm EfficientNet-family CNN (the demo backbone,
-:func:`fpt_monai.pretrained.create_demo_baseline`; an extension, the papers compare on ViTs only):
+:func:`fpt_monai.presets.create_demo_baseline`; an extension, the papers compare on ViTs only):
 
 - ``full`` and ``linear`` as above; the linear probe's features are what timm's ``forward_features`` /
   ``forward_head(pre_logits=True)`` give: the last 1x1 convolution (``conv_head``, 1280 channels for
@@ -41,9 +41,8 @@ and the layer), and one injector, :func:`inject`, that wraps the matching module
 from __future__ import annotations
 
 import math
-import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -68,7 +67,6 @@ __all__ = [
     "VIT_INJECTIONS",
     "ViTBaseline",
     "check_cnn_method",
-    "create_baseline",
     "inject",
 ]
 
@@ -502,47 +500,3 @@ class CNNBaseline(_TimmBaseline):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) at the network's resolution, in any memory layout -> logits (B, num_classes)."""
         return super().forward(images.contiguous(memory_format=torch.channels_last))
-
-
-def create_baseline(
-    method: str,
-    num_classes: int,
-    preset: str = "fpt",
-    pretrained: bool | str | os.PathLike = True,
-    img_size: int | None = None,
-    class_names: Sequence[str] | None = None,
-    **kwargs,
-) -> ViTBaseline | CNNBaseline:
-    """A baseline on the same timm backbone and resolution as an FPT preset.
-
-    Args:
-        method: one of :data:`BASELINE_METHODS`.
-        num_classes: number of output logits.
-        preset: the FPT preset whose backbone weights name and input size are used (``fpt``: ViT-B/16 at 512); a
-            demo preset (``fpt_demo``) gives :func:`~fpt_monai.pretrained.create_demo_baseline` on its CNN.
-        pretrained: as for :func:`~fpt_monai.networks.create_fpt` (hub name, local file, or ``False`` with a loud
-            warning).
-        img_size: input size; default: the preset's (512 for ``fpt``).
-        class_names: the class names in output order, bound to the network as on an FPTNet
-            (:func:`~fpt_monai.networks.labels.bind_class_names`).
-        **kwargs: method settings of :class:`ViTBaseline` (``num_prompts``, ``lora_rank``, ``lora_alpha``,
-            ``adapter_bottleneck``, ``adapter_scale``).
-    """
-    from fpt_monai.networks.fpt import PRESETS, CNNPreset
-    from fpt_monai.weights import create_timm_vit, pretrained_argument
-
-    pretrained = pretrained_argument(pretrained)
-    if method not in BASELINE_METHODS:
-        raise ValueError(f"method must be one of {BASELINE_METHODS}, got {method!r}.")
-    if class_names is not None and len(class_names) != num_classes:
-        raise ValueError(f"class_names {list(class_names)} has {len(class_names)} names for {num_classes} classes.")
-    if isinstance(PRESETS.get(preset), CNNPreset):  # the same offline demo network as the FPT preset
-        from fpt_monai.pretrained import create_demo_baseline
-
-        size = {"img_size": img_size} if img_size else {}
-        return create_demo_baseline(method, num_classes, pretrained, class_names=class_names, **size, **kwargs)
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}.")
-    config = PRESETS[preset]
-    model = create_timm_vit(config.model_name, img_size=img_size or config.img_size, pretrained=pretrained)
-    return bind_class_names(ViTBaseline(model, method, num_classes, **kwargs), class_names)

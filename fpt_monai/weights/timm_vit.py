@@ -20,7 +20,14 @@ from timm.models import VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
 
-from fpt_monai.weights.files import PretrainedWeightsError, _as_path, _format_keys, _load_checked, load_state_dict_file
+from fpt_monai.weights.files import (
+    PretrainedWeightsError,
+    _as_path,
+    _format_keys,
+    _load_checked,
+    load_state_dict_file,
+    warn_random_weights,
+)
 from fpt_monai.weights.hf import hf_vit_to_timm, is_hf_vit_layout
 
 __all__ = ["create_timm_vit", "random_weights_expected"]
@@ -186,8 +193,7 @@ def create_timm_vit(
             "random, so Fine-grained Prompt Tuning (which keeps the backbone frozen) has nothing to transfer. Use "
             "this only for tests; pass pretrained=True or a checkpoint path for real training."
         )
-        warnings.warn(message, UserWarning, stacklevel=2)
-        logger.warning(message)
+        warn_random_weights(message)
         model = _timm_create(model_name, pretrained=False, img_size=img_size, num_classes=0, **kwargs)
         return _check_is_vit(model, model_name)
 

@@ -6,7 +6,7 @@ import pytest
 
 from fpt_monai.bundle import config_files
 from fpt_monai.config_check import ConfigOverrideError, check_overrides
-from fpt_monai.networks import create_fpt
+from fpt_monai.presets import create_fpt
 from fpt_monai.weights import pretrained_argument
 
 TRAIN = config_files("train")

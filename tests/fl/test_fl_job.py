@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from fpt_monai.fl import learnable_names, learnable_state_dict, numeric_entries
 from fpt_monai.fl.job import initial_weights
-from fpt_monai.networks import create_fpt
+from fpt_monai.presets import create_fpt
 
 TINY = {"preset": "fpt_tiny", "network_def#img_size": 64, "network_def#side_img_size": 32}
 

@@ -28,7 +28,8 @@ from fpt_monai.data import (
     volume_image_datalist,
 )
 from fpt_monai.data.sample3d import render_sample_volume
-from fpt_monai.networks import PRESETS, FPTNet, MonaiViTPreset, create_backbone, create_fpt
+from fpt_monai.networks import FPTNet
+from fpt_monai.presets import PRESETS, create_backbone, create_fpt, MonaiViTPreset
 from fpt_monai.networks.fpt import BACKBONE_REFERENCE_KEY, make_side_view
 from fpt_monai.preload import KVCacheDataset, item_digest
 from fpt_monai.weights import PretrainedWeightsError

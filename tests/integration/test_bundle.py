@@ -112,7 +112,7 @@ def test_class_names_are_literals_shared_by_the_configs_and_the_metadata():
 
 def test_metadata_describes_the_default_network():
     """What metadata.json says of the network is what the configs build by default (preset, counts, input)."""
-    from fpt_monai.networks import PRESETS, create_fpt
+    from fpt_monai.presets import PRESETS, create_fpt
     from fpt_monai.weights import random_weights_expected
 
     meta = json.loads(Path(META).read_text())

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from fpt_monai.networks.baselines import CNN_BASELINE_METHODS, CNNBaseline, LoRALinear, ParallelConvAdapter
-from fpt_monai.pretrained import DEMO_SETTINGS, create_demo_baseline
+from fpt_monai.pretrained import DEMO_SETTINGS
+from fpt_monai.presets import create_demo_baseline
 
 
 pytestmark = pytest.mark.usefixtures("random_weights_quiet")  # the networks here have random weights
@@ -130,7 +131,7 @@ def test_overlay_order_merges_into_a_demo_baseline():
         demo_config_names("vpt")
     parser = ConfigParser()
     parser.read_config(config_files(*demo_config_names("lora", evaluate=True)))
-    assert parser["network_def"]["_target_"] == "fpt_monai.pretrained.create_demo_baseline"
+    assert parser["network_def"]["_target_"] == "fpt_monai.presets.create_demo_baseline"
     assert "preset" not in parser["network_def"]
     # the schedule is the demo's, the input the image itself, the test set not preloaded
     assert (parser["num_epochs"], parser["batch_size"], parser["learning_rate"]) == (20, 16, 0.001)

@@ -196,7 +196,7 @@ def test_the_documented_command_runs_fedavg_over_two_sites_in_nvflares_simulator
 
     from fpt_monai.cli import main
     from fpt_monai.data import SAMPLE_CLASSES
-    from fpt_monai.networks import create_fpt
+    from fpt_monai.presets import create_fpt
 
     weights, sites = make_sites(tmp_path, 2)
     tiny = {k: v for k, v in TINY.items() if k != "num_epochs"}  # the job sets rounds x local epochs

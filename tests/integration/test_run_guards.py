@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from fpt_monai.bundle import bundle_dir
 from fpt_monai.data import make_sample_dataset
-from fpt_monai.networks import create_fpt
+from fpt_monai.presets import create_fpt
 from fpt_monai.networks.fpt import BACKBONE_REFERENCE_KEY
 from fpt_monai.weights import random_weights_expected
 from image_helpers import huge_png

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from fpt_monai.networks.baselines import BASELINE_METHODS, ViTBaseline, create_baseline
+from fpt_monai.networks.baselines import BASELINE_METHODS, ViTBaseline
+from fpt_monai.presets import create_baseline
 
 
 pytestmark = pytest.mark.usefixtures("random_weights_quiet")  # the networks here have random weights

@@ -11,7 +11,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import make_tiny_timm_vit
-from fpt_monai.networks import FPTNet, TimmViTBackbone, create_backbone, create_fpt
+from fpt_monai.networks import FPTNet, TimmViTBackbone
+from fpt_monai.presets import create_backbone, create_fpt
 from fpt_monai.networks.cpu_kernels import KERNEL_MODES, one_image_at_a_time, use_cpu_kernels
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fpt_monai.networks import class_names_of, create_fpt
+from fpt_monai.networks import class_names_of
+from fpt_monai.presets import create_fpt
 
 CASES = [("fpt_tiny", 64, 32), ("fpt_plus_tiny", 64, 32), ("fpt_3d_tiny", 32, 16)]
 

@@ -5,7 +5,8 @@ from monai.networks.nets import ViT
 
 from conftest import make_tiny_timm_vit
 from fpt_monai.networks.fpt import BACKBONE_REFERENCE_KEY
-from fpt_monai.networks import FPTNet, MonaiViTBackbone, TimmViTBackbone, create_fpt, make_side_view
+from fpt_monai.networks import FPTNet, MonaiViTBackbone, TimmViTBackbone, make_side_view
+from fpt_monai.presets import create_fpt
 
 
 def tiny_fpt(variant="fpt", blocks=None, num_classes=3):

@@ -18,11 +18,11 @@ from fpt_monai.pretrained import (
     recorded_sha256,
     convert_efficientnet_lite0,
     create_demo_backbone,
-    create_demo_fpt,
     file_sha256,
     ensure_demo_weights,
     load_demo_weights,
 )
+from fpt_monai.presets import create_demo_fpt
 from fpt_monai.weights import PretrainedWeightsError
 
 

@@ -6,12 +6,13 @@
   :class:`MonaiViTBackbone` for MONAI's 2D/3D ``ViT``).
 - :mod:`~fpt_monai.networks.backbones.cnn`: keys/values from a CNN's feature maps (:class:`FrozenCNNBackbone`,
   an extension of the papers).
-- :mod:`~fpt_monai.networks.backbones.monai_vit`: MONAI ViT backbones built from a preset and a local file.
+
+The backbones take built models; loading their weights is :mod:`fpt_monai.weights`' job and choosing them by name
+is :mod:`fpt_monai.presets`'.
 """
 
 from fpt_monai.networks.backbones.base import BackboneShape, FrozenBackbone, state_dict_sha256
 from fpt_monai.networks.backbones.cnn import FrozenCNNBackbone, orthonormal_projection, projection_buffer_name
-from fpt_monai.networks.backbones.monai_vit import create_monai_backbone, create_monai_vit
 from fpt_monai.networks.backbones.vit import FrozenViTBackbone, MonaiViTBackbone, TimmViTBackbone
 
 __all__ = [
@@ -21,8 +22,6 @@ __all__ = [
     "FrozenViTBackbone",
     "MonaiViTBackbone",
     "TimmViTBackbone",
-    "create_monai_backbone",
-    "create_monai_vit",
     "orthonormal_projection",
     "projection_buffer_name",
     "state_dict_sha256",

@@ -19,7 +19,11 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
+from monai.networks.blocks import TransformerBlock
+from monai.networks.nets import ViT
 from monai.utils import ensure_tuple_rep
+from timm.layers import Attention
+from timm.models.vision_transformer import Block, VisionTransformer
 
 from fpt_monai._compat import timm_vit_tokens
 from fpt_monai.networks.backbones.base import FrozenBackbone
@@ -157,9 +161,6 @@ class TimmViTBackbone(FrozenViTBackbone):
     """
 
     def __init__(self, model: nn.Module, blocks: Sequence[int] | None = None, token_ratio: float = 0.2) -> None:
-        from timm.layers import Attention
-        from timm.models.vision_transformer import Block, VisionTransformer
-
         if not isinstance(model, VisionTransformer):
             raise TypeError(f"TimmViTBackbone needs a timm VisionTransformer, got {type(model).__name__}.")
         for index, block in enumerate(model.blocks):
@@ -223,6 +224,9 @@ class MonaiViTBackbone(FrozenViTBackbone):
         patch_size: patch size, an int or one per spatial dim.
         blocks: indices of the extracted blocks; ``None`` extracts all.
         token_ratio: fraction of tokens kept per block and head.
+        mean: the input normalisation the weights were pre-trained with, after intensity scaling to [0, 1], one
+            value per input channel (MONAI ViTs carry no record of it); default 0.5 ([0, 1] -> [-1, 1]).
+        std: as ``mean``.
     """
 
     def __init__(
@@ -232,10 +236,9 @@ class MonaiViTBackbone(FrozenViTBackbone):
         patch_size: Sequence[int] | int,
         blocks: Sequence[int] | None = None,
         token_ratio: float = 0.2,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
     ) -> None:
-        from monai.networks.blocks import TransformerBlock
-        from monai.networks.nets import ViT
-
         if not isinstance(model, ViT):
             raise TypeError(f"MonaiViTBackbone needs a monai.networks.nets.ViT, got {type(model).__name__}.")
         for index, block in enumerate(model.blocks):
@@ -265,11 +268,12 @@ class MonaiViTBackbone(FrozenViTBackbone):
                 f"img_size {img_size} with patch {patch_size} gives {num_patches} patches, "
                 f"but the model was built for {patch_embedding.n_patches}."
             )
+        mean = (0.5,) * conv.in_channels if mean is None else tuple(float(m) for m in mean)
+        std = (0.5,) * conv.in_channels if std is None else tuple(float(s) for s in std)
+        if len(mean) != conv.in_channels or len(std) != conv.in_channels:
+            raise ValueError(f"mean {mean} and std {std} need one value per input channel ({conv.in_channels}).")
         super().__init__(model, list(model.blocks), blocks, token_ratio)
-        # MONAI ViTs carry no record of their pre-training normalisation: 0.5/0.5 per input channel (inputs
-        # scaled to [0, 1] -> [-1, 1]) unless the caller sets `mean`/`std` (the 3D presets do)
-        self.mean = (0.5,) * conv.in_channels
-        self.std = (0.5,) * conv.in_channels
+        self.mean, self.std = mean, std
         attn = model.blocks[0].attn
         self._set_shape(
             spatial_dims=spatial_dims,

@@ -24,8 +24,11 @@ import logging
 import math
 import os
 
+import timm
 import torch
 import torch.nn as nn
+
+from fpt_monai.weights import create_timm_vit, load_state_dict_file, resample_position_embedding
 
 __all__ = ["AUTHORS_LAYER_NORM_EPS", "CONVENTIONS", "apply_conventions", "pretraining_position_embedding"]
 
@@ -42,11 +45,6 @@ def pretraining_position_embedding(model_name: str, pretrained: bool | str | os.
 
     ``pretrained`` is a local weights file (timm or Hugging Face layout) or ``True`` (the timm hub).
     """
-    import timm
-
-    from fpt_monai.weights import create_timm_vit
-    from fpt_monai.weights.files import load_state_dict_file
-
     if pretrained is False:
         return None
     if pretrained is True:
@@ -79,8 +77,6 @@ def apply_conventions(
         raise ValueError(f"conventions must be one of {CONVENTIONS}, got {conventions!r}.")
     if conventions == "default":
         return network
-    from fpt_monai.weights.position import resample_position_embedding
-
     for module in network.modules():
         if isinstance(module, nn.LayerNorm):
             module.eps = AUTHORS_LAYER_NORM_EPS

@@ -1,49 +1,34 @@
-"""Frozen MONAI ViT backbones (3D volumes, or 2D) for FPT, with weights from a local MONAI-layout file.
+"""MONAI ViTs (3D volumes, or 2D) as frozen FPT backbones, with weights from a local MONAI-layout file.
 
 FPT (Huang et al., MICCAI 2024) and FPT+ (IEEE TNNLS 2025) are 2D methods; nothing in them is specific to two
 dimensions. On volumes the frozen large model is MONAI's :class:`monai.networks.nets.ViT` with
-``spatial_dims=3`` fed the scan at high resolution (a 128^3 volume with 16^3 patches is 512 tokens), and the side
-ViT, prompts, fusion, token selection and preloading are unchanged (:class:`~fpt_monai.networks.FPTNet` is
-dimension-agnostic). This module builds that backbone from a preset
-(:class:`~fpt_monai.networks.fpt.MonaiViTPreset`):
-
-* :func:`create_monai_vit`: the MONAI ViT, its weights read from a local checkpoint in MONAI's state-dict layout
-  (a MONAI Model Zoo or self-supervised pre-training checkpoint, ``.pt``/``.pth``/``.safetensors``), position
-  embeddings resampled to the input grid. There is no hub for 3D ViT weights: ``pretrained=True`` is an error
-  that says so, ``pretrained=False`` gives random weights with a loud warning (FPT then has nothing to transfer).
-* :func:`create_monai_backbone`: that model behind :class:`~fpt_monai.networks.MonaiViTBackbone`, with the
-  input normalisation of the preset.
+``spatial_dims=3`` fed the scan at high resolution (a 128^3 volume with 16^3 patches is 512 tokens);
+:func:`create_monai_vit` builds it, its weights read from a local checkpoint in MONAI's state-dict layout (a MONAI
+Model Zoo or self-supervised pre-training checkpoint, ``.pt``/``.pth``/``.safetensors``), position embeddings
+resampled to the input grid. There is no hub for 3D ViT weights: ``pretrained=True`` is an error that says so,
+``pretrained=False`` gives random weights with a loud warning (FPT then has nothing to transfer). The 3D presets
+(:class:`~fpt_monai.presets.MonaiViTPreset`) put it behind :class:`~fpt_monai.networks.MonaiViTBackbone`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import torch.nn as nn
+from monai.networks.nets import ViT
 from monai.utils import ensure_tuple_rep
 
-from fpt_monai.networks.backbones.vit import MonaiViTBackbone
+from fpt_monai.weights.files import PretrainedWeightsError, load_state_dict_file, warn_random_weights
+from fpt_monai.weights.position import load_monai_vit_weights
 
-__all__ = ["create_monai_vit", "create_monai_backbone"]
+__all__ = ["create_monai_vit"]
 
 logger = logging.getLogger(__name__)
 
 _HEAD_PREFIX = "classification_head."
-
-
-def _random_weights_warning(description: str) -> None:
-    message = (
-        f"{description}: the frozen backbone has RANDOM weights (pretrained=False). Its features are random, so "
-        "Fine-grained Prompt Tuning (which keeps the backbone frozen) has little or nothing to transfer. Use this "
-        "only for tests and pipeline checks; for real training pass pretrained='/path/to/monai_vit.pt' (a MONAI "
-        "ViT state dict, e.g. from the MONAI Model Zoo or self-supervised pre-training)."
-    )
-    warnings.warn(message, UserWarning, stacklevel=3)
-    logger.warning(message)
 
 
 def create_monai_vit(
@@ -83,10 +68,6 @@ def create_monai_vit(
             architecture (the message names the file and the mismatching keys).
         TypeError: ``pretrained`` is neither a bool nor a path.
     """
-    from monai.networks.nets import ViT
-
-    from fpt_monai.weights import PretrainedWeightsError, load_monai_vit_weights, load_state_dict_file
-
     if spatial_dims not in (2, 3):
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
     img_size = ensure_tuple_rep(img_size, spatial_dims)
@@ -136,7 +117,13 @@ def create_monai_vit(
         # the class token stays (it is a token of the sequence), the head goes: no frozen weights that never run
         model.classification_head = nn.Identity()
     if state is None:
-        _random_weights_warning(f"MONAI ViT ({spatial_dims}D, {hidden_size} wide, {num_layers} blocks)")
+        warn_random_weights(
+            f"MONAI ViT ({spatial_dims}D, {hidden_size} wide, {num_layers} blocks): the frozen backbone has RANDOM "
+            "weights (pretrained=False). Its features are random, so Fine-grained Prompt Tuning (which keeps the "
+            "backbone frozen) has little or nothing to transfer. Use this only for tests and pipeline checks; for "
+            "real training pass pretrained='/path/to/monai_vit.pt' (a MONAI ViT state dict, e.g. from the MONAI "
+            "Model Zoo or self-supervised pre-training)."
+        )
         return model
     grid = tuple(i // p for i, p in zip(img_size, patch_size))
     try:
@@ -148,34 +135,3 @@ def create_monai_vit(
             f"qkv_bias={qkv_bias}: set the preset's fields to the checkpoint's architecture."
         ) from err
     return model
-
-
-def create_monai_backbone(config: Any, pretrained: bool | str | os.PathLike = False) -> MonaiViTBackbone:
-    """The frozen backbone of a :class:`~fpt_monai.networks.fpt.MonaiViTPreset` (architecture, weights, blocks).
-
-    The input normalisation (``backbone.mean``/``backbone.std``, one value per channel) comes from the preset:
-    what the checkpoint's pre-training used after intensity scaling to [0, 1].
-    """
-    if len(config.mean) != config.in_channels or len(config.std) != config.in_channels:
-        raise ValueError(
-            f"mean {config.mean} and std {config.std} need one value per input channel ({config.in_channels})."
-        )
-    model = create_monai_vit(
-        config.img_size,
-        config.patch_size,
-        pretrained=pretrained,
-        hidden_size=config.hidden_size,
-        mlp_dim=config.mlp_dim,
-        num_layers=config.num_layers,
-        num_heads=config.num_heads,
-        in_channels=config.in_channels,
-        spatial_dims=config.spatial_dims,
-        qkv_bias=config.qkv_bias,
-        classification=config.classification,
-    )
-    backbone = MonaiViTBackbone(
-        model, config.img_size, config.patch_size, blocks=config.blocks, token_ratio=config.token_ratio
-    )
-    backbone.mean = tuple(float(m) for m in config.mean)
-    backbone.std = tuple(float(s) for s in config.std)
-    return backbone

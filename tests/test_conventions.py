@@ -11,8 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from fpt_monai.networks import create_fpt
-from fpt_monai.networks.conventions import AUTHORS_LAYER_NORM_EPS, apply_conventions
+from fpt_monai.presets import create_fpt
+from fpt_monai.conventions import AUTHORS_LAYER_NORM_EPS, apply_conventions
 from fpt_monai.weights.position import resample_position_embedding
 
 TINY = {"img_size": 64, "side_img_size": 32}
