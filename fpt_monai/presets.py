@@ -69,40 +69,6 @@ class FPTPreset:
         return TimmViTBackbone(model, blocks=self.blocks, token_ratio=self.token_ratio)
 
 
-PRESETS: dict[str, FPTPreset] = {
-    "fpt": FPTPreset(
-        "vit_base_patch16_384.orig_in21k_ft_in1k",
-        512,
-        224,
-        "fpt",
-        description="FPT (MICCAI 2024): ViT-B/16 ImageNet-21k at 512, side ViT at 224, all 12 blocks.",
-    ),
-    "fpt_plus": FPTPreset(
-        "vit_base_patch16_384.orig_in21k_ft_in1k",
-        512,
-        128,
-        "fpt_plus",
-        blocks=tuple(range(6, 12)),
-        description="FPT+ (TNNLS 2025): ViT-B/16 ImageNet-21k at 512, side ViT at 128 on blocks 6-11.",
-    ),
-    "fpt_tiny": FPTPreset(
-        "vit_tiny_patch16_224.augreg_in21k_ft_in1k",
-        256,
-        112,
-        "fpt",
-        description="Small FPT for demos and tests: ViT-Ti/16 at 256, side ViT (width 24) at 112.",
-    ),
-    "fpt_plus_tiny": FPTPreset(
-        "vit_tiny_patch16_224.augreg_in21k_ft_in1k",
-        256,
-        64,
-        "fpt_plus",
-        blocks=tuple(range(6, 12)),
-        description="Small FPT+ for demos and tests: ViT-Ti/16 at 256, side ViT at 64 on blocks 6-11.",
-    ),
-}
-
-
 @dataclass(frozen=True)
 class MonaiViTPreset(FPTPreset):
     """A preset whose frozen backbone is MONAI's ``ViT`` (3D volumes by default), weights from a local file.
@@ -152,41 +118,6 @@ class MonaiViTPreset(FPTPreset):
         )
 
 
-PRESETS.update(
-    {
-        "fpt_3d": MonaiViTPreset(
-            "monai ViT-B/16 3D (local weights)",
-            128,
-            64,
-            "fpt",
-            description="FPT on volumes: MONAI 3D ViT-B/16 at 128^3 (512 patches), side ViT at 64^3, all 12 blocks.",
-        ),
-        "fpt_plus_3d": MonaiViTPreset(
-            "monai ViT-B/16 3D (local weights)",
-            128,
-            32,
-            "fpt_plus",
-            blocks=tuple(range(6, 12)),
-            description="FPT+ on volumes: MONAI 3D ViT-B/16 at 128^3, side ViT at 32^3 on blocks 6-11.",
-        ),
-        "fpt_3d_tiny": MonaiViTPreset(
-            "monai ViT 3D, 96 wide, 6 blocks, patch 8 (local weights)",
-            64,
-            16,
-            "fpt",
-            num_prompts=8,
-            reduction=4,
-            patch_size=8,
-            hidden_size=96,
-            mlp_dim=384,
-            num_layers=6,
-            num_heads=4,
-            description="Small 3D FPT for demos and tests: 6-block MONAI ViT (width 96, patch 8) at 64^3, side at 16^3.",
-        ),
-    }
-)
-
-
 @dataclass(frozen=True)
 class CNNPreset(FPTPreset):
     """A preset on the offline demo backbone: ImageNet EfficientNet-Lite0 behind :class:`FrozenCNNBackbone`.
@@ -203,28 +134,86 @@ class CNNPreset(FPTPreset):
         )
 
 
-PRESETS.update(
-    {
-        "fpt_demo": CNNPreset(
-            DEMO_MODEL_NAME,
-            DEMO_SETTINGS["img_size"],
-            112,
-            "fpt",
-            blocks=DEMO_SETTINGS["blocks"],
-            description="FPT on the offline demo backbone: ImageNet EfficientNet-Lite0 at 512 (its six stride-16 "
-            "blocks, 1025 tokens), side ViT (width 48) at 112.",
-        ),
-        "fpt_plus_demo": CNNPreset(
-            DEMO_MODEL_NAME,
-            DEMO_SETTINGS["img_size"],
-            64,
-            "fpt_plus",
-            blocks=(8, 9, 10),
-            description="FPT+ on the offline demo backbone: blocks 8-10 (the later half), side ViT at 64, prompts "
-            "at the backbone's width.",
-        ),
-    }
+_VIT_B16 = "vit_base_patch16_384.orig_in21k_ft_in1k"
+_VIT_TI16 = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+#: FPT+ extracts the later half of the frozen ViT's 12 blocks.
+_LATER_HALF = tuple(range(6, 12))
+
+
+def _fpt_plus(fpt: FPTPreset, side_img_size: int, description: str, blocks: tuple[int, ...] = _LATER_HALF):
+    """FPT+ on the backbone of an FPT preset: fewer, later blocks and a smaller side view (the TNNLS 2025 paper)."""
+    return replace(fpt, variant="fpt_plus", side_img_size=side_img_size, blocks=blocks, description=description)
+
+
+_FPT = FPTPreset(
+    _VIT_B16,
+    512,
+    224,
+    "fpt",
+    description="FPT (MICCAI 2024): ViT-B/16 ImageNet-21k at 512, side ViT at 224, all 12 blocks.",
 )
+_FPT_TINY = FPTPreset(
+    _VIT_TI16,
+    256,
+    112,
+    "fpt",
+    description="Small FPT for demos and tests: ViT-Ti/16 at 256, side ViT (width 24) at 112.",
+)
+_FPT_3D = MonaiViTPreset(
+    "monai ViT-B/16 3D (local weights)",
+    128,
+    64,
+    "fpt",
+    description="FPT on volumes: MONAI 3D ViT-B/16 at 128^3 (512 patches), side ViT at 64^3, all 12 blocks.",
+)
+_FPT_DEMO = CNNPreset(
+    DEMO_MODEL_NAME,
+    DEMO_SETTINGS["img_size"],
+    112,
+    "fpt",
+    blocks=DEMO_SETTINGS["blocks"],
+    description="FPT on the offline demo backbone: ImageNet EfficientNet-Lite0 at 512 (its six stride-16 blocks, "
+    "1025 tokens), side ViT (width 48) at 112.",
+)
+
+#: The named configurations: the papers' (``fpt``, ``fpt_plus``), small ones for demos and tests, volumes, and the
+#: offline demo backbone.
+PRESETS: dict[str, FPTPreset] = {
+    "fpt": _FPT,
+    "fpt_plus": _fpt_plus(
+        _FPT, 128, "FPT+ (TNNLS 2025): ViT-B/16 ImageNet-21k at 512, side ViT at 128 on blocks 6-11."
+    ),
+    "fpt_tiny": _FPT_TINY,
+    "fpt_plus_tiny": _fpt_plus(
+        _FPT_TINY, 64, "Small FPT+ for demos and tests: ViT-Ti/16 at 256, side ViT at 64 on blocks 6-11."
+    ),
+    "fpt_3d": _FPT_3D,
+    "fpt_plus_3d": _fpt_plus(
+        _FPT_3D, 32, "FPT+ on volumes: MONAI 3D ViT-B/16 at 128^3, side ViT at 32^3 on blocks 6-11."
+    ),
+    "fpt_3d_tiny": MonaiViTPreset(
+        "monai ViT 3D, 96 wide, 6 blocks, patch 8 (local weights)",
+        64,
+        16,
+        "fpt",
+        num_prompts=8,
+        reduction=4,
+        patch_size=8,
+        hidden_size=96,
+        mlp_dim=384,
+        num_layers=6,
+        num_heads=4,
+        description="Small 3D FPT for demos and tests: 6-block MONAI ViT (width 96, patch 8) at 64^3, side at 16^3.",
+    ),
+    "fpt_demo": _FPT_DEMO,
+    "fpt_plus_demo": _fpt_plus(
+        _FPT_DEMO,
+        64,
+        "FPT+ on the offline demo backbone: blocks 8-10 (the later half), side ViT at 64, prompts at the backbone's "
+        "width.",
+        blocks=(8, 9, 10),
+    ),
+}
 
 
 def _preset(preset: str, overrides: dict) -> FPTPreset:

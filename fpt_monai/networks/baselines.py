@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -334,18 +334,35 @@ class _TimmBaseline(nn.Module):
     subclass adds learn.
     """
 
-    method: str
-    model: nn.Module
-
-    def _new_classifier(self, num_classes: int) -> None:
-        """Replace the model's classifier with a new one of ``num_classes`` outputs; freeze the rest unless ``full``."""
+    def __init__(
+        self,
+        model: nn.Module,
+        method: str,
+        num_classes: int,
+        injections: dict[str, Injection],
+        settings: dict,
+        img_size: tuple[int, ...],
+        mean: Sequence[float],
+        std: Sequence[float],
+    ) -> None:
+        """Give ``model`` a new classifier of ``num_classes`` outputs, freeze the rest unless ``method`` is ``full``,
+        and wrap the modules ``injections[method]`` names (with ``settings``); ``img_size``, ``mean`` and ``std``
+        are the input the weights expect, where the bundle's transforms look for it (as on the backbones)."""
+        super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
-        self.model.reset_classifier(num_classes)
+        self.method = method
+        self.model = model
+        model.reset_classifier(num_classes)
         bind_class_names(self)  # class names travel with the classifier's weights (set by create_baseline)
-        if self.method != "full":
-            self.model.requires_grad_(False)
-            self.model.get_classifier().requires_grad_(True)
+        if method != "full":
+            model.requires_grad_(False)
+            model.get_classifier().requires_grad_(True)
+        if method in injections:
+            inject(model, injections[method], settings)
+        self.img_size = tuple(int(s) for s in img_size)
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """What the optimizer gets: the parameters with ``requires_grad``."""
@@ -403,28 +420,20 @@ class ViTBaseline(_TimmBaseline):
         adapter_bottleneck: int = 64,
         adapter_scale: float = 0.1,
     ) -> None:
-        super().__init__()
         if method not in BASELINE_METHODS:
             raise ValueError(f"method must be one of {BASELINE_METHODS}, got {method!r}.")
         if not isinstance(model, VisionTransformer):
             raise TypeError(f"model must be a timm VisionTransformer, got {type(model).__name__}.")
-        self.method = method
-        self.model = model
-        self._new_classifier(num_classes)
-        if method in VIT_INJECTIONS:
-            settings = dict(
-                num_prompts=num_prompts,
-                lora_rank=lora_rank,
-                lora_alpha=lora_alpha,
-                adapter_bottleneck=adapter_bottleneck,
-                adapter_scale=adapter_scale,
-            )
-            inject(model, VIT_INJECTIONS[method], settings)
-        self.img_size = tuple(model.patch_embed.img_size)
-        # the input normalisation of the weights, where the bundle's transforms look for it (as on the backbones)
-        cfg = getattr(model, "pretrained_cfg", None) or {}
-        self.mean = tuple(float(m) for m in cfg.get("mean", (0.5, 0.5, 0.5)))
-        self.std = tuple(float(s) for s in cfg.get("std", (0.5, 0.5, 0.5)))
+        settings = dict(
+            num_prompts=num_prompts,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            adapter_bottleneck=adapter_bottleneck,
+            adapter_scale=adapter_scale,
+        )
+        cfg = getattr(model, "pretrained_cfg", None) or {}  # the normalisation of the weights' timm tag
+        mean, std = cfg.get("mean", (0.5, 0.5, 0.5)), cfg.get("std", (0.5, 0.5, 0.5))
+        super().__init__(model, method, num_classes, VIT_INJECTIONS, settings, model.patch_embed.img_size, mean, std)
 
 
 def check_cnn_method(method: str) -> None:
@@ -469,7 +478,6 @@ class CNNBaseline(_TimmBaseline):
         adapter_bottleneck: int = 16,
         adapter_scale: float = 0.1,
     ) -> None:
-        super().__init__()
         check_cnn_method(method)
         for attr in ("conv_stem", "blocks", "forward_features", "forward_head", "reset_classifier"):
             if not hasattr(model, attr):
@@ -478,23 +486,15 @@ class CNNBaseline(_TimmBaseline):
                 )
         if int(img_size) < 1:
             raise ValueError(f"img_size must be positive, got {img_size}.")
-        self.method = method
-        self.model = model
-        self._new_classifier(num_classes)
-        if method in CNN_INJECTIONS:
-            settings = dict(
-                lora_rank=lora_rank,
-                lora_alpha=float(lora_rank if lora_alpha is None else lora_alpha),
-                adapter_bottleneck=adapter_bottleneck,
-                adapter_scale=adapter_scale,
-            )
-            inject(model, CNN_INJECTIONS[method], settings)
-        self.img_size = (int(img_size), int(img_size))
-        self.mean = tuple(float(m) for m in mean)
-        self.std = tuple(float(s) for s in std)
+        settings = dict(
+            lora_rank=lora_rank,
+            lora_alpha=float(lora_rank if lora_alpha is None else lora_alpha),
+            adapter_bottleneck=adapter_bottleneck,
+            adapter_scale=adapter_scale,
+        )
+        super().__init__(model, method, num_classes, CNN_INJECTIONS, settings, (img_size, img_size), mean, std)
         # Channels-last weights and inputs: oneDNN's depthwise and pointwise convolutions run much faster in that
-        # layout (a training step of EfficientNet-Lite0, batch 16 at 512, on 2 CPU cores: 12.5 vs 21-25 s full,
-        # 8.7-12.5 vs 14-20 s LoRA); cuDNN prefers it too. The state dict is unchanged.
+        # layout (benchmarks/results/cpu_kernels.md), and cuDNN prefers it too. The state dict is unchanged.
         self.model.to(memory_format=torch.channels_last)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -47,6 +47,7 @@ __all__ = [
     "FUSION_CHUNK_BYTES",
     "KERNEL_MODES",
     "GeluLinear",
+    "KernelSwitch",
     "NarrowHeadAttention",
     "PromptCrossAttention",
     "attend_and_rank",
@@ -67,6 +68,25 @@ def check_kernels(kernels: str) -> str:
     if kernels not in KERNEL_MODES:
         raise ValueError(f"kernels must be one of {KERNEL_MODES}, got {kernels!r}.")
     return kernels
+
+
+class KernelSwitch:
+    """Mixin of the modules with a ``kernels`` switch: setting it on a module sets every submodule that has one, so
+    one assignment on the outermost network chooses the path of the backbone, the fusion and the side network."""
+
+    _kernels = "auto"
+
+    @property
+    def kernels(self) -> str:
+        """Which path runs: ``"auto"``, ``"reference"`` or ``"cpu"`` (see :data:`KERNEL_MODES`)."""
+        return self._kernels
+
+    @kernels.setter
+    def kernels(self, value: str) -> None:
+        value = check_kernels(value)
+        for module in self.modules():
+            if isinstance(module, KernelSwitch):
+                module._kernels = value
 
 
 def builds_graph(module: nn.Module) -> bool:

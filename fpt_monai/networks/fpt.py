@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from monai.utils import ensure_tuple_rep
 
 from fpt_monai.networks.backbones import BackboneShape, FrozenBackbone, FrozenViTBackbone
-from fpt_monai.networks.cpu_kernels import check_kernels
+from fpt_monai.networks.cpu_kernels import KernelSwitch, check_kernels
 from fpt_monai.networks.fusion import FUSION_VARIANTS, FineGrainedFusion, FineGrainedPrompts
 from fpt_monai.networks.labels import bind_class_names, class_names_of
 from fpt_monai.networks.side import SideViT
@@ -56,7 +56,7 @@ def make_side_view(images: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     raise ValueError(f"images must be (B, C, H, W) or (B, C, D, H, W), got {tuple(images.shape)}.")
 
 
-class FPTNet(nn.Module):
+class FPTNet(KernelSwitch, nn.Module):
     """Fine-grained Prompt Tuning network (FPT or FPT+) around a frozen ViT backbone.
 
     The side ViT's shape is derived from the backbone: width ``embed_dim // reduction``, the backbone's head
@@ -182,18 +182,6 @@ class FPTNet(nn.Module):
         self.register_state_dict_post_hook(_reference_frozen_backbone)
         self.register_load_state_dict_pre_hook(_check_and_keep_frozen_backbone)
         bind_class_names(self, class_names)
-
-    @property
-    def kernels(self) -> str:
-        """Which implementation runs: ``"auto"``, ``"reference"`` or ``"cpu"`` (see the class)."""
-        return self._kernels
-
-    @kernels.setter
-    def kernels(self, value: str) -> None:
-        self._kernels = check_kernels(value)
-        self.side.kernels = self.fusion.kernels = self._kernels
-        if isinstance(self.backbone, FrozenViTBackbone):
-            self.backbone.kernels = self._kernels
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters that learn (side network, fusion, prompts): what the optimizer should get."""

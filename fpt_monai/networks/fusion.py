@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fpt_monai.networks.cpu_kernels import PromptCrossAttention, builds_graph, check_kernels, use_cpu_kernels
+from fpt_monai.networks.cpu_kernels import KernelSwitch, PromptCrossAttention, builds_graph, use_cpu_kernels
 
 __all__ = ["FUSION_VARIANTS", "FineGrainedPrompts", "FineGrainedFusion"]
 
@@ -53,7 +53,7 @@ class FineGrainedPrompts(nn.Module):
         return self.prompts
 
 
-class FineGrainedFusion(nn.Module):
+class FineGrainedFusion(KernelSwitch, nn.Module):
     """Cross-attention of fine-grained prompts over the frozen backbone's selected keys/values.
 
     Args:
@@ -93,7 +93,7 @@ class FineGrainedFusion(nn.Module):
         self.query = nn.Linear(side_dim, backbone_dim) if variant == "fpt" else nn.LayerNorm(backbone_dim)
         self.out_proj = nn.Linear(backbone_dim, side_dim)
         self.dropout = nn.Dropout(dropout)
-        self.kernels = check_kernels(kernels)
+        self.kernels = kernels
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

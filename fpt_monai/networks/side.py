@@ -21,8 +21,8 @@ from timm.layers import Attention, Mlp
 from timm.models.vision_transformer import Block
 
 from fpt_monai.networks.cpu_kernels import (
+    KernelSwitch,
     builds_graph,
-    check_kernels,
     gelu_linear,
     narrow_head_attention,
     use_cpu_kernels,
@@ -31,7 +31,7 @@ from fpt_monai.networks.cpu_kernels import (
 __all__ = ["ActivationRecomputingMlp", "SideAttention", "SideBlock", "SideViT"]
 
 
-class ActivationRecomputingMlp(Mlp):
+class ActivationRecomputingMlp(KernelSwitch, Mlp):
     """timm's ``Mlp`` (same parameters and state dict) that can keep only its hidden pre-activation for backward.
 
     A plain MLP keeps both ``fc1``'s output (for the GELU's backward) and the GELU's output (for ``fc2``'s weight
@@ -42,7 +42,6 @@ class ActivationRecomputingMlp(Mlp):
     """
 
     recompute: bool = True
-    kernels: str = "auto"
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -56,7 +55,7 @@ class ActivationRecomputingMlp(Mlp):
         return self.drop2(self.fc2(self.act(hidden)))
 
 
-class SideAttention(Attention):
+class SideAttention(KernelSwitch, Attention):
     """timm's ``Attention`` (same parameters and state dict) whose queries can be the first tokens only.
 
     Prompt tokens are appended to a side block only to be attended to: their own outputs are dropped after the block.
@@ -71,7 +70,6 @@ class SideAttention(Attention):
     """
 
     recompute: bool = True
-    kernels: str = "auto"
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -112,7 +110,7 @@ class SideBlock(Block):
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
-class SideViT(nn.Module):
+class SideViT(KernelSwitch, nn.Module):
     """A plain pre-norm ViT classifier (2D or 3D) whose blocks can take extra prompt tokens.
 
     Tokens are ``[CLS, patches]`` with a learned position embedding over all of them. When ``block_prompts``
@@ -213,18 +211,6 @@ class SideViT(nn.Module):
         for module in self.modules():
             if isinstance(module, (SideAttention, ActivationRecomputingMlp)):
                 module.recompute = self._recompute
-
-    @property
-    def kernels(self) -> str:
-        """Which path the blocks take: ``"auto"``, ``"reference"`` or ``"cpu"`` (see the class)."""
-        return self._kernels
-
-    @kernels.setter
-    def kernels(self, value: str) -> None:
-        self._kernels = check_kernels(value)
-        for module in self.modules():
-            if isinstance(module, (SideAttention, ActivationRecomputingMlp)):
-                module.kernels = self._kernels
 
     @property
     def depth(self) -> int:

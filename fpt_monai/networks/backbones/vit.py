@@ -27,14 +27,14 @@ from timm.models.vision_transformer import Block, VisionTransformer
 
 from fpt_monai._compat import timm_vit_tokens
 from fpt_monai.networks.backbones.base import FrozenBackbone
-from fpt_monai.networks.cpu_kernels import attend_and_rank, one_image_at_a_time, use_cpu_kernels
+from fpt_monai.networks.cpu_kernels import KernelSwitch, attend_and_rank, one_image_at_a_time, use_cpu_kernels
 from fpt_monai.networks.selection import mean_received_attention, select_important_tokens
 from fpt_monai.utils import exporting
 
 __all__ = ["FrozenViTBackbone", "TimmViTBackbone", "MonaiViTBackbone"]
 
 
-class FrozenViTBackbone(FrozenBackbone):
+class FrozenViTBackbone(KernelSwitch, FrozenBackbone):
     """A frozen ViT as a :class:`~fpt_monai.networks.backbones.base.FrozenBackbone`: keys/values from attention.
 
     Every forward runs under ``torch.no_grad()``, so no activation is ever kept for backward. Subclasses
@@ -46,8 +46,6 @@ class FrozenViTBackbone(FrozenBackbone):
     the batched reference path and the CPU kernels, which run one image and one head at a time; under ``"auto"`` on
     CPU inputs.
     """
-
-    kernels: str = "auto"
 
     # -- hooks for a concrete block layout ---------------------------------------------------------------
     def embed(self, images: torch.Tensor) -> torch.Tensor:
