@@ -33,8 +33,9 @@ split as a whole (an empty class, no items) cannot be skipped and always raise.
 Every image is decoded with the reader the pipeline uses (``decode=True``, the default): headers alone cannot
 vouch for the pixel data of a truncated JPEG or a compressed DICOM. Decoding costs milliseconds per image, a
 small fraction of preloading, which runs the frozen backbone on each image; ``decode=False`` reads headers
-only (sizes, PNG checksums). Hashing a file costs about 0.3 ms per 300 KB image (SHA-256 at about 1 GB/s); a
-process hashes each file once (the cache's entries are named by the same digests).
+only (sizes, PNG checksums). Hashing a file costs less than a millisecond per image
+(``benchmarks/results/file_digest.md``); a process hashes each file once (the cache's entries are named by the same
+digests).
 
 :func:`check_disjoint` makes the comparison with other splits alone, for a split that is not otherwise used
 (training compares the test split with its training split).
