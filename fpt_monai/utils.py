@@ -170,8 +170,8 @@ def _stat_signature(status: os.stat_result) -> tuple[int, ...]:
 def file_digest(path: str | os.PathLike) -> str:
     """SHA-256 of a file's bytes, as hex: what identifies an image file's content (data splits, cache entries).
 
-    The file is read in chunks of 1 MiB. SHA-256 (OpenSSL, with the CPU's SHA instructions where it has them) runs at
-    memory-like speeds on CPUs with SHA instructions (its cost per image: ``benchmarks/results/file_digest.md``).
+    The file is read in chunks of 1 MiB. SHA-256 runs through OpenSSL, which uses the CPU's SHA instructions
+    where it has them (its cost per image: ``benchmarks/results/file_digest.md``).
 
     A process hashes each file once: the digest is kept with the file's device, inode, size, modification and
     change times, and given again while they are unchanged. Every write to a file sets its change time (which no
