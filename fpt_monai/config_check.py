@@ -51,6 +51,8 @@ from fire.parser import DefaultParseValue
 from monai.bundle import ConfigParser
 from monai.bundle.config_item import ComponentLocator
 
+from fpt_monai.data.normalization import DATASET
+from fpt_monai.networks.conventions import CONVENTIONS
 from fpt_monai.networks.cpu_kernels import KERNEL_MODES
 from fpt_monai.networks.fpt import PRESETS
 from fpt_monai.preload.transform import STORAGE_DTYPES
@@ -108,8 +110,6 @@ def _known_storage_dtype(value: Any) -> str | None:
 
 
 def _statistics(value: Any) -> str | None:
-    from fpt_monai.data.normalization import DATASET
-
     if value == DATASET:
         return None
     numbers = isinstance(value, (list, tuple)) and all(
@@ -119,8 +119,6 @@ def _statistics(value: Any) -> str | None:
 
 
 def _known_conventions(value: Any) -> str | None:
-    from fpt_monai.networks.conventions import CONVENTIONS
-
     if not isinstance(value, str) or value in CONVENTIONS:
         return None
     return f"unknown conventions {value!r} (one of: {', '.join(CONVENTIONS)})"
