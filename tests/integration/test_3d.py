@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from monai.bundle import ConfigParser, ConfigWorkflow
+from monai.bundle import ConfigParser
 from monai.networks.nets import ViT
 from monai.transforms import Compose
 from safetensors.torch import save_file
 
-from fpt_monai.bundle import config_files
+from conftest import TEST_WORKFLOW
+from fpt_monai.bundle import config_files, run_workflow
 from fpt_monai.data import (
     SAMPLE_3D_CLASSES,
     SampleVolumeSpec,
@@ -271,26 +272,17 @@ def test_3d_overlays_parse():
     assert parser["train#dataset#_target_"] == "fpt_monai.preload.KVCacheDataset"  # the rest of train.json stays
 
 
-def run_workflow(names, run_id, **override):
-    workflow = ConfigWorkflow(config_file=config_files(*names), meta_file=config_files("metadata"), logging_file=False,
-                              run_id=run_id, workflow_type=None, **override)
-    workflow.initialize()
-    result = workflow.run()
-    workflow.finalize()
-    return result
-
-
 def test_3d_bundle_trains_and_evaluates_end_to_end(sample3d, weights_file, tmp_path):
     override = {
         "bundle_root": str(tmp_path), "dataset_dir": str(sample3d), "pretrained": str(weights_file),
         "network_def#img_size": 32, "network_def#side_img_size": 16, "num_epochs": 1, "batch_size": 3,
         "num_workers": 0,
     }
-    run_workflow(["train", "train_3d"], "training", **override)
+    run_workflow(["train", "train_3d"], "training", **TEST_WORKFLOW, **override)
     assert (tmp_path / "models" / "model.pt").is_file() and (tmp_path / "models" / "model_final.pt").is_file()
     entries = list((tmp_path / "cache").glob("*/*.safetensors"))
     assert len(entries) == 9  # 6 train + 3 val volumes preloaded once
-    results = run_workflow(["train", "evaluate", "train_3d", "evaluate_3d"], "evaluating", **override)[0]
+    results = run_workflow(["train", "evaluate", "train_3d", "evaluate_3d"], "evaluating", **TEST_WORKFLOW, **override)[0]
     assert set(results) == {"best", "final"}
     assert len(list((tmp_path / "cache").glob("*/*.safetensors"))) == 12  # + 3 test volumes, train/val reused
     metrics = json.loads((tmp_path / "eval" / "best" / "metrics.json").read_text())

@@ -15,14 +15,13 @@ import sys
 from pathlib import Path
 
 import pytest
-import timm
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow, ckpt_export, verify_metadata, verify_net_in_out
-from safetensors.torch import save_file
 
 from conftest import TINY_BUNDLE as TINY
+from conftest import tiny_bundle_task
 from fpt_monai.bundle import bundle_dir, config_files, export_bundle
-from fpt_monai.data import SAMPLE_CLASSES, make_sample_dataset
+from fpt_monai.data import SAMPLE_CLASSES
 from fpt_monai.networks.fpt import BACKBONE_REFERENCE_KEY
 
 BUNDLE = bundle_dir()
@@ -47,11 +46,7 @@ def check_workflow(names, workflow_type, **override):
 def trained(tmp_path_factory):
     """One tiny training run on the sample data with a local backbone weights file."""
     root = tmp_path_factory.mktemp("bundle")
-    data = make_sample_dataset(root / "data", num_train=6, num_val=3, num_test=3, image_size=64, progress=False)
-    torch.manual_seed(0)
-    weights = root / "vit_tiny.safetensors"
-    save_file(timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0).state_dict(), str(weights))
-    override = {**TINY, "bundle_root": str(root), "dataset_dir": str(data), "pretrained": str(weights)}
+    override = {**TINY, "bundle_root": str(root), **tiny_bundle_task(root)}
     check_workflow(["train"], "train", **override)
     return root, override
 
