@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import speed as speed_bench
+from benchmarks.accuracy import accuracy_markdown, accuracy_table, write_accuracy
 from benchmarks.memory import METHODS, memory_table
 from fpt_monai.weights import random_weights_expected
 
@@ -187,8 +189,6 @@ def write_markdown(results: dict, path: str | os.PathLike) -> str:
         lines += [f"| {k.replace('_', ' ')} | {v:.3f} |" for k, v in speed["inference_latency_s"].items()]
         lines.append("")
     if results.get("accuracy"):
-        from benchmarks.accuracy import accuracy_markdown
-
         lines += ["## Accuracy on the bundle's sample task (demo network EfficientNet-Lite0 for every method)\n",
                   accuracy_markdown(results["accuracy"])]
     if results.get("targets"):
@@ -202,7 +202,7 @@ def write_markdown(results: dict, path: str | os.PathLike) -> str:
 
 def write_plot(results: dict, path: str | os.PathLike) -> None:
     """Training memory per method (eager and fused attention, log scale) against its learnable share."""
-    import matplotlib
+    import matplotlib  # the optional `bench` extra: only the plot needs it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -255,8 +255,6 @@ def run_benchmarks(
     ``accuracy.md`` in ``output_dir``. The speed section runs on ``device`` (default: the GPU when there is
     one, else the CPU); the memory section is the CPU accounting of :mod:`benchmarks.memory` either way.
     """
-    from benchmarks import speed as speed_bench
-
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     output = Path(output_dir)
@@ -289,8 +287,6 @@ def run_benchmarks(
                 img_size=img_size, repeats=speed_repeats + 3, device=device),
         }
     if accuracy:
-        from benchmarks.accuracy import accuracy_table, write_accuracy
-
         logger.info("accuracy on the sample task, %d epochs per method (this takes long on a CPU) ...", accuracy_epochs)
         results["accuracy"] = accuracy_table(accuracy_dir, num_epochs=accuracy_epochs, img_size=accuracy_img_size)
         write_accuracy(results["accuracy"], output, command=command)

@@ -4,8 +4,10 @@ overlays end to end."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -16,6 +18,7 @@ from safetensors.torch import save_file
 
 from conftest import TEST_WORKFLOW
 from fpt_monai.bundle import config_files, run_workflow
+from fpt_monai.cli import Commands
 from fpt_monai.data import (
     SAMPLE_3D_CLASSES,
     SampleVolumeSpec,
@@ -145,7 +148,6 @@ def test_3d_sample_layout_determinism_and_reuse(sample3d, tmp_path):
     assert dataset_classes(sample3d) == list(SAMPLE_3D_CLASSES)
     train = make_volume_datalist(sample3d, "train")
     assert len(train) == 6 and sorted(item["label"] for item in train) == [0, 0, 1, 1, 2, 2]
-    import nibabel as nib
 
     image = nib.load(train[0]["image"])
     assert image.shape == (32, 32, 32) and image.get_data_dtype() == np.int16
@@ -290,10 +292,6 @@ def test_3d_bundle_trains_and_evaluates_end_to_end(sample3d, weights_file, tmp_p
 
 
 def test_params_command_counts_the_3d_preset(capsys):
-    import logging
-
-    from fpt_monai.cli import Commands
-
     level = logging.getLogger("fpt_monai").level
     try:
         Commands().params(preset="fpt_3d", num_classes=2)

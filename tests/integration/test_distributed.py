@@ -14,11 +14,15 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import TINY_BUNDLE as TINY
-from conftest import TEST_WORKFLOW, tiny_bundle_task
+from conftest import TEST_WORKFLOW, make_tiny_timm_vit, tiny_bundle_task
 from fpt_monai.bundle import config_files, run_workflow
+from fpt_monai.cli import Commands
 from fpt_monai.engine import distributed
+from fpt_monai.networks import FPTNet, TimmViTBackbone
 from fpt_monai.preload import read_entry
 from fpt_monai.preload.handler import _preload_sharded
 from preload_setup import make_dataset, write_images
@@ -54,8 +58,6 @@ def bundle_command(run_id: str, names: list[str], overrides: dict) -> list[str]:
 
 
 def validation_scalars(root: Path) -> dict[str, list[float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     scalars = {}
     for events in sorted((root / "eval" / "tensorboard").glob("events.*")):
         accumulator = EventAccumulator(str(events))
@@ -196,8 +198,6 @@ def test_a_process_killed_while_writing_leaves_no_corrupt_entry(images, tmp_path
 
 
 def test_preload_command_under_torchrun_fills_one_shard_per_process(sample, tmp_path, monkeypatch, capsys):
-    from fpt_monai.cli import Commands
-
     _, common = sample
     reports = []
     for rank in (0, 1):  # what `torchrun --nproc_per_node=2 -m fpt_monai preload ...` sets for each process
@@ -242,17 +242,12 @@ def test_global_batch_and_samplers_are_shared_among_processes(monkeypatch):
 @pytest.fixture
 def process_group(tmp_path):
     """A one-process Gloo group in this process, removed afterwards."""
-    import torch.distributed as dist
-
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     yield dist
     dist.destroy_process_group()
 
 
 def test_ddp_leaves_the_frozen_backbone_out(process_group, monkeypatch):
-    from conftest import make_tiny_timm_vit
-    from fpt_monai.networks import FPTNet, TimmViTBackbone
-
     net = FPTNet(TimmViTBackbone(make_tiny_timm_vit()), num_classes=3, side_img_size=32, num_prompts=4, reduction=4)
     ddp = distributed.wrap_ddp(net, torch.device("cpu"))
     backbone = {f"backbone.{n}" for n, _ in net.backbone.named_parameters()} | {

@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import timm
+import timm.models._builder as builder
 import torch
 from monai.networks.nets import ViT
 from safetensors.torch import save_file
@@ -287,8 +288,6 @@ def test_non_tensor_entries_are_refused(tmp_path):
 
 
 def test_hub_failure_explains_how_to_give_weights(monkeypatch):
-    import timm.models._builder as builder
-
     def unreachable(*args, **kwargs):
         raise OSError("network is unreachable (simulated)")
 
