@@ -31,8 +31,14 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from fpt_monai.weights import random_weights_expected
+from benchmarks.common import check_run_arguments
+from fpt_monai.bundle import config_files, demo_config_names, run_demo
+from fpt_monai.config_check import check_overrides
+from fpt_monai.data import SampleFundusSpec, dataset_classes, make_sample_dataset
+from fpt_monai.engine.resume import checkpoint_epoch, latest_checkpoint
+from fpt_monai.networks.baselines import check_cnn_method
 from fpt_monai.networks.methods import method_names
+from fpt_monai.weights import random_weights_expected
 
 __all__ = ["ACCURACY_LABELS", "ACCURACY_METHODS", "accuracy_markdown", "accuracy_table", "merge_accuracy", "write_accuracy"]
 
@@ -111,20 +117,12 @@ def accuracy_table(
         ``"resumed_after_epoch"`` when ``resume`` found a checkpoint), or
         ``{"method", "label", "reason"}`` for a method that cannot run on the demo network.
     """
-    from fpt_monai.bundle import config_files, demo_config_names, run_demo
-    from fpt_monai.config_check import check_overrides
-    from fpt_monai.data import SampleFundusSpec, dataset_classes, make_sample_dataset
-    from fpt_monai.engine.resume import checkpoint_epoch, latest_checkpoint
-    from fpt_monai.networks.baselines import check_cnn_method
-
     unknown = [m for m in methods if m not in ACCURACY_METHODS]
     if unknown or not methods:
         raise ValueError(f"methods must be a non-empty selection of {ACCURACY_METHODS}, got {list(methods)}.")
-    if int(num_epochs) < 1:
-        raise ValueError(f"num_epochs must be >= 1, got {num_epochs}.")
-    for key in ("method", "num_epochs", "dataset_dir", "bundle_root"):
-        if key in overrides:
-            raise ValueError(f"{key!r} is set by accuracy_table itself; pass it as its argument (or not at all).")
+    check_run_arguments(
+        "accuracy_table", overrides, ("method", "num_epochs", "dataset_dir", "bundle_root"), num_epochs=num_epochs
+    )
     skipped: dict[str, str] = {}
     runnable = []
     for method in methods:

@@ -40,7 +40,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from ignite.engine import Events
+from monai.bundle import ConfigWorkflow
 
+from benchmarks.common import check_run_arguments
+from fpt_monai.bundle import config_files
+from fpt_monai.data import make_sample_dataset
 from fpt_monai.weights import random_weights_expected
 
 __all__ = ["EPOCH_PRESETS", "FILLS", "epoch_markdown", "epoch_throughput", "run_epoch_benchmark"]
@@ -109,18 +114,10 @@ def epoch_throughput(
         spent outside its iterations, ``cpu_ms_per_image`` the median CPU milliseconds per image of the epoch's
         training process and workers and of the bare step.
     """
-    from ignite.engine import Events
-    from monai.bundle import ConfigWorkflow
-
-    from fpt_monai.bundle import config_files
-
     if fill not in FILLS:
         raise ValueError(f"fill must be one of {FILLS}, got {fill!r}.")
-    if int(repeats) < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}.")
-    for key in ("preset", "dataset_dir", "bundle_root", "num_epochs"):
-        if key in overrides:
-            raise ValueError(f"{key!r} is set by the epoch benchmark itself.")
+    own_keys = ("preset", "dataset_dir", "bundle_root", "num_epochs")
+    check_run_arguments("the epoch benchmark", overrides, own_keys, repeats=repeats)
     work_dir = Path(work_dir).absolute()
     settings = {
         "pretrained": False,
@@ -264,8 +261,6 @@ def run_epoch_benchmark(
     ``image_size``: the sample images' size (the networks keep their presets' input size unless overridden, e.g.
     ``network_def#img_size``).
     """
-    from fpt_monai.data import make_sample_dataset
-
     work_dir = Path(work_dir).absolute()
     data = make_sample_dataset(work_dir / "data" / f"sample_{int(num_train)}_{int(image_size)}", num_train=int(num_train),
                                num_val=3, num_test=3, image_size=int(image_size), progress=False)

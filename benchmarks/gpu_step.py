@@ -19,7 +19,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from benchmarks.common import markdown_table
 from benchmarks.speed import _quiet_build, _synchronizer, time_alternating
+from benchmarks.step import step_inputs
 
 __all__ = ["GPU_STEP_ARMS", "gpu_step_comparison", "gpu_step_table"]
 
@@ -68,10 +70,7 @@ def gpu_step_comparison(
         config = PRESETS[preset]
         with torch.device("meta"):  # only the backbone's shape is needed
             shape = _quiet_build(lambda: create_backbone(preset, pretrained=False)).shape
-        torch.manual_seed(0)
-        side = torch.randn(batch_size, shape.in_channels, config.side_img_size, config.side_img_size, device=device)
-        kv = torch.randn(batch_size, *shape.kv_shape, device=device).half()
-        labels = torch.randint(0, num_classes, (batch_size,), device=device)
+        side, kv, labels = step_inputs(shape, config.side_img_size, batch_size, num_classes, torch.float16, device)
         steps, peaks = {}, {}
         for kernels in GPU_STEP_ARMS:
             if cuda:  # the arm's own memory: what it allocates above the shared inputs and the arms built before it
@@ -105,14 +104,12 @@ def gpu_step_comparison(
 
 def gpu_step_table(rows: list[dict]) -> str:
     """A Markdown table of :func:`gpu_step_comparison`'s rows."""
-    lines = [
-        "| preset | kernels | device | amp | batch | images/s | peak CUDA MiB |",
-        "|---|---|---|---|---:|---:|---:|",
-    ]
-    for row in rows:
-        peak = "-" if row["peak_cuda_mib"] is None else row["peak_cuda_mib"]
-        lines.append(
-            f"| {row['preset']} | {row['kernels']} | {row['device']} | {row['amp']} | {row['batch_size']} | "
-            f"{row['images_per_second']} | {peak} |"
-        )
-    return "\n".join(lines)
+    return markdown_table(
+        ["preset", "kernels", "device", "amp", "batch", "images/s", "peak CUDA MiB"],
+        "llllrrr",
+        (
+            [row[key] for key in ("preset", "kernels", "device", "amp", "batch_size", "images_per_second")]
+            + ["-" if row["peak_cuda_mib"] is None else row["peak_cuda_mib"]]
+            for row in rows
+        ),
+    )

@@ -49,9 +49,15 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from monai.networks.nets import ViT
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.distributed._tools.common_utils import get_untyped_storages
+from torch.distributed._tools.mem_tracker import MemTracker
 
-from fpt_monai.weights import random_weights_expected
+from fpt_monai.networks import FPTNet, MonaiViTBackbone
 from fpt_monai.networks.methods import method_names
+from fpt_monai.preload import STORAGE_DTYPES, int8_scale_shape, kv_read_dtype, storage_dtype
+from fpt_monai.weights import create_monai_vit, random_weights_expected
 
 __all__ = [
     "FPT_METHODS", "MEMORY_CATEGORIES", "METHODS", "markdown_table_3d", "measure_3d_memory", "measure_training_memory",
@@ -66,6 +72,9 @@ ATTENTION = ("eager", "fused")
 FPT_SETUPS = ("preloaded", "online")
 #: The 3D methods, in table order.
 METHODS_3D = ("full_finetuning", "fpt_preloaded", "fpt_online")
+#: The MONAI 3D ViT of :func:`measure_3d_memory` (arguments of :func:`fpt_monai.networks.backbones.create_monai_vit`):
+#: ViT-B, one input channel.
+VIT_3D = {"hidden_size": 768, "mlp_dim": 3072, "num_layers": 12, "num_heads": 12, "in_channels": 1}
 
 #: A batch element: its shape without the batch dimension and its dtype.
 InputSpec = tuple[tuple[int, ...], torch.dtype]
@@ -96,8 +105,6 @@ def _memory_tracker(net: nn.Module, *tracked):
     table of hooked parameters beforehand. That table is private to MemTracker: a PyTorch that renames it fails
     here, loudly, instead of miscounting.
     """
-    from torch.distributed._tools.mem_tracker import MemTracker
-
     tracker = MemTracker()
     if not hasattr(tracker, "_param_to_grad_hook_handles"):
         raise RuntimeError(f"torch {torch.__version__}: MemTracker has no _param_to_grad_hook_handles; the memory "
@@ -110,8 +117,6 @@ def _memory_tracker(net: nn.Module, *tracked):
 
 
 def _storages(t: torch.Tensor) -> list:
-    from torch.distributed._tools.common_utils import get_untyped_storages
-
     return list(get_untyped_storages(t))
 
 
@@ -140,8 +145,6 @@ def step_memory(
         (the cross-check), ``learnable_parameters``, ``frozen_parameters`` and, on a GPU,
         ``cuda_max_memory_allocated``.
     """
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     if device != "cpu" and fake:
@@ -217,8 +220,6 @@ def step_memory(
 
 def _kv_read_dtype(kv_dtype: str) -> torch.dtype:
     """The dtype a training step receives from a cache of storage dtype ``kv_dtype`` (int8 is read as float16)."""
-    from fpt_monai.preload import STORAGE_DTYPES, kv_read_dtype
-
     if kv_dtype not in STORAGE_DTYPES:
         raise ValueError(f"kv_dtype must be one of {list(STORAGE_DTYPES)}, got {kv_dtype!r}.")
     return kv_read_dtype(STORAGE_DTYPES[kv_dtype])
@@ -348,11 +349,6 @@ def measure_3d_memory(
     side_img_size: int = 64,
     patch_size: int = 16,
     batch_size: int = 4,
-    hidden_size: int = 768,
-    mlp_dim: int = 3072,
-    num_layers: int = 12,
-    num_heads: int = 12,
-    in_channels: int = 1,
     num_classes: int = 2,
     variant: str = "fpt",
     blocks: Sequence[int] | None = None,
@@ -362,6 +358,7 @@ def measure_3d_memory(
     kv_dtype: str = "float16",
     attention: str = "fused",
     fake: bool = True,
+    **vit: Any,
 ) -> dict[str, Any]:
     """Training-step memory of full fine-tuning and of FPT (preloaded, online) on one MONAI 3D ViT.
 
@@ -370,7 +367,6 @@ def measure_3d_memory(
         side_img_size: the side network's input size (cubic).
         patch_size: patch size of the backbone and of the side ViT.
         batch_size: volumes per step.
-        hidden_size, mlp_dim, num_layers, num_heads, in_channels: the MONAI ViT (ViT-B by default).
         num_classes: classes of the task.
         variant: ``"fpt"`` or ``"fpt_plus"`` (fusion variant).
         blocks: extracted backbone blocks (default all; FPT+ uses the second half).
@@ -379,31 +375,30 @@ def measure_3d_memory(
         kv_dtype: storage dtype of the preloaded keys/values (``float16``, ``bfloat16``, ``float32``, ``int8``).
         attention: ``"fused"`` or ``"eager"``.
         fake: fake tensors (no data, no compute); ``False`` runs real tensors on the CPU.
+        vit: the MONAI ViT's architecture, :data:`VIT_3D` (ViT-B) where not given: ``hidden_size``, ``mlp_dim``,
+            ``num_layers``, ``num_heads``, ``in_channels``, ``qkv_bias`` (the arguments of
+            :func:`~fpt_monai.networks.backbones.create_monai_vit`).
 
     Returns:
         ``{"protocol": {...}, "methods": {name: figures of step_memory plus "learnable_percent"},
         "fpt_vs_full": {name: total / full fine-tuning's total}}``, methods in :data:`METHODS_3D`.
     """
-    from monai.networks.nets import ViT
-
-    from fpt_monai.networks import FPTNet, MonaiViTBackbone
-    from fpt_monai.preload import int8_scale_shape, storage_dtype
-
     if attention not in ATTENTION:
         raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}.")
     if img_size % patch_size or side_img_size % patch_size:
         raise ValueError(f"img_size {img_size} and side_img_size {side_img_size} must be multiples of {patch_size}.")
     dtype = storage_dtype(kv_dtype)
     read_dtype = _kv_read_dtype(str(dtype).removeprefix("torch."))
-    vit = dict(in_channels=in_channels, img_size=img_size, patch_size=patch_size, hidden_size=hidden_size,
-               mlp_dim=mlp_dim, num_layers=num_layers, num_heads=num_heads, spatial_dims=3)
+    vit = {**VIT_3D, **vit}
+    in_channels = vit["in_channels"]
     fpt_args = dict(num_classes=num_classes, side_img_size=side_img_size, variant=variant, num_prompts=num_prompts,
                     reduction=reduction)
     with random_weights_expected(), torch.device("meta"):
         # full fine-tuning: the ViT with a linear head on its class token, everything trainable
-        full = ViT(**vit, classification=True, num_classes=num_classes, post_activation=None)
-        model = ViT(**vit, classification=True)
-        model.classification_head = nn.Identity()  # FPT never uses it (as in the 3D presets)
+        full = ViT(img_size=img_size, patch_size=patch_size, spatial_dims=3, **vit, classification=True,
+                   num_classes=num_classes, post_activation=None)
+        # as the 3D presets build it: a class token, no classification head (FPT never uses it)
+        model = create_monai_vit(img_size, patch_size, pretrained=False, spatial_dims=3, classification=True, **vit)
         backbone = MonaiViTBackbone(model, img_size, patch_size, blocks=blocks, token_ratio=token_ratio)
         online = FPTNet(backbone, **fpt_args)
         shape = online.shape
@@ -428,8 +423,9 @@ def measure_3d_memory(
     full_total = methods["full_finetuning"]["total_bytes"]
     return {
         "protocol": {
-            "backbone": f"MONAI ViT 3D: width {hidden_size}, {num_layers} blocks, {num_heads} heads, MLP {mlp_dim}, "
-                        f"patch {patch_size}, class token, qkv without bias",
+            "backbone": f"MONAI ViT 3D: width {vit['hidden_size']}, {vit['num_layers']} blocks, {vit['num_heads']} "
+                        f"heads, MLP {vit['mlp_dim']}, patch {patch_size}, class token, qkv "
+                        f"{'with' if vit.get('qkv_bias') else 'without'} bias",
             "img_size": [img_size] * 3,
             "side_img_size": [side_img_size] * 3,
             "batch_size": batch_size,

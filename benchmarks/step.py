@@ -23,10 +23,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from benchmarks.common import markdown_table
 from benchmarks.memory import step_memory
 from benchmarks.speed import _quiet_build, time_alternating
+from fpt_monai.networks import FPTNet
+from fpt_monai.preload import storage_dtype
+from fpt_monai.presets import PRESETS, create_backbone
 
-__all__ = ["STEP_PRESETS", "load_yardstick", "training_step_comparison"]
+__all__ = ["STEP_PRESETS", "load_yardstick", "step_inputs", "step_table", "training_step_comparison"]
 
 STEP_PRESETS = ("fpt", "fpt_plus")
 
@@ -42,6 +46,20 @@ def load_yardstick(path: str | Path):
     if not hasattr(module, "PlainFPT"):
         raise AttributeError(f"yardstick file {path} defines no PlainFPT.")
     return module.PlainFPT
+
+
+def step_inputs(
+    shape, side_img_size: int, batch_size: int, num_classes: int, kv_dtype: torch.dtype, device=None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random inputs of one training step (seed 0): side views, preloaded keys/values in ``kv_dtype``, labels.
+
+    ``shape`` is the frozen backbone's (its ``in_channels`` and ``kv_shape``); ``device`` defaults to torch's.
+    """
+    torch.manual_seed(0)
+    side = torch.randn(batch_size, shape.in_channels, side_img_size, side_img_size, device=device)
+    kv = torch.randn(batch_size, *shape.kv_shape, device=device).to(kv_dtype)
+    labels = torch.randint(0, num_classes, (batch_size,), device=device)
+    return side, kv, labels
 
 
 def _step(net: torch.nn.Module, side_images: torch.Tensor, kv: torch.Tensor, labels: torch.Tensor):
@@ -67,9 +85,6 @@ def training_step_comparison(
     yardstick: str | Path | None = None,
 ) -> list[dict]:
     """One row per preset and arm: images/s, the speed ratio to the yardstick (if given) and the peak memory."""
-    from fpt_monai.networks import FPTNet
-    from fpt_monai.presets import PRESETS, create_backbone
-    from fpt_monai.preload import storage_dtype
 
     plain_class = load_yardstick(yardstick) if yardstick else None
     dtype = storage_dtype(kv_dtype)
@@ -78,10 +93,7 @@ def training_step_comparison(
         config = PRESETS[preset]
         with torch.device("meta"):  # only the backbone's shape is needed
             shape = _quiet_build(lambda: create_backbone(preset, pretrained=False)).shape
-        torch.manual_seed(0)
-        side = torch.randn(batch_size, shape.in_channels, config.side_img_size, config.side_img_size)
-        kv = torch.randn(batch_size, *shape.kv_shape).to(dtype)
-        labels = torch.randint(0, num_classes, (batch_size,))
+        side, kv, labels = step_inputs(shape, config.side_img_size, batch_size, num_classes, dtype)
 
         def network(recompute: bool, device: str | None = None) -> FPTNet:
             with torch.device(device or "cpu"):
@@ -129,14 +141,12 @@ def training_step_comparison(
 
 def step_table(rows: list[dict]) -> str:
     """A Markdown table of :func:`training_step_comparison` rows."""
-    lines = [
-        "| preset | arm | images/s | speed ratio to the yardstick | peak MiB | activations MiB |",
-        "|---|---|---:|---:|---:|---:|",
-    ]
-    for row in rows:
-        ratio = row.get("speed_ratio", "")
-        lines.append(
-            f"| {row['preset']} | {row['arm']} | {row['images_per_second']} | {ratio} | {row['peak_mib']} "
-            f"| {row['activations_mib']} |"
-        )
-    return "\n".join(lines)
+    return markdown_table(
+        ["preset", "arm", "images/s", "speed ratio to the yardstick", "peak MiB", "activations MiB"],
+        "llrrrr",
+        (
+            [row["preset"], row["arm"], row["images_per_second"], row.get("speed_ratio", ""), row["peak_mib"],
+             row["activations_mib"]]
+            for row in rows
+        ),
+    )

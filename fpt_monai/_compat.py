@@ -10,8 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import monai
+import timm
 import torch
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
 
 __all__ = ["checkpoint_saver_checkpoints", "ddp_ignore", "timm_vit_tokens"]
 
@@ -34,8 +37,6 @@ def ddp_ignore(module: nn.Module, names: list[str]) -> None:
     identically on every rank, and its digests are compared instead. PyTorch has no public API for this yet
     (pytorch/pytorch#43690); this is the static method DDP documents as the workaround.
     """
-    from torch.nn.parallel import DistributedDataParallel
-
     _private(DistributedDataParallel, "_set_params_and_buffers_to_ignore_for_model", "torch", torch.__version__)(
         module, names
     )
@@ -45,8 +46,6 @@ def timm_vit_tokens(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """The tokens a timm ``VisionTransformer`` feeds its first block: patch embedding, prefix tokens and position
     embedding added (``_pos_embed``, which has no public counterpart short of running every block), ``norm_pre``.
     """
-    import timm
-
     pos_embed = _private(model, "_pos_embed", "timm", timm.__version__)
     return model.norm_pre(model.patch_drop(pos_embed(model.patch_embed(images))))
 
@@ -56,8 +55,6 @@ def checkpoint_saver_checkpoints(saver: Any) -> dict[str, Any]:
     (``None`` where that kind of checkpoint is off). MONAI keeps them private; their save handler is replaced to
     write atomically, and the key-metric one holds the best-checkpoint bookkeeping a resumed run needs.
     """
-    import monai
-
     return {
         kind: _private(saver, f"_{kind}_checkpoint", "MONAI", monai.__version__)
         for kind in ("final", "key_metric", "interval")

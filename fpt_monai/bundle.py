@@ -11,12 +11,26 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+from monai.bundle import ConfigWorkflow
 
 import fpt_monai
+from fpt_monai.config_check import ConfigOverrideError, check_overrides
+from fpt_monai.networks.baselines import check_cnn_method
 from fpt_monai.networks.methods import method_names
 
-__all__ = ["DEMO_METHODS", "bundle_dir", "config_files", "demo_config_names", "run_demo", "export_bundle"]
+__all__ = [
+    "DEMO_METHODS",
+    "bundle_dir",
+    "config_files",
+    "demo_config_names",
+    "run_demo",
+    "run_workflow",
+    "export_bundle",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +75,6 @@ def demo_config_names(method: str = "fpt", evaluate: bool = False) -> list[str]:
         ValueError: ``method`` is not one of :data:`DEMO_METHODS` (``vpt``: the demo network has no tokens).
     """
     if method != "fpt":
-        from fpt_monai.networks.baselines import check_cnn_method
-
         check_cnn_method(method)
     names = ["train", "evaluate", "demo"] if evaluate else ["train", "demo"]
     if method != "fpt":
@@ -91,20 +103,14 @@ def run_demo(work_dir: str | os.PathLike = "fpt_demo", evaluate: bool = True, me
     Returns:
         ``{"best": {metric: value}, "final": {...}}`` of the test set (empty without ``evaluate``).
     """
-    from monai.bundle import ConfigWorkflow
-
     train_names, evaluate_names = demo_config_names(method), demo_config_names(method, evaluate=True)
     if method != "fpt":
         if overrides.setdefault("method", method) != method:
             raise ValueError(f"method={method!r} and the override method={overrides['method']!r} disagree.")
     work_dir = Path(work_dir).absolute()
     work_dir.mkdir(parents=True, exist_ok=True)
-    meta = config_files("metadata")[0]
-    logging_file = str(bundle_dir() / "configs" / "logging.conf")
     common = {"bundle_root": str(work_dir), **overrides}
     if overrides.get("check_overrides", True):  # refuse typos and mistyped values before any work
-        from fpt_monai.config_check import ConfigOverrideError, check_overrides
-
         try:
             check_overrides(config_files(*train_names), overrides)
         except ConfigOverrideError as error:
@@ -112,29 +118,35 @@ def run_demo(work_dir: str | os.PathLike = "fpt_demo", evaluate: bool = True, me
                 raise
             # an override must fit one of the two runs: `--checkpoints#...` is the evaluation's, `--resume` training's
             check_overrides(config_files(*evaluate_names), {key: overrides[key] for key in error.problems})
-    train = ConfigWorkflow(
-        config_file=config_files(*train_names),
-        meta_file=meta,
-        logging_file=logging_file,
-        workflow_type="train",
-        **common,
-    )
-    train.initialize()
-    train.run()
-    train.finalize()
+    run_workflow(train_names, **common)
     if not evaluate:
         return {}
-    evaluation = ConfigWorkflow(
-        config_file=config_files(*evaluate_names),
-        meta_file=meta,
-        logging_file=logging_file,
-        workflow_type="train",
-        **common,
+    return run_workflow(evaluate_names, **common)[0]
+
+
+def run_workflow(names: Sequence[str], run_id: str = "run", **kwargs: Any) -> list[Any]:
+    """Run the bundle's configs ``names`` as one MONAI ``ConfigWorkflow``: initialize, run ``run_id``, finalize.
+
+    What ``python -m monai.bundle run <run_id> --config_file <names>`` does, in this process: the bundle's
+    ``metadata.json`` and ``logging.conf`` unless ``kwargs`` say otherwise.
+
+    Args:
+        names: config names, later ones overriding earlier ones, e.g. ``["train", "evaluate"]``.
+        run_id: the config item to run (the bundle's configs name it ``run``, ``training`` in train.json and
+            ``evaluating`` in evaluate.json are its aliases).
+        kwargs: ``ConfigWorkflow`` arguments (``workflow_type``, ``logging_file``, ...) and config overrides, e.g.
+            ``bundle_root="runs/a"`` or ``**{"network_def#img_size": 224}``.
+
+    Returns:
+        what running ``run_id`` returned (a list: one value per expression of the item).
+    """
+    workflow = ConfigWorkflow(
+        config_file=config_files(*names), meta_file=config_files("metadata")[0], run_id=run_id, **kwargs
     )
-    evaluation.initialize()
-    results = evaluation.run()[0]
-    evaluation.finalize()
-    return results
+    workflow.initialize()
+    result = workflow.run()
+    workflow.finalize()
+    return result
 
 
 #: Files and folders of the bundle that an export carries.

@@ -51,6 +51,8 @@ from fire.parser import DefaultParseValue
 from monai.bundle import ConfigParser
 from monai.bundle.config_item import ComponentLocator
 
+from fpt_monai.data.normalization import DATASET
+from fpt_monai.conventions import CONVENTIONS
 from fpt_monai.networks.cpu_kernels import KERNEL_MODES
 from fpt_monai.conventions import CONVENTIONS
 from fpt_monai.presets import PRESETS
@@ -109,8 +111,6 @@ def _known_storage_dtype(value: Any) -> str | None:
 
 
 def _statistics(value: Any) -> str | None:
-    from fpt_monai.data.normalization import DATASET
-
     if value == DATASET:
         return None
     numbers = isinstance(value, (list, tuple)) and all(

@@ -300,7 +300,7 @@ def create_baseline(
         method: one of :data:`BASELINE_METHODS`.
         num_classes: number of output logits.
         preset: the FPT preset whose backbone weights name and input size are used (``fpt``: ViT-B/16 at 512); a
-            demo preset (``fpt_demo``) gives :func:`~fpt_monai.pretrained.create_demo_baseline` on its CNN.
+            demo preset (``fpt_demo``) gives :func:`~fpt_monai.presets.create_demo_baseline` on its CNN.
         pretrained: as for :func:`create_fpt` (hub name, local file, or ``False`` with a loud
             warning).
         img_size: input size; default: the preset's (512 for ``fpt``).

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.transforms import rescale_array
+from PIL import Image, ImageDraw
 
 from fpt_monai.utils import atomic_write
 
@@ -91,8 +92,6 @@ def confusion_matrix_image(
     it), so a good classifier shows a dark diagonal whatever the class sizes. Classes are numbered on the axes;
     the legend below the matrix names them.
     """
-    from PIL import Image, ImageDraw
-
     matrix = np.asarray(torch.as_tensor(matrix).cpu(), dtype=np.int64)
     n = len(class_names)
     if matrix.shape != (n, n):
@@ -131,8 +130,6 @@ def save_png(picture: np.ndarray, path: str | os.PathLike, colors: int | None = 
         colors: store a palette of this many colours (median cut, no dithering) instead of full RGB: a smaller
             file, e.g. for documentation.
     """
-    from PIL import Image
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     image = Image.fromarray(np.ascontiguousarray(picture))

@@ -10,8 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import timm
 import torch
+from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
+
+from fpt_monai.data import make_sample_dataset
+from fpt_monai.weights import random_weights_expected
 
 
 def make_tiny_timm_vit(img_size: int = 64, depth: int = 4, seed: int = 0) -> VisionTransformer:
@@ -30,8 +35,6 @@ def tiny_timm_vit() -> VisionTransformer:
 @pytest.fixture
 def random_weights_quiet():
     """The package's random-weights warnings silenced for a test that builds networks on purpose without weights."""
-    from fpt_monai.weights import random_weights_expected
-
     with random_weights_expected():
         yield
 
@@ -47,6 +50,26 @@ TINY_BUNDLE = {
     "num_workers": 0,
     "learning_rate": 0.001,
 }
+
+
+#: ``ConfigWorkflow`` arguments of the bundle runs inside tests (:func:`fpt_monai.bundle.run_workflow`): pytest keeps
+#: its logging set-up, and no workflow type (the property checks are the Model Zoo pattern's, in test_bundle.py).
+TEST_WORKFLOW = {"logging_file": False, "workflow_type": None}
+
+
+def tiny_bundle_task(root: Path, num_train: int = 6, num_val: int = 3, num_test: int = 3) -> dict[str, str]:
+    """The bundle's sample data (64 px) and a ViT-Ti backbone weights file (random, seed 0) under ``root``.
+
+    Returns:
+        the overrides that point a bundle run at them: ``{"dataset_dir", "pretrained"}``.
+    """
+    data = make_sample_dataset(
+        root / "data", num_train=num_train, num_val=num_val, num_test=num_test, image_size=64, progress=False
+    )
+    torch.manual_seed(0)
+    weights = root / "vit_tiny.safetensors"
+    save_file(timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0).state_dict(), str(weights))
+    return {"dataset_dir": str(data), "pretrained": str(weights)}
 
 
 #: Folders whose tests are slow: end-to-end runs, and the benchmarks' own tests (not the library's).

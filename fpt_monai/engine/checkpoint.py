@@ -35,6 +35,7 @@ from ignite.handlers import Checkpoint, DiskSaver
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
 from fpt_monai._compat import checkpoint_saver_checkpoints
+from fpt_monai.networks.fpt import FPTNet
 from fpt_monai.utils import atomic_write
 
 __all__ = ["AtomicDiskSaver", "CheckpointReadError", "SafeCheckpointLoader", "SafeCheckpointSaver", "load_checkpoint"]
@@ -170,8 +171,6 @@ def load_checkpoint(
 
 
 def _allow_missing_backbone_digest(objects: Mapping) -> None:
-    from fpt_monai.networks.fpt import FPTNet
-
     for obj in objects.values():
         for module in obj.modules() if isinstance(obj, torch.nn.Module) else ():
             if isinstance(module, FPTNet):

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import TypeVar
 
+import ignite.distributed as idist
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -130,7 +131,6 @@ def init_distributed(
         options["device_id"] = distributed_device()  # binds the group to this process's GPU
     dist.init_process_group(backend=backend, **options)
     _register_with_ignite()
-    import ignite.distributed as idist
 
     logger.info(  # the local rank as ignite sees it: it picks the device of ignite's metric collectives
         "process %d of %d (local rank %d on %s), backend %s",
@@ -155,8 +155,6 @@ def _register_with_ignite() -> None:
     process, which would put every process of a node on one GPU. Hidden from ignite, the variable leaves it
     ``torchrun``'s ``LOCAL_RANK``.
     """
-    import ignite.distributed as idist
-
     slurm_job = os.environ.pop("SLURM_JOB_ID", None)
     try:
         idist.sync()
@@ -169,8 +167,6 @@ def destroy_distributed() -> None:
     """Leave the process group (no-op when there is none) and log as before :func:`init_distributed`."""
     global _quieted
     if dist.is_available() and dist.is_initialized():
-        import ignite.distributed as idist
-
         dist.destroy_process_group()
         idist.sync()  # ignite forgets the group it was given
     if _quieted:

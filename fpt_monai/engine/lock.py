@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fpt_monai.engine.distributed import rank_and_world_size
+
 __all__ = ["LOCK_FILE_NAME", "RunLock", "RunLockedError"]
 
 logger = logging.getLogger(__name__)
@@ -98,12 +100,10 @@ class RunLock:
         """
         if not self.enabled or self.held:
             return self
-        from fpt_monai.engine.distributed import rank_and_world_size
-
         if rank_and_world_size()[0] > 0:
             return self  # rank 0 holds the folder for the whole run
         try:
-            import fcntl
+            import fcntl  # POSIX only: imported here so that the package imports on Windows, unlocked
         except ImportError:
             logger.warning("No file locking on this platform: %s is not protected from a second run.", self.folder)
             return self
@@ -155,7 +155,7 @@ class RunLock:
         """Unlock the folder and empty the lock file (nothing to do when not held)."""
         if self._file is None:
             return
-        import fcntl
+        import fcntl  # POSIX only (held implies that acquire imported it)
 
         file, self._file = self._file, None
         with _HELD_LOCK:

@@ -32,8 +32,11 @@ from ignite.engine import Engine, Events
 from monai.data import decollate_batch
 from monai.utils import CommonKeys
 from monai.visualize import plot_2d_or_3d_image
+from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
 from fpt_monai.engine.metrics import classification_output, confusion_matrix
+from fpt_monai.networks.backbones import FrozenBackbone
 from fpt_monai.networks.fpt import make_side_view
 from fpt_monai.visualize import confusion_matrix_image, display_image, save_png, selection_overlay, unique_png_names
 
@@ -49,8 +52,6 @@ logger = logging.getLogger(__name__)
 
 
 def _summary_writer(log_dir: str | os.PathLike):
-    from torch.utils.tensorboard import SummaryWriter
-
     return SummaryWriter(log_dir=str(log_dir))
 
 
@@ -66,8 +67,6 @@ def _device(module: nn.Module) -> torch.device:
 
 
 def _frozen_backbone(network: nn.Module):
-    from fpt_monai.networks import FrozenBackbone
-
     network = network.module if hasattr(network, "module") else network
     backbone = getattr(network, "backbone", None)
     if not isinstance(backbone, FrozenBackbone):
@@ -262,15 +261,13 @@ class HyperparametersText:
         engine.add_event_handler(Events.STARTED, self)
 
     def __call__(self, engine: Engine) -> None:
-        from torch.utils.tensorboard.summary import hparams
-
         if idist.get_rank() != 0:
             return
         if self.writer is None:
             self.writer = _summary_writer(self.log_dir)
         table = ["| setting | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in self.hparams.items()]
         self.writer.add_text("hparams", "\n".join(table), engine.state.iteration)
-        for summary in hparams(self.hparams, {name: 0.0 for name in self.metrics}):
+        for summary in hparams_summaries(self.hparams, {name: 0.0 for name in self.metrics}):
             self.writer.file_writer.add_summary(summary)
         self.writer.flush()
 

@@ -57,6 +57,7 @@ def make_algo(
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Run one site until the server ends the job (FLARE's Client API loop)."""
+    # nvflare is the optional `fl` extra: imported when a site runs, so the module imports without it
     import nvflare.client as flare
     from nvflare.apis.fl_constant import FLMetaKey
 

@@ -22,8 +22,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from monai.bundle import ConfigParser
+from monai.utils import set_determinism
 
+from fpt_monai.bundle import config_files
+from fpt_monai.config_check import check_overrides
 from fpt_monai.fl import learnable_state_dict
+from fpt_monai.networks import FPTNet
+from fpt_monai.utils import atomic_write
+from fpt_monai.weights import random_weights_expected
 
 __all__ = ["CLIENT_SCRIPT", "INITIAL_WEIGHTS", "FLJob", "build_job", "initial_weights", "site_names"]
 
@@ -48,8 +55,6 @@ def initial_weights(overrides: Mapping, configs: Sequence[str] = ("train",)) -> 
     the job needs no backbone file. A baseline network is built with the job's ``pretrained`` weights, since what
     it learns can be the pretrained weights themselves (full fine-tuning).
     """
-    from fpt_monai.networks import FPTNet
-
     network = _bundle_network(overrides, configs, pretrained=False)
     if not isinstance(network, FPTNet):
         network = _bundle_network(overrides, configs, pretrained=None)
@@ -58,12 +63,6 @@ def initial_weights(overrides: Mapping, configs: Sequence[str] = ("train",)) -> 
 
 def _bundle_network(overrides: Mapping, configs: Sequence[str], pretrained: bool | None) -> torch.nn.Module:
     """The bundle's ``network_def`` on the CPU after its seed; ``pretrained=None``: the configs' own setting."""
-    from monai.bundle import ConfigParser
-    from monai.utils import set_determinism
-
-    from fpt_monai.bundle import config_files
-    from fpt_monai.weights import random_weights_expected
-
     parser = ConfigParser()
     parser.read_config(config_files(*configs))
     parser.update({**overrides, "device": "$torch.device('cpu')"})
@@ -103,13 +102,10 @@ def build_job(
         site_python: the Python interpreter (with fpt-monai) that runs a site's script; default: this one, as
             the simulator needs (for an exported job, the sites' own, e.g. ``python3`` on their PATH).
     """
+    # nvflare is the optional `fl` extra: imported where a job is built, so the module imports without it
     from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
     from nvflare.client.config import ExchangeFormat
     from nvflare.recipe.utils import set_per_site_config
-
-    from fpt_monai.bundle import config_files
-    from fpt_monai.config_check import check_overrides
-    from fpt_monai.utils import atomic_write
 
     if not sites:
         raise ValueError("give at least one site (its bundle root).")
@@ -197,7 +193,7 @@ class FLJob:
         best model); each site's checkpoints, logs and cache in its bundle root. Raises ``RuntimeError`` naming
         the logs when the run did not produce its global model.
         """
-        from nvflare.recipe.sim_env import SimEnv
+        from nvflare.recipe.sim_env import SimEnv  # the optional `fl` extra, as in build_job
 
         workspace = Path(workspace).expanduser().absolute()
         env = SimEnv(clients=self.sites, num_threads=len(self.sites), workspace_root=str(workspace))

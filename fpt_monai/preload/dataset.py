@@ -58,6 +58,7 @@ from monai.utils import convert_to_tensor
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from fpt_monai.preload.fingerprint import CACHE_FORMAT_VERSION, cache_fingerprint
 from fpt_monai.preload.quantize import dequantize_item
@@ -524,8 +525,6 @@ class KVCacheDataset(PersistentDataset):
             ``{"total", "already_cached", "computed", "seconds", "images_per_second"}`` of the (shard's) items,
             plus ``"rank"`` and ``"world_size"`` when sharded.
         """
-        from tqdm.auto import tqdm
-
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         if not 0 <= rank < world_size:

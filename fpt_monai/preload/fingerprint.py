@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
+from monai.transforms import Transform
 
 from fpt_monai.utils import weights_digest
 
@@ -64,16 +65,10 @@ def describe(obj: Any, depth: int = 0) -> Any:
         return [describe(v, depth + 1) for v in items]
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {"class": type(obj).__qualname__, "fields": describe(dataclasses.asdict(obj), depth + 1)}
-    if hasattr(obj, "__dict__") and not callable(obj) or _is_transform(obj):
+    if hasattr(obj, "__dict__") and not callable(obj) or isinstance(obj, Transform):
         # private attributes too: MONAI keeps e.g. LoadImaged's reader settings in `_loader`
         return {"class": f"{type(obj).__module__}.{type(obj).__qualname__}", "attrs": describe(vars(obj), depth + 1)}
     return type(obj).__qualname__
-
-
-def _is_transform(obj: Any) -> bool:
-    from monai.transforms import Transform
-
-    return isinstance(obj, Transform)
 
 
 def cache_fingerprint(

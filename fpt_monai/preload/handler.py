@@ -7,6 +7,9 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 
+from ignite.engine import Events
+
+from fpt_monai.engine.distributed import barrier, is_distributed, rank_and_world_size
 from fpt_monai.preload.dataset import KVCacheDataset
 
 __all__ = ["PreloadHandler", "preload_all_ranks"]
@@ -40,8 +43,6 @@ class PreloadHandler:
         self.reports: list[dict] = []
 
     def attach(self, engine) -> None:
-        from ignite.engine import Events
-
         engine.add_event_handler(Events.STARTED, self)
 
     def __call__(self, engine=None) -> None:
@@ -67,8 +68,6 @@ def preload_all_ranks(dataset: KVCacheDataset, batch_size: int = 8, num_workers:
         this rank's report (see :meth:`KVCacheDataset.preload`), with ``"not_visible"``: the entries of other
         ranks it did not see after the first wait.
     """
-    from fpt_monai.engine.distributed import barrier, is_distributed, rank_and_world_size
-
     if not is_distributed():
         return dataset.preload(batch_size=batch_size, num_workers=num_workers)
     rank, world_size = rank_and_world_size()

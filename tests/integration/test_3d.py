@@ -4,17 +4,21 @@ overlays end to end."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.bundle import ConfigParser, ConfigWorkflow
+from monai.bundle import ConfigParser
 from monai.networks.nets import ViT
 from monai.transforms import Compose
 from safetensors.torch import save_file
 
-from fpt_monai.bundle import config_files
+from conftest import TEST_WORKFLOW
+from fpt_monai.bundle import config_files, run_workflow
+from fpt_monai.cli import Commands
 from fpt_monai.data import (
     SAMPLE_3D_CLASSES,
     SampleVolumeSpec,
@@ -145,7 +149,6 @@ def test_3d_sample_layout_determinism_and_reuse(sample3d, tmp_path):
     assert dataset_classes(sample3d) == list(SAMPLE_3D_CLASSES)
     train = make_volume_datalist(sample3d, "train")
     assert len(train) == 6 and sorted(item["label"] for item in train) == [0, 0, 1, 1, 2, 2]
-    import nibabel as nib
 
     image = nib.load(train[0]["image"])
     assert image.shape == (32, 32, 32) and image.get_data_dtype() == np.int16
@@ -272,26 +275,17 @@ def test_3d_overlays_parse():
     assert parser["train#dataset#_target_"] == "fpt_monai.preload.KVCacheDataset"  # the rest of train.json stays
 
 
-def run_workflow(names, run_id, **override):
-    workflow = ConfigWorkflow(config_file=config_files(*names), meta_file=config_files("metadata"), logging_file=False,
-                              run_id=run_id, workflow_type=None, **override)
-    workflow.initialize()
-    result = workflow.run()
-    workflow.finalize()
-    return result
-
-
 def test_3d_bundle_trains_and_evaluates_end_to_end(sample3d, weights_file, tmp_path):
     override = {
         "bundle_root": str(tmp_path), "dataset_dir": str(sample3d), "pretrained": str(weights_file),
         "network_def#img_size": 32, "network_def#side_img_size": 16, "num_epochs": 1, "batch_size": 3,
         "num_workers": 0,
     }
-    run_workflow(["train", "train_3d"], "training", **override)
+    run_workflow(["train", "train_3d"], "training", **TEST_WORKFLOW, **override)
     assert (tmp_path / "models" / "model.pt").is_file() and (tmp_path / "models" / "model_final.pt").is_file()
     entries = list((tmp_path / "cache").glob("*/*.safetensors"))
     assert len(entries) == 9  # 6 train + 3 val volumes preloaded once
-    results = run_workflow(["train", "evaluate", "train_3d", "evaluate_3d"], "evaluating", **override)[0]
+    results = run_workflow(["train", "evaluate", "train_3d", "evaluate_3d"], "evaluating", **TEST_WORKFLOW, **override)[0]
     assert set(results) == {"best", "final"}
     assert len(list((tmp_path / "cache").glob("*/*.safetensors"))) == 12  # + 3 test volumes, train/val reused
     metrics = json.loads((tmp_path / "eval" / "best" / "metrics.json").read_text())
@@ -299,10 +293,6 @@ def test_3d_bundle_trains_and_evaluates_end_to_end(sample3d, weights_file, tmp_p
 
 
 def test_params_command_counts_the_3d_preset(capsys):
-    import logging
-
-    from fpt_monai.cli import Commands
-
     level = logging.getLogger("fpt_monai").level
     try:
         Commands().params(preset="fpt_3d", num_classes=2)

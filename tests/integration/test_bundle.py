@@ -10,20 +10,43 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shlex
 import subprocess
 import sys
+import tomllib
+import zipfile
+from importlib.metadata import packages_distributions
 from pathlib import Path
 
+import numpy as np
+import onnx
 import pytest
-import timm
 import torch
-from monai.bundle import ConfigParser, ConfigWorkflow, ckpt_export, verify_metadata, verify_net_in_out
-from safetensors.torch import save_file
+from fire.parser import DefaultParseValue
+from monai.bundle import (
+    ConfigParser,
+    ConfigWorkflow,
+    ckpt_export,
+    download_large_files,
+    verify_metadata,
+    verify_net_in_out,
+)
+from PIL import Image
+from pydicom.data import get_testdata_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import TINY_BUNDLE as TINY
+from conftest import tiny_bundle_task
 from fpt_monai.bundle import bundle_dir, config_files, export_bundle
-from fpt_monai.data import SAMPLE_CLASSES, make_sample_dataset
+from fpt_monai.config_check import check_overrides
+from fpt_monai.data import SAMPLE_CLASSES, fpt_transforms
+from fpt_monai.engine.onnx_runtime import OnnxRuntimeNetwork, onnx_class_names
 from fpt_monai.networks.fpt import BACKBONE_REFERENCE_KEY
+from fpt_monai.networks.labels import ClassNamesMismatchError, UncheckedClassNamesWarning
+from fpt_monai.presets import PRESETS, create_fpt
+from fpt_monai.preload import KVCacheDataset, default_num_workers, dtype_checked_collate, read_entry, scale_key
+from fpt_monai.utils import escape_path, unescape_path
+from fpt_monai.weights import random_weights_expected
 
 BUNDLE = bundle_dir()
 META = config_files("metadata")[0]
@@ -47,11 +70,7 @@ def check_workflow(names, workflow_type, **override):
 def trained(tmp_path_factory):
     """One tiny training run on the sample data with a local backbone weights file."""
     root = tmp_path_factory.mktemp("bundle")
-    data = make_sample_dataset(root / "data", num_train=6, num_val=3, num_test=3, image_size=64, progress=False)
-    torch.manual_seed(0)
-    weights = root / "vit_tiny.safetensors"
-    save_file(timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0).state_dict(), str(weights))
-    override = {**TINY, "bundle_root": str(root), "dataset_dir": str(data), "pretrained": str(weights)}
+    override = {**TINY, "bundle_root": str(root), **tiny_bundle_task(root)}
     check_workflow(["train"], "train", **override)
     return root, override
 
@@ -112,8 +131,6 @@ def test_class_names_are_literals_shared_by_the_configs_and_the_metadata():
 
 def test_metadata_describes_the_default_network():
     """What metadata.json says of the network is what the configs build by default (preset, counts, input)."""
-    from fpt_monai.presets import PRESETS, create_fpt
-    from fpt_monai.weights import random_weights_expected
 
     meta = json.loads(Path(META).read_text())
     assert meta["version"] in meta["changelog"]
@@ -135,8 +152,6 @@ def test_metadata_describes_the_default_network():
 
 
 def test_inference_workers_follow_the_machine_and_can_be_overridden():
-    from fpt_monai.preload import default_num_workers
-
     parser = ConfigParser()
     parser.read_config(config_files("inference"))
     assert parser.get_parsed_content("num_workers") == default_num_workers(parser.get_parsed_content("device"))
@@ -178,9 +193,6 @@ def test_metadata_verifies_offline_against_the_shipped_schema():
 
 def test_metadata_lists_every_package_the_bundle_imports():
     """The exported bundle carries fpt_monai: its dependencies and the configs' imports must all be listed."""
-    import tomllib
-    from importlib.metadata import packages_distributions
-
     meta = json.loads(Path(META).read_text())
     listed = {name.lower() for name in meta["required_packages_version"]} | {"torch", "monai", "numpy"}
     project = tomllib.loads((BUNDLE.parent.parent / "pyproject.toml").read_text())["project"]
@@ -200,8 +212,6 @@ def test_metadata_lists_every_package_the_bundle_imports():
 
 
 def test_large_files_parse_with_monais_reader_and_download_offline_when_present(tmp_path):
-    from monai.bundle import download_large_files
-
     parser = ConfigParser()
     parser.read_config(str(BUNDLE / "large_files.yml"))
     entries = parser.get()["large_files"]
@@ -230,8 +240,6 @@ def test_training_writes_trainable_only_checkpoints_and_tensorboard(trained):
     resume = torch.load(next(models.glob("resume_checkpoint_epoch=*.pt")), weights_only=True)
     assert {"model", "optimizer", "lr_scheduler", "trainer"} <= set(resume) and resume["trainer"]["iteration"] == 4
 
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     tags = set()
     for events in (root / "eval" / "tensorboard").glob("events.*"):
         accumulator = EventAccumulator(str(events))
@@ -242,8 +250,6 @@ def test_training_writes_trainable_only_checkpoints_and_tensorboard(trained):
 
 def event_tags(log_dir: Path) -> dict[str, set]:
     """Tags of every kind (scalars, images, tensors: text) in the event files of a TensorBoard folder."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     tags: dict[str, set] = {}
     for events in log_dir.glob("events.*"):
         accumulator = EventAccumulator(str(events), size_guidance={"images": 0, "tensors": 0})
@@ -255,8 +261,6 @@ def event_tags(log_dir: Path) -> dict[str, set]:
 
 
 def test_training_logs_selection_maps_side_views_confusion_matrix_and_settings(trained):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     root, override = trained
     log_dir = root / "eval" / "tensorboard"
     tags = event_tags(log_dir)
@@ -336,11 +340,6 @@ def test_standalone_inference_needs_only_the_checkpoint_and_images(trained, tmp_
 
 
 def test_inference_writes_one_selection_map_png_per_image_on_demand(trained, tmp_path):
-    from fire.parser import DefaultParseValue
-    from PIL import Image
-
-    from fpt_monai.config_check import check_overrides
-
     root, override = trained
     run_root = tmp_path / "run"
     (run_root / "models").mkdir(parents=True)
@@ -366,12 +365,6 @@ def test_inference_writes_one_selection_map_png_per_image_on_demand(trained, tmp
 def test_inference_on_a_pacs_export_reads_dicoms_by_content_and_names_every_other_file(trained, tmp_path):
     """Through ``python -m monai.bundle run``: suffix-less DICOMs next to PNGs, a DICOMDIR tree and a file name
     that is not UTF-8 are all classified; GIF, WebP, other files and a constant image are named, not classified."""
-    import numpy as np
-    from PIL import Image
-    from pydicom.data import get_testdata_file
-
-    from fpt_monai.utils import escape_path, unescape_path
-
     root, override = trained
     run_root = tmp_path / "run"
     (run_root / "models").mkdir(parents=True)
@@ -435,8 +428,6 @@ def parsed(names, **override):
 
 
 def test_an_augmentation_changed_from_the_command_line_takes_effect(trained):
-    from fpt_monai.config_check import check_overrides
-
     root, override = trained
     flip = "train#random_transforms#2#p"
     check_overrides(config_files("train"), {flip: 1.0})  # what `--train#random_transforms#2#p 1.0` passes
@@ -466,8 +457,6 @@ def test_the_cache_fingerprint_changes_when_and_only_when_a_transform_before_the
 
 
 def test_an_int8_cache_gives_the_training_loader_float16_keys_values(trained, tmp_path):
-    from fpt_monai.preload import dtype_checked_collate, scale_key
-
     _, override = trained
     parser = parsed(["train"], **{**override, "kv_dtype": "int8", "cache_dir": str(tmp_path / "cache")})
     loader = parser.get_parsed_content("train#dataloader")
@@ -479,8 +468,6 @@ def test_an_int8_cache_gives_the_training_loader_float16_keys_values(trained, tm
 
 
 def test_without_a_cached_side_source_the_bundle_trains_from_the_image_files(trained, tmp_path):
-    from fpt_monai.preload import read_entry
-
     _, override = trained
     settings = {**override, "cache_dir": str(tmp_path / "cache")}
     with_source = parsed(["train"], **settings).get_parsed_content("train#dataset")
@@ -501,9 +488,6 @@ def test_without_a_cached_side_source_the_bundle_trains_from_the_image_files(tra
 
 def test_a_cache_preloaded_from_python_or_the_cli_is_the_bundles(trained, tmp_path):
     """`fpt-monai preload` and make_fpt_dataset build the chain in Python: the same entries as the bundle's."""
-    from fpt_monai.data import fpt_transforms
-    from fpt_monai.preload import KVCacheDataset
-
     _, override = trained
     parser = parsed(["train"], **override)
     backbone = parser.get_parsed_content("backbone")
@@ -677,8 +661,6 @@ def test_exported_bundle_runs_monai_bundle_commands_with_its_own_copy_of_the_pac
 
 
 def test_a_built_wheel_carries_the_bundle_and_exports_it_without_the_clone(tmp_path):
-    import zipfile
-
     root = BUNDLE.parent.parent
     subprocess.run([sys.executable, "-m", "pip", "wheel", str(root), "--no-deps", "--no-build-isolation", "-q",
                     "-w", str(tmp_path / "wheel")], check=True, capture_output=True, timeout=600)
@@ -733,18 +715,11 @@ def test_the_bundle_readme_shows_the_tested_commands():
 
 def documented_command(start: str) -> list[str]:
     """The bundle README's bash line that starts with ``start``, split as the shell would."""
-    import shlex
-
     readme = (BUNDLE / "docs" / "README.md").read_text()
     return shlex.split(next(line for line in readme.splitlines() if line.startswith(f"{start} ")))
 
 
 def test_onnx_export_as_documented_has_a_dynamic_batch_and_the_overlay_predicts_as_eager(trained, tmp_path):
-    import onnx
-
-    from fpt_monai.engine.onnx_runtime import OnnxRuntimeNetwork, onnx_class_names
-    from fpt_monai.networks.labels import ClassNamesMismatchError, UncheckedClassNamesWarning
-
     root, override = trained
     exported = export_bundle(tmp_path / "fpt_classification")
     (exported / "models").mkdir()

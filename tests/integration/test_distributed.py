@@ -13,15 +13,16 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import timm
 import torch
-from monai.bundle import ConfigWorkflow
-from safetensors.torch import save_file
+import torch.distributed as dist
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import TINY_BUNDLE as TINY
-from fpt_monai.bundle import config_files
-from fpt_monai.data import make_sample_dataset
+from conftest import TEST_WORKFLOW, make_tiny_timm_vit, tiny_bundle_task
+from fpt_monai.bundle import config_files, run_workflow
+from fpt_monai.cli import Commands
 from fpt_monai.engine import distributed
+from fpt_monai.networks import FPTNet, TimmViTBackbone
 from fpt_monai.preload import read_entry
 from fpt_monai.preload.handler import _preload_sharded
 from preload_setup import make_dataset, write_images
@@ -56,18 +57,7 @@ def bundle_command(run_id: str, names: list[str], overrides: dict) -> list[str]:
     return arguments
 
 
-def run_workflow(names, run_id, **override):
-    workflow = ConfigWorkflow(config_file=config_files(*names), meta_file=config_files("metadata"), logging_file=False,
-                              run_id=run_id, workflow_type=None, **override)
-    workflow.initialize()
-    result = workflow.run()
-    workflow.finalize()
-    return result
-
-
 def validation_scalars(root: Path) -> dict[str, list[float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     scalars = {}
     for events in sorted((root / "eval" / "tensorboard").glob("events.*")):
         accumulator = EventAccumulator(str(events))
@@ -87,20 +77,16 @@ def predictions(path: Path) -> list[dict]:
 def sample(tmp_path_factory):
     root = tmp_path_factory.mktemp("distributed")
     # 8 training images: 2 global batches of 4 per epoch; 5 validation / test images: ranks get 3 and 2
-    data = make_sample_dataset(root / "data", num_train=8, num_val=5, num_test=5, image_size=64, progress=False)
-    torch.manual_seed(0)
-    weights = root / "vit_tiny.safetensors"
-    save_file(timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0).state_dict(), str(weights))
-    return root, {**TINY, "dataset_dir": str(data), "pretrained": str(weights)}
+    return root, {**TINY, **tiny_bundle_task(root, num_train=8, num_val=5, num_test=5)}
 
 
 def test_two_processes_train_and_evaluate_like_one_process(sample):
     root, common = sample
     one, two = root / "one", root / "two"
     # one process, train.json as it is (but shuffling, augmentation and dropout off)
-    run_workflow(["train"], "training", bundle_root=str(one), **common, **DETERMINISTIC,
+    run_workflow(["train"], "training", **TEST_WORKFLOW, bundle_root=str(one), **common, **DETERMINISTIC,
                  **{"train#dataloader#shuffle": False})
-    single = run_workflow(["train", "evaluate"], "evaluating", bundle_root=str(one), **common)[0]
+    single = run_workflow(["train", "evaluate"], "evaluating", **TEST_WORKFLOW, bundle_root=str(one), **common)[0]
     # two processes (Gloo), the same global batch of 4 as 2 x 2
     overrides = {"bundle_root": str(two), **common, **DETERMINISTIC, "train#sampler#shuffle": False}
     # as under `srun torchrun` in a SLURM job, where SLURM_LOCALID is the torchrun task's index on its node
@@ -212,8 +198,6 @@ def test_a_process_killed_while_writing_leaves_no_corrupt_entry(images, tmp_path
 
 
 def test_preload_command_under_torchrun_fills_one_shard_per_process(sample, tmp_path, monkeypatch, capsys):
-    from fpt_monai.cli import Commands
-
     _, common = sample
     reports = []
     for rank in (0, 1):  # what `torchrun --nproc_per_node=2 -m fpt_monai preload ...` sets for each process
@@ -258,17 +242,12 @@ def test_global_batch_and_samplers_are_shared_among_processes(monkeypatch):
 @pytest.fixture
 def process_group(tmp_path):
     """A one-process Gloo group in this process, removed afterwards."""
-    import torch.distributed as dist
-
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     yield dist
     dist.destroy_process_group()
 
 
 def test_ddp_leaves_the_frozen_backbone_out(process_group, monkeypatch):
-    from conftest import make_tiny_timm_vit
-    from fpt_monai.networks import FPTNet, TimmViTBackbone
-
     net = FPTNet(TimmViTBackbone(make_tiny_timm_vit()), num_classes=3, side_img_size=32, num_prompts=4, reduction=4)
     ddp = distributed.wrap_ddp(net, torch.device("cpu"))
     backbone = {f"backbone.{n}" for n, _ in net.backbone.named_parameters()} | {

@@ -15,15 +15,13 @@ import time
 from pathlib import Path
 
 import pytest
-import timm
 import torch
 from ignite.engine import Engine
 from monai.bundle import ConfigWorkflow
-from safetensors.torch import save_file
 
 import fpt_monai.engine.checkpoint as checkpoint_module
+from conftest import TEST_WORKFLOW, tiny_bundle_task
 from fpt_monai.bundle import bundle_dir, config_files
-from fpt_monai.data import make_sample_dataset
 from fpt_monai.engine import (
     EpochSeeder,
     NonFiniteLossError,
@@ -65,21 +63,42 @@ def single_thread():
 def task(tmp_path_factory):
     """Sample data, local backbone weights and a shared K/V cache."""
     root = tmp_path_factory.mktemp("resume")
-    data = make_sample_dataset(root / "data", num_train=6, num_val=3, num_test=3, image_size=64, progress=False)
-    torch.manual_seed(0)
-    weights = root / "vit_tiny.safetensors"
-    save_file(timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0).state_dict(), str(weights))
-    return root, {**TINY, "dataset_dir": str(data), "pretrained": str(weights), "cache_dir": str(root / "cache")}
+    return root, {**TINY, **tiny_bundle_task(root), "cache_dir": str(root / "cache")}
+
+
+def training_workflow(bundle_root: Path, overrides: dict) -> ConfigWorkflow:
+    """train.json in this process, initialized (not run)."""
+    workflow = ConfigWorkflow(
+        config_file=config_files("train"), meta_file=config_files("metadata"), run_id="training",
+        bundle_root=str(bundle_root), **TEST_WORKFLOW, **overrides,
+    )
+    workflow.initialize()
+    return workflow
 
 
 def train_in_process(bundle_root: Path, overrides: dict) -> ConfigWorkflow:
-    workflow = ConfigWorkflow(
-        config_file=config_files("train"), meta_file=config_files("metadata"), logging_file=False,
-        run_id="training", workflow_type=None, bundle_root=str(bundle_root), **overrides,
-    )
-    workflow.initialize()
+    workflow = training_workflow(bundle_root, overrides)
     workflow.run()
     return workflow
+
+
+def kill_when_marked(process: subprocess.Popen, marker: Path, timeout: float, poll: float) -> None:
+    """SIGKILL ``process`` as soon as it creates ``marker`` (it must do so within ``timeout`` seconds, alive).
+
+    The process is killed in any case, its stderr (a pipe: its tail is the message when it ends early) closed.
+    """
+    try:
+        deadline = time.monotonic() + timeout
+        while not marker.exists():
+            assert process.poll() is None, process.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, f"the process never created {marker.name}"
+            time.sleep(poll)
+        process.send_signal(signal.SIGKILL)
+        assert process.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.stderr.close()
 
 
 def load(path: Path) -> dict:
@@ -117,18 +136,7 @@ def test_training_killed_mid_epoch_resumes_to_the_same_final_state(task):
         command += [f"--{key}", str(value)]
     process = subprocess.Popen(command, cwd=bundle_dir(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                env=SINGLE_THREAD_ENV)
-    try:
-        deadline = time.monotonic() + 400
-        while not marker.exists():
-            assert process.poll() is None, process.stderr.read()[-3000:]
-            assert time.monotonic() < deadline, "the training process never reached epoch 2"
-            time.sleep(0.2)
-        process.send_signal(signal.SIGKILL)
-        assert process.wait(timeout=60) == -signal.SIGKILL
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.stderr.close()
+    kill_when_marked(process, marker, timeout=400, poll=0.2)  # the marker: the training process reached epoch 2
     models = killed_root / "models"
     assert latest_checkpoint(models) == models / "resume_checkpoint_epoch=1.pt"
     assert not list(models.glob(".*.tmp")) and not (models / "model_final.pt").exists()
@@ -239,11 +247,7 @@ class NaNFromCall:
 def test_non_finite_loss_stops_training_with_a_clear_message_and_keeps_the_checkpoints(task):
     root, overrides = task
     bundle_root = root / "nan"
-    workflow = ConfigWorkflow(
-        config_file=config_files("train"), meta_file=config_files("metadata"), logging_file=False,
-        run_id="training", workflow_type=None, bundle_root=str(bundle_root), loss=NaNFromCall(5), **overrides,
-    )
-    workflow.initialize()
+    workflow = training_workflow(bundle_root, {**overrides, "loss": NaNFromCall(5)})
     with pytest.raises(RuntimeError) as raised:
         workflow.run()
     error = raised.value
@@ -307,18 +311,7 @@ def test_preload_killed_mid_write_resumes_without_recomputing_or_corrupt_entries
     )
     process = subprocess.Popen([sys.executable, "-c", worker, json.dumps(data)], stderr=subprocess.PIPE, text=True,
                                env=SINGLE_THREAD_ENV)
-    try:
-        deadline = time.monotonic() + 300
-        while not marker.exists():
-            assert process.poll() is None, process.stderr.read()[-3000:]
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
-        process.send_signal(signal.SIGKILL)
-        assert process.wait(timeout=60) == -signal.SIGKILL
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.stderr.close()
+    kill_when_marked(process, marker, timeout=300, poll=0.1)
 
     dataset = make_dataset(data, cache, dtype="float32")
     entries = sorted(Path(dataset.cache_dir).glob("*.safetensors"))
