@@ -51,12 +51,11 @@ from fire.parser import DefaultParseValue
 from monai.bundle import ConfigParser
 from monai.bundle.config_item import ComponentLocator
 
+from fpt_monai.conventions import CONVENTIONS
 from fpt_monai.data.normalization import DATASET
-from fpt_monai.conventions import CONVENTIONS
 from fpt_monai.networks.cpu_kernels import KERNEL_MODES
-from fpt_monai.conventions import CONVENTIONS
-from fpt_monai.presets import PRESETS
 from fpt_monai.preload.transform import STORAGE_DTYPES
+from fpt_monai.presets import PRESETS
 
 __all__ = [
     "BUNDLE_RUN_ARGUMENTS",

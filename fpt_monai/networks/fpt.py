@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.utils import ensure_tuple_rep
 
-from fpt_monai.networks.backbones import BackboneShape, FrozenBackbone, FrozenViTBackbone
+from fpt_monai.networks.backbones import BackboneShape, FrozenBackbone
 from fpt_monai.networks.cpu_kernels import KernelSwitch, check_kernels
 from fpt_monai.networks.fusion import FUSION_VARIANTS, FineGrainedFusion, FineGrainedPrompts
 from fpt_monai.networks.labels import bind_class_names, class_names_of
