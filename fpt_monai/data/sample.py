@@ -261,20 +261,20 @@ def write_sample_dataset(
 ) -> Path:
     """Reuse ``output_dir`` if it holds a dataset made with ``record``; otherwise generate it, atomically.
 
-        Item ``index`` of a split gets grade ``index % len(classes)``, the class folder of that grade and its own
-        random generator, seeded by ``(spec.seed, split, index, *stream)`` only (so each item is reproducible alone;
-    ``stream`` keeps the generators of different kinds of data apart).
-        ``write_item(stem, grade, rng)`` writes the item's file(s) at ``stem`` (a path without suffix).
+    Item ``index`` of a split gets grade ``index % len(classes)``, the class folder of that grade and its own
+    random generator, seeded by ``(spec.seed, split, index, *stream)`` only (so each item is reproducible alone;
+    ``stream`` keeps the generators of different kinds of data apart). ``write_item(stem, grade, rng)`` writes the
+    item's file(s) at ``stem`` (a path without suffix).
 
-        Args:
-            output_dir: the dataset folder (``train/ val/ test/`` of class folders).
-            spec: the settings: ``seed`` and ``split_sizes()`` (items per split) are read here.
-            record: what the folder's record file holds (:func:`reuse_dataset_folder`).
-            classes: class folder names in grade order.
-            write_item: renders and writes one item.
-            progress: show a progress bar.
-            name: what the progress bar and the log call the dataset.
-            stream: extra seed entries of this kind of dataset.
+    Args:
+        output_dir: the dataset folder (``train/ val/ test/`` of class folders).
+        spec: the settings: ``seed`` and ``split_sizes()`` (items per split) are read here.
+        record: what the folder's record file holds (:func:`reuse_dataset_folder`).
+        classes: class folder names in grade order.
+        write_item: renders and writes one item.
+        progress: show a progress bar.
+        name: what the progress bar and the log call the dataset.
+        stream: extra seed entries of this kind of dataset.
     """
     output_dir = Path(output_dir).expanduser().absolute()
     if reuse_dataset_folder(output_dir, record):
