@@ -69,14 +69,13 @@ def _pretrained_kv(count: int = 12) -> torch.Tensor:
 
     from monai.transforms import Compose
 
-    from fpt_monai.data import make_datalist, make_sample_dataset
-    from fpt_monai.data.transforms import load_and_normalize
+    from fpt_monai.data import inference_transforms, make_datalist, make_sample_dataset
     from fpt_monai.presets import create_backbone
 
     backbone = create_backbone("fpt_demo", pretrained=True).eval()
     with tempfile.TemporaryDirectory() as folder:
         root = make_sample_dataset(folder, num_train=count, num_val=3, num_test=3, progress=False)
-        load = Compose(load_and_normalize("image", backbone.shape.img_size, backbone.mean, backbone.std, None))
+        load = Compose(inference_transforms(backbone.shape.img_size, backbone.mean, backbone.std))
         images = torch.stack([torch.as_tensor(load(dict(item))["image"]) for item in make_datalist(str(root), "train")])
     with torch.no_grad():
         return backbone(images.float()).float().as_subclass(torch.Tensor)

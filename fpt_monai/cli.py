@@ -9,12 +9,35 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Sequence
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import fire
+import numpy as np
 import torch
+from monai.transforms import Resize
+from PIL import Image
 
+from fpt_monai import bundle
+from fpt_monai.data import (
+    LoadImageRGBd,
+    SampleFundusSpec,
+    SampleVolumeSpec,
+    make_datalist,
+    make_fpt_dataset,
+    make_sample_dataset,
+    make_sample_dataset_3d,
+    sample_spec,
+)
+from fpt_monai.engine.distributed import rank_and_world_size
+from fpt_monai.engine.onnx_runtime import write_onnx_class_names
+from fpt_monai.fl.job import build_job
+from fpt_monai.preload import int8_scale_shape, storage_dtype
 from fpt_monai.presets import PRESETS, create_backbone, create_fpt
+from fpt_monai.visualize import display_image, save_png, selection_overlay
 from fpt_monai.weights import random_weights_expected
 
 __all__ = ["Commands", "main", "run_commands"]
@@ -113,12 +136,6 @@ class Commands:
             side_source: store that source in the entries (training then reads no image file); ``False`` for a
                 smaller cache (the bundle's ``side_source``), whose training reads every image file again.
         """
-        import os
-
-        from fpt_monai.data import make_datalist, make_fpt_dataset
-        from fpt_monai.engine.distributed import rank_and_world_size
-        from fpt_monai.preload import int8_scale_shape, storage_dtype
-
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         splits = [s for s in splits.split(",") if s] if isinstance(splits, str) else list(splits)
         rank, world_size = rank_and_world_size()
@@ -153,47 +170,29 @@ class Commands:
             result["int8_scale_bytes"] = math.prod(int8_scale_shape(backbone.shape.kv_shape)) * 2  # float16
         print(json.dumps(result, indent=2))
 
-    def sample_data(
-        self,
-        output_dir: str = "fpt_sample",
-        num_train: int = 240,
-        num_val: int = 90,
-        num_test: int = 90,
-        image_size: int = 512,
-        seed: int = 0,
-    ) -> None:
+    def sample_data(self, output_dir: str = "fpt_sample", **spec_fields: Any) -> None:
         """Create the offline sample dataset (fundus photographs graded by counting tiny lesions).
 
         Reuses an existing folder made with the same settings. See :mod:`fpt_monai.data.sample`.
+
+        Args:
+            output_dir: the dataset folder (``train/ val/ test/`` of class folders of PNG images).
+            spec_fields: :class:`~fpt_monai.data.SampleFundusSpec` fields, e.g. ``--num_train 60 --num_val 30
+                --num_test 30 --image_size 256 --seed 1`` (by default 240/90/90 images of 512 px, seed 0).
         """
-        from fpt_monai.data import make_sample_dataset
+        _write_sample_dataset(make_sample_dataset, SampleFundusSpec, output_dir, spec_fields)
 
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
-        path = make_sample_dataset(
-            output_dir, num_train=num_train, num_val=num_val, num_test=num_test, image_size=image_size, seed=seed
-        )
-        print(path)
-
-    def sample_data_3d(
-        self,
-        output_dir: str = "fpt_sample_3d",
-        num_train: int = 60,
-        num_val: int = 30,
-        num_test: int = 30,
-        volume_size: int = 64,
-        seed: int = 0,
-    ) -> None:
+    def sample_data_3d(self, output_dir: str = "fpt_sample_3d", **spec_fields: Any) -> None:
         """Create the offline 3D sample dataset (CT-like NIfTI volumes graded by counting tiny bright spots).
 
         Reuses an existing folder made with the same settings. See :mod:`fpt_monai.data.sample3d`.
-        """
-        from fpt_monai.data import make_sample_dataset_3d
 
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
-        path = make_sample_dataset_3d(
-            output_dir, num_train=num_train, num_val=num_val, num_test=num_test, volume_size=volume_size, seed=seed
-        )
-        print(path)
+        Args:
+            output_dir: the dataset folder (``train/ val/ test/`` of class folders of ``.nii.gz`` volumes).
+            spec_fields: :class:`~fpt_monai.data.SampleVolumeSpec` fields, e.g. ``--num_train 12 --volume_size 48``
+                (by default 60/30/30 volumes of 64^3 voxels, seed 0).
+        """
+        _write_sample_dataset(make_sample_dataset_3d, SampleVolumeSpec, output_dir, spec_fields)
 
     def selection_map(
         self,
@@ -223,12 +222,6 @@ class Commands:
             alpha: opacity of the paint on a patch that every block and head kept, in [0, 1].
             colors: store the PNG with a palette of this many colours (a smaller file, e.g. for documentation).
         """
-        import numpy as np
-        from monai.transforms import Resize
-
-        from fpt_monai.data import LoadImageRGBd
-        from fpt_monai.visualize import display_image, save_png, selection_overlay
-
         if preset not in PRESETS:
             raise fire.core.FireError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}.")
         backbone = create_backbone(preset, pretrained=pretrained)
@@ -242,8 +235,6 @@ class Commands:
         selection = backbone.selection_map(((pixels - mean) / std)[None])[0]
         picture = np.concatenate([display_image(pixels), selection_overlay(pixels, selection, alpha=alpha)], axis=1)
         if size is not None and int(size) != picture.shape[0]:
-            from PIL import Image
-
             height = int(size)
             width = round(picture.shape[1] * height / picture.shape[0])
             picture = np.asarray(Image.fromarray(picture).resize((width, height), Image.Resampling.LANCZOS))
@@ -257,16 +248,12 @@ class Commands:
         ``fpt-monai demo --num_epochs 2``. ``--method full|linear|lora|adapter`` trains that baseline on the same
         demo network instead (overlays ``baseline.json`` and ``demo_baseline.json``).
         """
-        from fpt_monai.bundle import run_demo
-
-        results = run_demo(work_dir, method=method, **overrides)
+        results = bundle.run_demo(work_dir, method=method, **overrides)
         print(json.dumps({"work_dir": str(work_dir), "test_metrics": results}, indent=2))
 
     def export_bundle(self, output_dir: str, overwrite: bool = False) -> None:
         """Write a self-contained copy of the MONAI bundle (custom code under ``scripts/``) to ``output_dir``."""
-        from fpt_monai.bundle import export_bundle
-
-        print(export_bundle(output_dir, overwrite=overwrite))
+        print(bundle.export_bundle(output_dir, overwrite=overwrite))
 
     def fl_job(
         self,
@@ -299,9 +286,6 @@ class Commands:
                 simulator, ``python3`` for an export).
             overrides: bundle config values of every site, e.g. ``--preset fpt_plus --batch_size 8``.
         """
-        from pathlib import Path
-
-        from fpt_monai.fl.job import build_job
 
         def as_list(value):
             return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
@@ -332,15 +316,24 @@ class Commands:
         order, ``metadata_props["class_names"]``), which ONNX Runtime inference (the bundle's
         ``inference_onnx.json``) then checks against the config's, as a checkpoint's are checked. Prints them.
         """
-        from fpt_monai.engine.onnx_runtime import write_onnx_class_names
-
         print(json.dumps(write_onnx_class_names(onnx_file, ckpt_file)))
+
+
+def _write_sample_dataset(
+    make: Callable[..., Path], spec_type: type, output_dir: str, spec_fields: Mapping[str, Any]
+) -> None:
+    """Create (or reuse) a sample dataset for a command and print its folder; a flag that is not a field of
+    ``spec_type``, or a value its checks refuse, is a command-line error naming it."""
+    try:
+        spec = sample_spec(spec_type, None, spec_fields)
+    except (TypeError, ValueError) as err:  # unknown fields are named with the known ones
+        raise fire.core.FireError(str(err)) from err
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    print(make(output_dir, spec=spec))
 
 
 def run_commands(commands: type, name: str, argv: Sequence[str] | None = None) -> None:
     """Run the `fire` command line of the class ``commands`` (one command per public method) on ``argv``."""
-    import sys
-
     args = list(sys.argv[1:] if argv is None else argv)
     # fire hands a plain ``--help`` to commands with ``**overrides`` (demo) as an override, which would start a
     # run; give fire's help flag form (after ``--``) instead, for every command alike

@@ -1,120 +1,31 @@
-"""Data: datalists (folder layout, JSON or label table) and the two-view transforms of FPT, for images and volumes."""
+"""Data: datalists (folder layout, JSON or label table) and the two-view transforms of FPT, for images and volumes.
 
-from fpt_monai.data.datalist import (
-    IMAGE_SUFFIXES,
-    SYSTEM_FILES,
-    Datalist,
-    check_class_names,
-    dataset_classes,
-    folder_classes,
-    folder_datalist,
-    image_datalist,
-    json_datalist,
-    make_datalist,
-)
-from fpt_monai.data.normalization import InputNormalization, bind_normalization, dataset_statistics
-from fpt_monai.data.pipeline import fpt_transforms, image_transforms, inference_transforms, make_fpt_dataset
-from fpt_monai.data.readers import (
-    DEFAULT_MAX_PIXELS,
-    DICOM_WINDOWS,
-    ImageReadError,
-    LoadImageRGBd,
-    RGBImageReader,
-    image_format,
-    image_size,
-    is_dicom_file,
-    read_image,
-    sniff_format,
-)
-from fpt_monai.data.sample import SAMPLE_CLASSES, SampleFundusSpec, make_sample_dataset
-from fpt_monai.data.sample3d import SAMPLE_3D_CLASSES, SampleVolumeSpec, make_sample_dataset_3d
-from fpt_monai.data.tables import (
-    TABLE_SUFFIXES,
-    LabelTableError,
-    is_label_table,
-    read_label_table,
-    split_rows,
-    table_datalist,
-    table_splits,
-)
-from fpt_monai.data.transforms import SideSourced, SideViewd, load_and_normalize
-from fpt_monai.data.validation import (
-    BAD_ITEM_POLICIES,
-    MIN_INTENSITY_SPREAD,
-    DatalistError,
-    check_disjoint,
-    readable_datalist,
-    validate_datalist,
-)
-from fpt_monai.data.volumes import (
-    VOLUME_SUFFIXES,
-    CheckVolumed,
-    fpt_transforms_3d,
-    inference_transforms_3d,
-    is_dicom_series,
-    load_volume,
-    make_volume_datalist,
-    volume_datalist,
-    volume_image_datalist,
-)
+Every name a submodule lists in its ``__all__`` is re-exported here (``fpt_monai.data.make_datalist``, ...), the
+names the bundle configs reach through ``$import fpt_monai``.
+"""
 
-__all__ = [
-    "BAD_ITEM_POLICIES",
-    "DEFAULT_MAX_PIXELS",
-    "DICOM_WINDOWS",
-    "Datalist",
-    "DatalistError",
-    "ImageReadError",
-    "MIN_INTENSITY_SPREAD",
-    "LoadImageRGBd",
-    "RGBImageReader",
-    "image_format",
-    "image_size",
-    "is_dicom_file",
-    "read_image",
-    "sniff_format",
-    "check_disjoint",
-    "readable_datalist",
-    "validate_datalist",
-    "IMAGE_SUFFIXES",
-    "SYSTEM_FILES",
-    "SAMPLE_CLASSES",
-    "SampleFundusSpec",
-    "make_sample_dataset",
-    "InputNormalization",
-    "bind_normalization",
-    "dataset_statistics",
-    "TABLE_SUFFIXES",
-    "LabelTableError",
-    "is_label_table",
-    "read_label_table",
-    "split_rows",
-    "table_datalist",
-    "table_splits",
-    "SideSourced",
-    "SideViewd",
-    "check_class_names",
-    "dataset_classes",
-    "image_datalist",
-    "image_transforms",
-    "inference_transforms",
-    "folder_classes",
-    "fpt_transforms",
-    "make_fpt_dataset",
-    "folder_datalist",
-    "json_datalist",
-    "load_and_normalize",
-    "make_datalist",
-    "SAMPLE_3D_CLASSES",
-    "SampleVolumeSpec",
-    "make_sample_dataset_3d",
-    "VOLUME_SUFFIXES",
-    "CheckVolumed",
-    "fpt_transforms_3d",
-    "inference_transforms_3d",
-    "is_dicom_series",
-    "load_volume",
-    "make_volume_datalist",
-    "volume_datalist",
-    "volume_image_datalist",
-]
+from fpt_monai.data import (
+    datalist,
+    normalization,
+    pipeline,
+    readers,
+    sample,
+    sample3d,
+    tables,
+    transforms,
+    validation,
+    volumes,
+)
+from fpt_monai.data.datalist import *  # noqa: F401,F403
+from fpt_monai.data.normalization import *  # noqa: F401,F403
+from fpt_monai.data.pipeline import *  # noqa: F401,F403
+from fpt_monai.data.readers import *  # noqa: F401,F403
+from fpt_monai.data.sample import *  # noqa: F401,F403
+from fpt_monai.data.sample3d import *  # noqa: F401,F403
+from fpt_monai.data.tables import *  # noqa: F401,F403
+from fpt_monai.data.transforms import *  # noqa: F401,F403
+from fpt_monai.data.validation import *  # noqa: F401,F403
+from fpt_monai.data.volumes import *  # noqa: F401,F403
+
+_SUBMODULES = (datalist, normalization, pipeline, readers, sample, sample3d, tables, transforms, validation, volumes)
+__all__ = list(dict.fromkeys(name for module in _SUBMODULES for name in module.__all__))

@@ -16,6 +16,7 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "SYSTEM_FILES",
     "Datalist",
+    "check_class_names",
     "dataset_classes",
     "folder_classes",
     "folder_datalist",

@@ -30,7 +30,10 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from monai.transforms import Compose, EnsureTyped, Resized
 
+from fpt_monai.data.readers import LoadImageRGBd
+from fpt_monai.engine.checkpoint import load_checkpoint
 from fpt_monai.utils import atomic_write, escape_path, file_digest
 
 __all__ = ["DATASET", "NORMALIZATION_KEY", "InputNormalization", "bind_normalization", "dataset_statistics"]
@@ -64,10 +67,6 @@ def dataset_statistics(
     (``normalization/<digest>.json``, the digest of the images' contents, the size and the reader's options) and
     read back by later calls.
     """
-    from monai.transforms import Compose, EnsureTyped, Resized
-
-    from fpt_monai.data.readers import LoadImageRGBd
-
     if not datalist:
         raise ValueError("dataset normalisation needs the train split's images, and the train split is empty.")
     size = _size(img_size)
@@ -156,8 +155,6 @@ def bind_normalization(module: nn.Module, mean: Sequence[float] | None, std: Seq
 
 
 def _statistics_of_checkpoint(path: str | os.PathLike) -> tuple[list[float], list[float]]:
-    from fpt_monai.engine.checkpoint import load_checkpoint
-
     content = load_checkpoint(path)
     state = content.get("model", content) if isinstance(content, Mapping) else {}
     found = _recorded(state) if isinstance(state, Mapping) else None

@@ -67,11 +67,17 @@ from collections.abc import Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import itk
+import nibabel as nib
 import numpy as np
+import pydicom
+import tifffile
 from monai.config import KeysCollection
 from monai.data import ImageReader
 from monai.transforms import LoadImaged
 from monai.utils import ensure_tuple
+from PIL import Image, UnidentifiedImageError
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_windowing, get_decoder
 
 __all__ = [
     "CONTENT_FORMATS",
@@ -284,8 +290,6 @@ def _integer_range(dtype: np.dtype) -> tuple[float, float]:
 
 # -- Pillow formats ----------------------------------------------------------------------------------
 def _read_pil(path: Any, value_range: Sequence[float] | None, max_pixels: int | None = None) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as image:  # reads the header only
             image.seek(0)  # first page of a multi-page TIFF
@@ -313,8 +317,6 @@ def _read_pil(path: Any, value_range: Sequence[float] | None, max_pixels: int | 
 
 def _read_tifffile(path: Any, value_range: Sequence[float] | None, max_pixels: int | None = None) -> np.ndarray:
     """TIFFs Pillow cannot open (e.g. float or planar colour) through tifffile, first page."""
-    import tifffile
-
     try:
         with tifffile.TiffFile(path) as tiff:
             page = tiff.pages[0]
@@ -355,8 +357,6 @@ def _dicom_stored_range(ds: Any) -> tuple[float, float]:
 
 def _pydicom_decoder_missing(syntax: Any) -> str | None:
     """Why pydicom cannot decode this transfer syntax here (``None`` when it has a decoder)."""
-    from pydicom.pixels import get_decoder
-
     try:
         decoder = get_decoder(syntax)
     except NotImplementedError:
@@ -398,8 +398,6 @@ def _itk_dicom_pixels(ds: Any, path: Any) -> np.ndarray:
     scaling of this module applies to the stored values, as for files pydicom decodes. PALETTE COLOR comes out
     through its lookup table (RGB), colour YBR as RGB, like pydicom's.
     """
-    import itk
-
     with _ITK_LOCK, _utf8_path(path) as name:
         image_io = itk.GDCMImageIO.New()
         pixels = np.asarray(itk.array_from_image(itk.imread(name, imageio=image_io)))
@@ -507,8 +505,6 @@ def _read_dicom(
     value_range: Sequence[float] | None,
     max_pixels: int | None = None,
 ) -> np.ndarray:
-    import pydicom
-
     try:
         ds = pydicom.dcmread(path, force=True)
     except Exception as err:  # pydicom raises InvalidDicomError, OSError, struct errors...
@@ -556,8 +552,6 @@ def _dicom_to_unit_rgb(
     value_range: Sequence[float] | None,
     path: Any,
 ) -> np.ndarray:
-    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_windowing
-
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     samples = int(ds.get("SamplesPerPixel", 1))
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
@@ -592,8 +586,6 @@ def _dicom_to_unit_rgb(
 def _read_nifti(
     path: Any, volume_slice: int | str, volume_axis: int, value_range: Sequence[float] | None
 ) -> np.ndarray:
-    import nibabel as nib
-
     try:
         image = nib.load(str(path))
         shape = image.shape
@@ -736,8 +728,6 @@ def image_size(path: str | os.PathLike, volume_axis: int = 2) -> tuple[int, int]
         raise ImageReadError(f"{path}: file not found.")
     kind = image_format(path)
     if kind == "dicom":
-        import pydicom
-
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
             if "Rows" not in ds or "Columns" not in ds:
@@ -746,8 +736,6 @@ def image_size(path: str | os.PathLike, volume_axis: int = 2) -> tuple[int, int]
         except Exception as err:
             raise ImageReadError(f"{path}: not a readable DICOM image header ({err}).") from err
     if kind == "nifti":
-        import nibabel as nib
-
         try:
             shape = nib.load(str(path)).shape
         except Exception as err:
@@ -757,8 +745,6 @@ def image_size(path: str | os.PathLike, volume_axis: int = 2) -> tuple[int, int]
             sizes = [size for axis, size in enumerate(shape[:3]) if axis != volume_axis % 3]
         sizes = (sizes + [1, 1])[:2]
         return int(sizes[1]), int(sizes[0])  # rows = second axis (see read_image)
-    from PIL import Image
-
     try:
         with Image.open(path) as image:
             width, height = image.size
@@ -772,8 +758,6 @@ def image_size(path: str | os.PathLike, volume_axis: int = 2) -> tuple[int, int]
 
 
 def _tifffile_size(path: Any, pil_error: Exception) -> tuple[int, int]:
-    import tifffile
-
     try:
         with tifffile.TiffFile(path) as tiff:
             shape = tiff.pages[0].shape

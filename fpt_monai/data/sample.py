@@ -26,27 +26,35 @@ that is renamed when complete, so an interrupted run leaves nothing half-made.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from skimage.data import retina
 from tqdm.auto import tqdm
 
 __all__ = [
     "SAMPLE_CLASSES",
     "SampleFundusSpec",
     "make_sample_dataset",
+    "check_sample_spec",
     "render_sample_image",
     "reuse_dataset_folder",
+    "sample_spec",
     "write_dataset_atomically",
+    "write_sample_dataset",
 ]
 
 logger = logging.getLogger(__name__)
@@ -87,14 +95,7 @@ class SampleFundusSpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if len(self.lesions_per_grade) != len(SAMPLE_CLASSES):
-            raise ValueError(
-                f"lesions_per_grade needs {len(SAMPLE_CLASSES)} (min, max) pairs, got {self.lesions_per_grade}."
-            )
-        if max(high for _, high in self.lesions_per_grade) > self.spots_per_image[0]:
-            raise ValueError("spots_per_image must be at least the largest lesion count, so every grade has blots.")
-        if self.image_size < 64:
-            raise ValueError(f"image_size must be >= 64, got {self.image_size}.")
+        check_sample_spec(self, "image_size", 64, "lesions_per_grade", "spots_per_image", SAMPLE_CLASSES)
 
     def split_sizes(self) -> dict[str, int]:
         return {"train": self.num_train, "val": self.num_val, "test": self.num_test}
@@ -105,10 +106,6 @@ _SPLIT_SEEDS = {"train": 0, "val": 1, "test": 2}
 
 def _fundus_photograph(size: int) -> torch.Tensor:
     """scikit-image's fundus photograph as (3, size, size) float in [0, 1] (antialiased resize)."""
-    try:
-        from skimage.data import retina
-    except ImportError as e:  # pragma: no cover - scikit-image is a dependency
-        raise ImportError("the sample dataset needs scikit-image (pip install scikit-image).") from e
     photo = torch.from_numpy(retina()).permute(2, 0, 1).float()[None] / 255.0
     return F.interpolate(photo, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
 
@@ -196,35 +193,104 @@ def make_sample_dataset(
         progress: show a progress bar.
         spec_fields: :class:`SampleFundusSpec` fields, e.g. ``num_train=60`` (only without ``spec``).
     """
-    from PIL import Image
+    spec = sample_spec(SampleFundusSpec, spec, spec_fields)
+    # decoded once, and only when the images are made (a reused folder needs no photograph)
+    photo = functools.cache(lambda: _fundus_photograph(int(round(spec.image_size * 1.15))))
 
-    if spec is None:
-        spec = SampleFundusSpec(
-            **{k: tuple(map(tuple, v)) if k == "lesions_per_grade" else v for k, v in spec_fields.items()}
+    def write_image(stem: Path, grade: int, rng: np.random.Generator) -> None:
+        pixels = render_sample_image(spec, grade, rng, photo())
+        Image.fromarray(pixels).save(f"{stem}.png", optimize=False)
+
+    return write_sample_dataset(output_dir, spec, _record(spec), SAMPLE_CLASSES, write_image, progress=progress)
+
+
+def sample_spec(spec_type: type, spec: Any | None, spec_fields: Mapping[str, Any]) -> Any:
+    """``spec``, or a ``spec_type`` built from ``spec_fields`` (lists, as JSON and the command line give them,
+    become the dataclass's tuples).
+
+    Raises:
+        ValueError: both ``spec`` and ``spec_fields`` were given.
+        TypeError: a field ``spec_type`` does not have.
+    """
+    if spec is not None:
+        if spec_fields:
+            raise ValueError("give either spec or spec fields, not both.")
+        return spec
+    known = {field.name for field in dataclasses.fields(spec_type)}
+    unknown = sorted(set(spec_fields) - known)
+    if unknown:
+        raise TypeError(f"{spec_type.__name__} has no field(s) {unknown}; its fields: {sorted(known)}.")
+    return spec_type(**{name: _as_tuples(value) for name, value in spec_fields.items()})
+
+
+def _as_tuples(value: Any) -> Any:
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def check_sample_spec(
+    spec: Any, size_field: str, min_size: int, per_grade_field: str, per_item_field: str, classes: Sequence[str]
+) -> None:
+    """Check the settings every graded sample dataset shares; fields are named as ``spec`` names them.
+
+    ``per_grade_field``: one inclusive (min, max) count of sharp spots per class; ``per_item_field``: the
+    (min, max) total spots of every item, at least the largest sharp count, so every grade has wide spots and
+    the number of spots never tells the grade.
+    """
+    per_grade, per_item = getattr(spec, per_grade_field), getattr(spec, per_item_field)
+    if len(per_grade) != len(classes):
+        raise ValueError(f"{per_grade_field} needs {len(classes)} (min, max) pairs, got {per_grade}.")
+    if max(high for _, high in per_grade) > per_item[0]:
+        raise ValueError(
+            f"{per_item_field} must be at least the largest count of {per_grade_field}, so every grade has wide spots."
         )
-    elif spec_fields:
-        raise ValueError("give either spec or spec fields, not both.")
+    if getattr(spec, size_field) < min_size:
+        raise ValueError(f"{size_field} must be >= {min_size}, got {getattr(spec, size_field)}.")
+    if min(spec.split_sizes().values()) < 0:
+        raise ValueError(f"split sizes must be >= 0, got {spec.split_sizes()}.")
+
+
+def write_sample_dataset(
+    output_dir: str | os.PathLike,
+    spec: Any,
+    record: dict,
+    classes: Sequence[str],
+    write_item: Callable[[Path, int, np.random.Generator], None],
+    progress: bool = True,
+    name: str = "sample dataset",
+    stream: Sequence[int] = (),
+) -> Path:
+    """Reuse ``output_dir`` if it holds a dataset made with ``record``; otherwise generate it, atomically.
+
+    Item ``index`` of a split gets grade ``index % len(classes)``, the class folder of that grade and its own
+    random generator, seeded by ``(spec.seed, split, index, *stream)`` only (so each item is reproducible alone;
+    ``stream`` keeps the generators of different kinds of data apart). ``write_item(stem, grade, rng)`` writes the
+    item's file(s) at ``stem`` (a path without suffix).
+
+    Args:
+        output_dir: the dataset folder (``train/ val/ test/`` of class folders).
+        spec: the settings: ``seed`` and ``split_sizes()`` (items per split) are read here.
+        record: what the folder's record file holds (:func:`reuse_dataset_folder`).
+        classes: class folder names in grade order.
+        write_item: renders and writes one item.
+        progress: show a progress bar.
+        name: what the progress bar and the log call the dataset.
+        stream: extra seed entries of this kind of dataset.
+    """
     output_dir = Path(output_dir).expanduser().absolute()
-    record = _record(spec)
     if reuse_dataset_folder(output_dir, record):
         return output_dir
-    jobs = [
-        (split, index, index % len(SAMPLE_CLASSES))
-        for split, count in spec.split_sizes().items()
-        for index in range(count)
-    ]
+    jobs = [(split, index) for split, count in spec.split_sizes().items() for index in range(count)]
 
     def fill(staging: Path) -> None:
-        photo = _fundus_photograph(int(round(spec.image_size * 1.15)))
-        for split, index, grade in tqdm(jobs, desc="sample dataset", disable=not progress, unit="img"):
-            rng = np.random.default_rng([spec.seed, _SPLIT_SEEDS[split], index])
-            pixels = render_sample_image(spec, grade, rng, photo)
-            folder = staging / split / SAMPLE_CLASSES[grade]
+        for split, index in tqdm(jobs, desc=name, disable=not progress, unit="item"):
+            grade = index % len(classes)
+            folder = staging / split / classes[grade]
             folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(pixels).save(folder / f"{split}_{index:04d}.png", optimize=False)
+            rng = np.random.default_rng([spec.seed, _SPLIT_SEEDS[split], index, *stream])
+            write_item(folder / f"{split}_{index:04d}", grade, rng)
 
     write_dataset_atomically(output_dir, record, fill)
-    logger.info("sample dataset: wrote %d images to %s", len(jobs), output_dir)
+    logger.info("%s: wrote %d items to %s", name, len(jobs), output_dir)
     return output_dir
 
 

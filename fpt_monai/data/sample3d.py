@@ -24,26 +24,23 @@ Volumes are written as gzipped NIfTI (``int16`` Hounsfield units, 1.5 mm isotrop
 the bundle reads (``train/ val/ test/`` of class folders) with a ``sample_dataset.json`` record of the generator
 version and settings. Like the 2D sample it is written into a staging folder renamed when complete, an existing
 folder with the same record is reused, and a different record regenerates it
-(:func:`~fpt_monai.data.sample.reuse_dataset_folder`, :func:`~fpt_monai.data.sample.write_dataset_atomically`).
+(:func:`~fpt_monai.data.sample.write_sample_dataset`).
 """
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from fpt_monai.data.sample import reuse_dataset_folder, write_dataset_atomically
+from fpt_monai.data.sample import check_sample_spec, sample_spec, write_sample_dataset
 
 __all__ = ["SAMPLE_3D_CLASSES", "SampleVolumeSpec", "make_sample_dataset_3d", "render_sample_volume"]
-
-logger = logging.getLogger(__name__)
 
 #: Bump when the rendering changes, so cached sample folders are regenerated.
 SAMPLE_3D_GENERATOR_VERSION = 1
@@ -51,7 +48,6 @@ SAMPLE_3D_GENERATOR_VERSION = 1
 SAMPLE_3D_CLASSES = ("0_none", "1_few", "2_many")
 #: Voxel spacing written into the NIfTI header (mm).
 SAMPLE_3D_SPACING = 1.5
-_SPLIT_SEEDS = {"train": 0, "val": 1, "test": 2}
 
 
 @dataclass(frozen=True)
@@ -84,16 +80,7 @@ class SampleVolumeSpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if len(self.spots_per_grade) != len(SAMPLE_3D_CLASSES):
-            raise ValueError(
-                f"spots_per_grade needs {len(SAMPLE_3D_CLASSES)} (min, max) pairs, got {self.spots_per_grade}."
-            )
-        if max(high for _, high in self.spots_per_grade) > self.spots_per_volume[0]:
-            raise ValueError("spots_per_volume must be at least the largest spot count, so every grade has blobs.")
-        if self.volume_size < 32:
-            raise ValueError(f"volume_size must be >= 32, got {self.volume_size}.")
-        if min(self.num_train, self.num_val, self.num_test) < 0:
-            raise ValueError("volume counts must be >= 0.")
+        check_sample_spec(self, "volume_size", 32, "spots_per_grade", "spots_per_volume", SAMPLE_3D_CLASSES)
 
     def split_sizes(self) -> dict[str, int]:
         return {"train": self.num_train, "val": self.num_val, "test": self.num_test}
@@ -187,34 +174,14 @@ def make_sample_dataset_3d(
     Raises:
         FileExistsError: ``output_dir`` is a non-empty folder that is not a sample dataset (never overwritten).
     """
-    import nibabel as nib
-
-    if spec is None:
-        fields = {k: tuple(map(tuple, v)) if k == "spots_per_grade" else v for k, v in spec_fields.items()}
-        spec = SampleVolumeSpec(**fields)
-    elif spec_fields:
-        raise ValueError("give either spec or spec fields, not both.")
-    output_dir = Path(output_dir).expanduser().absolute()
-    record = _record(spec)
-    if reuse_dataset_folder(output_dir, record):
-        return output_dir
-    jobs = [
-        (split, index, index % len(SAMPLE_3D_CLASSES))
-        for split, count in spec.split_sizes().items()
-        for index in range(count)
-    ]
+    spec = sample_spec(SampleVolumeSpec, spec, spec_fields)
     affine = np.diag([SAMPLE_3D_SPACING] * 3 + [1.0])
 
-    def fill(staging: Path) -> None:
-        for split, index, grade in tqdm(jobs, desc="3D sample dataset", disable=not progress, unit="vol"):
-            rng = np.random.default_rng([spec.seed, _SPLIT_SEEDS[split], index, 3])
-            volume = render_sample_volume(spec, grade, rng)
-            folder = staging / split / SAMPLE_3D_CLASSES[grade]
-            folder.mkdir(parents=True, exist_ok=True)
-            image = nib.Nifti1Image(volume, affine)
-            image.header.set_xyzt_units("mm")
-            nib.save(image, str(folder / f"{split}_{index:04d}.nii.gz"))
+    def write_volume(stem: Path, grade: int, rng: np.random.Generator) -> None:
+        image = nib.Nifti1Image(render_sample_volume(spec, grade, rng), affine)
+        image.header.set_xyzt_units("mm")
+        nib.save(image, f"{stem}.nii.gz")
 
-    write_dataset_atomically(output_dir, record, fill)
-    logger.info("3D sample dataset: wrote %d volumes to %s", len(jobs), output_dir)
-    return output_dir
+    return write_sample_dataset(
+        output_dir, spec, _record(spec), SAMPLE_3D_CLASSES, write_volume, progress, "3D sample dataset", stream=[3]
+    )

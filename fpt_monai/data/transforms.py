@@ -1,7 +1,8 @@
 """Two views of one image: the un-augmented high-resolution view for the frozen backbone, the side view.
 
-Both views start from the same reading and normalisation (:func:`load_and_normalize`); the side view is then
-(optionally) augmented and resized with :class:`SideViewd`, the same resizing ``FPTNet.forward`` uses inside.
+Both views start from the same reading and normalisation (the bundle's transform lists, see
+:mod:`fpt_monai.data.pipeline`); the side view is then (optionally) augmented and resized with :class:`SideViewd`,
+the same resizing ``FPTNet.forward`` uses inside.
 For training from the K/V cache, :class:`SideSourced` keeps a small float16 copy of the high-resolution view next
 to the keys/values, and the augmented side views are made from that copy instead of the image file.
 """
@@ -9,16 +10,15 @@ to the keys/values, and the augmented side views are made from that copy instead
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from monai.config import KeysCollection
-from monai.transforms import EnsureTyped, MapTransform, NormalizeIntensityd, Resized
+from monai.transforms import MapTransform
 
-from fpt_monai.data.readers import LoadImageRGBd
 from fpt_monai.networks.fpt import make_side_view
 
-__all__ = ["SideSourced", "SideViewd", "load_and_normalize"]
+__all__ = ["SideSourced", "SideViewd"]
 
 
 class SideViewd(MapTransform):
@@ -85,26 +85,3 @@ class SideSourced(MapTransform):
         copy = tuple(min(n, math.ceil(self.scale * s)) for n, s in zip(spatial, side))
         d[self.name] = make_side_view(image[None].float(), copy)[0].to(self.dtype)
         return d
-
-
-def load_and_normalize(
-    keys: Hashable | Sequence[Hashable],
-    img_size: Sequence[int] | int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    reader: Mapping | None = None,
-) -> list:
-    """Read an image file as RGB in [0, 1], resize it to ``img_size``, normalise by ``mean``/``std``.
-
-    This is the frozen backbone's (un-augmented) view, and the start of the side view. Reading goes through
-    :class:`~fpt_monai.data.readers.LoadImageRGBd` (DICOM, NIfTI, PNG 8/16-bit, JPEG, TIFF, BMP; per-format
-    intensity scaling in :mod:`fpt_monai.data.readers`); ``reader`` passes its options, e.g.
-    ``{"volume_slice": "max", "dicom_window": "stored", "value_range": [-1000, 1000]}``.
-    """
-    spatial = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-    return [
-        LoadImageRGBd(keys, **dict(reader or {})),
-        EnsureTyped(keys, data_type="tensor", dtype=torch.float32, track_meta=False),
-        Resized(keys, spatial, mode="bilinear", anti_aliasing=True),
-        NormalizeIntensityd(keys, subtrahend=list(mean), divisor=list(std), channel_wise=True),
-    ]

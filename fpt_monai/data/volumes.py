@@ -24,6 +24,7 @@ import math
 import os
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from monai.config import KeysCollection
@@ -243,20 +244,17 @@ def fpt_transforms_3d(
     train: bool,
     backbone: FrozenBackbone | None = None,
     kv_dtype: str = "float16",
-    intensity_range: Sequence[float] | None = None,
-    percentiles: Sequence[float] | None = (0.5, 99.5),
-    pixdim: Sequence[float] | float | None = None,
-    axcodes: str | None = None,
     image_key: str = "image",
     high_res_key: str = "high_res",
+    **read: Any,
 ) -> list:
     """The two-view transform chain of FPT for volumes (the 3D counterpart of ``fpt_transforms``).
 
     With a ``backbone``, the high-resolution view becomes keys/values under ``"kv"`` (and is dropped); without
     one it stays under ``high_res_key``. The side view ends under ``image_key``; the source path is kept as
-    ``"filename"``. Reading options: see :func:`load_volume`.
+    ``"filename"``. ``read``: the reading options of :func:`load_volume` (``intensity_range``, ``percentiles``,
+    ``pixdim``, ``axcodes``; the bundle's ``volume_reader``).
     """
-    read = dict(intensity_range=intensity_range, percentiles=percentiles, pixdim=pixdim, axcodes=axcodes)
     high_res = [CopyItemsd(image_key, names=high_res_key), *load_volume(high_res_key, img_size, mean, std, **read)]
     if backbone is not None:
         if backbone.shape.spatial_dims != 3:
@@ -287,18 +285,11 @@ def fpt_transforms_3d(
 
 
 def inference_transforms_3d(
-    img_size: Sequence[int] | int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    intensity_range: Sequence[float] | None = None,
-    percentiles: Sequence[float] | None = (0.5, 99.5),
-    pixdim: Sequence[float] | float | None = None,
-    axcodes: str | None = None,
-    image_key: str = "image",
+    img_size: Sequence[int] | int, mean: Sequence[float], std: Sequence[float], image_key: str = "image", **read: Any
 ) -> list:
     """Transforms for a network that runs its backbone itself (``FPTNet.forward(volumes)``, an export).
 
     Only the high-resolution view (the network makes its side view); the source path is kept as ``"filename"``.
+    ``read``: the reading options of :func:`load_volume`.
     """
-    read = dict(intensity_range=intensity_range, percentiles=percentiles, pixdim=pixdim, axcodes=axcodes)
     return [CopyItemsd(image_key, names="filename"), *load_volume(image_key, img_size, mean, std, **read)]

@@ -201,3 +201,43 @@ def test_without_a_cached_side_source_training_reads_the_file_and_makes_the_same
         views[source] = [dataset[i]["image"] for i in range(len(datalist))]
     for a, b in zip(views[True], views[False]):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_the_python_chains_are_the_packaged_bundle_lists(tmp_path, monkeypatch):
+    """fpt_transforms, inference_transforms and image_transforms parse the bundle's configs: an edit there is theirs."""
+    import functools
+    import shutil
+
+    from fpt_monai import bundle
+    from fpt_monai.data import fpt_transforms, image_transforms, inference_transforms, pipeline
+
+    shutil.copytree(bundle.bundle_dir() / "configs", tmp_path / "configs")
+    train = json.loads((tmp_path / "configs" / "train.json").read_text())
+    train["train"]["random_transforms"][2]["p"] = 0.25  # the side view's horizontal flip
+    train["train"]["deterministic_transforms"][4]["mode"] = "bicubic"  # the high-resolution resizing
+    (tmp_path / "configs" / "train.json").write_text(json.dumps(train))
+    inference = json.loads((tmp_path / "configs" / "inference.json").read_text())
+    inference["preprocessing"]["transforms"][3]["mode"] = "nearest"
+    (tmp_path / "configs" / "inference.json").write_text(json.dumps(inference))
+    monkeypatch.setattr(pipeline, "config_files", functools.partial(bundle.config_files, root=tmp_path))
+
+    def resize_modes(chain):
+        return [t.mode[0] for t in chain if type(t).__name__ == "Resized"]
+
+    chain = fpt_transforms(64, 32, [0.5] * 3, [0.5] * 3, train=True)
+    flips = [t.trans.trans.p for t in chain if type(t).__name__ == "RandTorchVisiond" and hasattr(t.trans.trans, "p")]
+    assert flips == [0.25]
+    assert resize_modes(chain) == ["bicubic"]
+    assert resize_modes(fpt_transforms(64, 32, [0.5] * 3, [0.5] * 3, train=False)) == ["bicubic", "bilinear"]
+    assert resize_modes(inference_transforms(64, [0.5] * 3, [0.5] * 3)) == ["nearest"]
+    assert resize_modes(image_transforms(64, [0.5] * 3, [0.5] * 3, train=False)) == ["bilinear"]  # baseline.json's
+
+
+def test_reader_options_are_the_bundles_image_reader_settings(tmp_path):
+    from fpt_monai.data import fpt_transforms
+
+    chain = fpt_transforms(64, 32, [0.5] * 3, [0.5] * 3, train=False, reader={"volume_slice": "max"})
+    readers = [t.reader for t in chain if type(t).__name__ == "LoadImageRGBd"]
+    assert len(readers) == 2 and all(r.volume_slice == "max" and r.volume_axis == 2 for r in readers)
+    with pytest.raises(ValueError, match="'volume_slise'.*volume_slice"):  # named, with the options there are
+        fpt_transforms(64, 32, [0.5] * 3, [0.5] * 3, train=False, reader={"volume_slise": "max"})

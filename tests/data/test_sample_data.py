@@ -59,3 +59,21 @@ def test_every_grade_has_blots_so_the_spot_count_hides_the_grade():
     assert all(high <= spec.spots_per_image[0] for _, high in spec.lesions_per_grade)
     with pytest.raises(ValueError, match="spots_per_image"):
         SampleFundusSpec(lesions_per_grade=((0, 0), (2, 4), (7, 20)))
+
+
+def test_the_sample_commands_take_every_spec_field_and_refuse_unknown_ones(tmp_path, capsys):
+    """`fpt-monai sample_data` / `sample_data_3d`: each spec field is a flag (lists become the spec's tuples)."""
+    import fire
+
+    from fpt_monai.cli import Commands
+
+    Commands().sample_data(str(tmp_path / "2d"), **SMALL, lesion_sigma=[1.0, 1.2])
+    assert capsys.readouterr().out.strip() == str(tmp_path / "2d")
+    assert json.loads((tmp_path / "2d" / "sample_dataset.json").read_text())["spec"]["lesion_sigma"] == [1.0, 1.2]
+    Commands().sample_data_3d(str(tmp_path / "3d"), num_train=3, num_val=0, num_test=0, volume_size=32)
+    assert len(list((tmp_path / "3d" / "train").rglob("*.nii.gz"))) == 3
+    with pytest.raises(fire.core.FireError, match="bogus.*volume_size"):  # the unknown flag, then the known ones
+        Commands().sample_data_3d(str(tmp_path / "other"), bogus=1)
+    with pytest.raises(fire.core.FireError, match="image_size"):
+        Commands().sample_data(str(tmp_path / "other"), image_size=8)
+    assert not (tmp_path / "other").exists()
