@@ -21,6 +21,7 @@ import fpt_monai
 from fpt_monai.config_check import ConfigOverrideError, check_overrides
 from fpt_monai.networks.baselines import check_cnn_method
 from fpt_monai.networks.methods import method_names
+from fpt_monai.utils import BUNDLE_FILES, bundle_dir, config_files
 
 __all__ = [
     "DEMO_METHODS",
@@ -35,30 +36,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 BUNDLE_NAME = "fpt_classification"
-#: Where the package finds the bundle (a link to ``bundles/fpt_classification`` in a clone).
-BUNDLE_FILES = "bundle_files"
-
-
-def bundle_dir() -> Path:
-    """The bundle folder: ``bundles/fpt_classification`` of a clone, or its copy inside an installed wheel."""
-    # in a clone, fpt_monai/bundle_files links to bundles/fpt_classification; a wheel carries the files there
-    path = (Path(fpt_monai.__file__).parent / BUNDLE_FILES).resolve()
-    if not (path / "configs" / "train.json").is_file():
-        raise FileNotFoundError(
-            f"the bundle files are missing from this fpt_monai installation (looked in {path}); reinstall fpt-monai."
-        )
-    return path
-
-
-def config_files(*names: str, root: str | os.PathLike | None = None) -> list[str]:
-    """Paths of the bundle's config files, e.g. ``config_files("train", "demo")``."""
-    configs = Path(root) / "configs" if root is not None else bundle_dir() / "configs"
-    paths = [configs / f"{name}.json" for name in names]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(f"bundle config files not found: {missing}")
-    return [str(p) for p in paths]
-
 
 #: Methods :func:`run_demo` trains on the sample task: FPT, and the baselines on the same demo network.
 DEMO_METHODS = ("fpt", *method_names(baseline=True, on_cnn=True))

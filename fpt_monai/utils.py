@@ -1,5 +1,6 @@
 """Helpers the whole package shares: atomic file writes, SHA-256 digests of files, of tensors and of weights,
-whether a network is being traced or exported, and the escaped form in which file paths are written to reports."""
+whether a network is being traced or exported, the escaped form in which file paths are written to reports, and
+where the package's copy of the bundle's files is."""
 
 from __future__ import annotations
 
@@ -18,7 +19,10 @@ import torch
 import torch.nn as nn
 
 __all__ = [
+    "BUNDLE_FILES",
     "atomic_write",
+    "bundle_dir",
+    "config_files",
     "escape_path",
     "exporting",
     "file_digest",
@@ -26,6 +30,31 @@ __all__ = [
     "unescape_path",
     "weights_digest",
 ]
+
+
+#: Where the package finds the bundle (a link to ``bundles/fpt_classification`` in a clone).
+BUNDLE_FILES = "bundle_files"
+
+
+def bundle_dir() -> Path:
+    """The bundle folder: ``bundles/fpt_classification`` of a clone, or its copy inside an installed wheel."""
+    # in a clone, fpt_monai/bundle_files links to bundles/fpt_classification; a wheel carries the files there
+    path = (Path(__file__).parent / BUNDLE_FILES).resolve()
+    if not (path / "configs" / "train.json").is_file():
+        raise FileNotFoundError(
+            f"the bundle files are missing from this fpt_monai installation (looked in {path}); reinstall fpt-monai."
+        )
+    return path
+
+
+def config_files(*names: str, root: str | os.PathLike | None = None) -> list[str]:
+    """Paths of the bundle's config files, e.g. ``config_files("train", "demo")``."""
+    configs = Path(root) / "configs" if root is not None else bundle_dir() / "configs"
+    paths = [configs / f"{name}.json" for name in names]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"bundle config files not found: {missing}")
+    return [str(p) for p in paths]
 
 
 def exporting() -> bool:

@@ -27,7 +27,7 @@ from monai.data import Dataset
 from monai.transforms import Compose
 from monai.utils import ensure_tuple_rep
 
-from fpt_monai.bundle import config_files
+from fpt_monai.utils import config_files
 from fpt_monai.data.normalization import InputNormalization
 from fpt_monai.networks.backbones import FrozenBackbone
 from fpt_monai.preload import FrozenBackboneKVd, KVCacheDataset

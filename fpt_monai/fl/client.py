@@ -21,7 +21,7 @@ import torch
 from monai.fl.utils.constants import ExtraItems, FlStatistics, WeightType
 from monai.fl.utils.exchange_object import ExchangeObject
 
-from fpt_monai.bundle import config_files
+from fpt_monai.utils import config_files
 from fpt_monai.config_check import check_overrides
 from fpt_monai.fl import FPTMonaiAlgo
 

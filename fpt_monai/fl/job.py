@@ -25,7 +25,7 @@ import torch
 from monai.bundle import ConfigParser
 from monai.utils import set_determinism
 
-from fpt_monai.bundle import config_files
+from fpt_monai.utils import config_files
 from fpt_monai.config_check import check_overrides
 from fpt_monai.fl import learnable_state_dict
 from fpt_monai.networks import FPTNet
