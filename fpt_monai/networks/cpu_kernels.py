@@ -4,10 +4,10 @@ The networks (:mod:`~fpt_monai.networks.side`, :mod:`~fpt_monai.networks.fusion`
 :mod:`~fpt_monai.networks.backbones.vit`) are written in stock PyTorch and timm operations
 (``F.scaled_dot_product_attention``, plain autograd): the reference path, which reads against the papers and runs on
 every device and in every export. This module holds what makes a training step fast and small on a CPU, where
-PyTorch's fused attention is built for wide heads and the memory traffic of large intermediates dominates:
+the memory traffic of large intermediates dominates:
 
 - :class:`NarrowHeadAttention`: the side ViT's attention (heads 8 wide) on transposed operands, chunked over the
-  batch, its probabilities recomputed in backward;
+  batch, its probabilities recomputed in backward (under ``"cpu"`` only: see below);
 - :class:`GeluLinear`: the side ViT's GELU + ``fc2``, the GELU recomputed in backward;
 - :class:`PromptCrossAttention`: the fusion's attention over the frozen (often float16) keys/values, upcast a few
   images at a time into one reused buffer (:data:`FUSION_CHUNK_BYTES`), nothing but the inputs kept for backward;
@@ -19,13 +19,16 @@ Each kernel computes exactly what the reference path computes (tests/networks/te
 gradients equal). The switch, ``kernels`` (:data:`KERNEL_MODES`; ``FPTNet(..., kernels=)``, ``create_fpt``, the
 bundle's ``kernels`` key), is read by :func:`use_cpu_kernels`:
 
-- ``"auto"`` (default): the kernels for training work on a CPU. The side ViT and the fusion take them in forwards
-  that build a graph for backward (training) on CPU tensors. The frozen backbone never builds one and takes its
-  kernels whenever it runs on a CPU (filling the cache, training without one, inference): its batched reference
+- ``"auto"`` (default): the kernels for training work on a CPU. The side ViT's MLP and the fusion take them in
+  forwards that build a graph for backward (training) on CPU tensors; the side ViT's attention keeps PyTorch's
+  fused attention, which on the CPU it was measured on trains faster and keeps less than
+  :class:`NarrowHeadAttention` (``benchmarks/results/step.md``). The frozen backbone never builds a graph and takes
+  its kernels whenever it runs on a CPU (filling the cache, training without one, inference): its batched reference
   path would hold every head's N x N attention matrix at once. Everything else (inference of the side ViT and the
   fusion, every other device) takes the reference path.
 - ``"reference"``: the reference path everywhere.
-- ``"cpu"``: the kernels for the same work on any device (the tensors' device is not consulted).
+- ``"cpu"``: every kernel, :class:`NarrowHeadAttention` included, for the same work on any device (the tensors'
+  device is not consulted).
 
 Whatever the switch says, a forward that is traced, scripted, compiled or exported takes the reference path: a graph
 can hold neither a Python autograd function nor a Python loop over the batch.
@@ -94,7 +97,7 @@ def builds_graph(module: nn.Module) -> bool:
     return module.training and torch.is_grad_enabled()
 
 
-def use_cpu_kernels(kernels: str, tensor: torch.Tensor, training: bool = True) -> bool:
+def use_cpu_kernels(kernels: str, tensor: torch.Tensor, training: bool = True, auto: bool = True) -> bool:
     """Whether a forward on ``tensor`` takes the CPU kernels under the switch ``kernels``.
 
     Args:
@@ -102,10 +105,11 @@ def use_cpu_kernels(kernels: str, tensor: torch.Tensor, training: bool = True) -
         tensor: an input of the forward; its device decides under ``"auto"``.
         training: whether the forward is the work the kernels are for (:func:`builds_graph` for the side ViT and
             the fusion; always for the frozen backbone).
+        auto: whether ``"auto"`` takes this kernel on a CPU at all (``False``: only ``"cpu"`` does).
     """
     if check_kernels(kernels) == "reference" or not training or exporting():
         return False
-    return kernels == "cpu" or tensor.device.type == "cpu"
+    return kernels == "cpu" or (auto and tensor.device.type == "cpu")
 
 
 # -- the side ViT's attention -------------------------------------------------------------------------------------

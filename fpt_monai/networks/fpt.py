@@ -86,17 +86,17 @@ class FPTNet(KernelSwitch, nn.Module):
             view, without prompts; keys/values are accepted and ignored, and the prompts and fusion module are
             frozen. Trained with the same pipeline, it shows what the frozen backbone's features add.
         recompute: where training memory and speed pull apart. ``True`` (default): the side ViT recomputes its
-            attention probabilities and MLP activations in backward instead of keeping them. ``False``: it keeps
-            them, which is faster and costs more memory (at batch 16 with ViT-B/16 shapes, measured on a 2-core
-            CPU: see the ``step`` benchmark in ``benchmarks/README.md``). Applies where the CPU kernels run (the
-            reference path is plain autograd). Also settable later through ``net.side.recompute``.
+            MLP activations (and, under ``kernels="cpu"``, its attention probabilities) in backward instead of
+            keeping them. ``False``: it keeps them, which is faster and costs more memory (see the ``step``
+            benchmark in ``benchmarks/README.md``). Applies where the CPU kernels run (the reference path is plain
+            autograd). Also settable later through ``net.side.recompute``.
         kernels: which implementation runs, one switch for the backbone, fusion and side network (also an
             attribute, settable later): ``"auto"`` (default) the hand-written CPU kernels for training work on a
-            CPU (:mod:`~fpt_monai.networks.cpu_kernels`: the side network and fusion in training, the frozen
-            backbone whenever it runs there), the reference path (stock PyTorch and timm operations,
-            ``scaled_dot_product_attention``) otherwise: on any other device and in inference; ``"reference"``
-            the reference path everywhere; ``"cpu"`` the kernels for training work on any device. Exports always
-            take the reference path. Both paths compute the same outputs and gradients.
+            CPU (:mod:`~fpt_monai.networks.cpu_kernels`: the side network's MLP and the fusion in training, the
+            frozen backbone whenever it runs there), the reference path (stock PyTorch and timm operations,
+            ``scaled_dot_product_attention``) otherwise: for the side network's attention, on any other device and
+            in inference; ``"reference"`` the reference path everywhere; ``"cpu"`` every kernel for training work on
+            any device. Exports always take the reference path. Both paths compute the same outputs and gradients.
         class_names: the names of the classes in output order, bound to the network
             (:func:`~fpt_monai.networks.labels.bind_class_names`): saved in its state dict and exports, and
             checked against a checkpoint's when one is loaded. ``None``: taken from the first checkpoint loaded.

@@ -63,10 +63,11 @@ class SideAttention(KernelSwitch, Attention):
     the first ``num_queries`` only, which is exactly what the kept tokens receive.
 
     The reference path is timm's: ``F.scaled_dot_product_attention`` (PyTorch's fused attention: flash or
-    memory-efficient on a GPU) with ``fused_attn`` set (timm's default), the explicit softmax without. Where the
-    ``kernels`` switch selects the CPU kernels, training runs
-    :class:`~fpt_monai.networks.cpu_kernels.NarrowHeadAttention`, which keeps no (B, heads, queries, keys)
-    probability matrix with ``recompute`` set and keeps them (a quicker backward) without.
+    memory-efficient on a GPU; flash on a CPU, which keeps no probability matrix either) with ``fused_attn`` set
+    (timm's default), the explicit softmax without; under ``kernels="auto"`` it is also the path of training on a
+    CPU. With ``kernels="cpu"``, training runs :class:`~fpt_monai.networks.cpu_kernels.NarrowHeadAttention`, which
+    keeps no (B, heads, queries, keys) probability matrix with ``recompute`` set and keeps them (a quicker
+    backward) without.
     """
 
     recompute: bool = True
@@ -80,7 +81,7 @@ class SideAttention(KernelSwitch, Attention):
         batch, num_tokens, _ = x.shape
         num_queries = num_tokens if num_queries is None else num_queries
         qkv = self.qkv(x).reshape(batch, num_tokens, 3, self.num_heads, self.head_dim)
-        if use_cpu_kernels(self.kernels, x, builds_graph(self)):
+        if use_cpu_kernels(self.kernels, x, builds_graph(self), auto=False):
             x = narrow_head_attention(qkv, num_queries, self.scale, keep_probabilities=not self.recompute)
         else:
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
@@ -131,9 +132,9 @@ class SideViT(KernelSwitch, nn.Module):
         mlp_ratio: MLP hidden width / ``embed_dim``.
         spatial_dims: 2 for images, 3 for volumes.
         drop_path_rate: stochastic depth rate, linearly increasing over blocks.
-        recompute: on the CPU kernels' path, recompute the attention probabilities and the MLP's activation in
-            backward instead of keeping them (:class:`SideAttention`, :class:`ActivationRecomputingMlp`): less
-            memory, more time. The reference path is plain autograd and ignores it. Also an attribute that can be
+        recompute: on the CPU kernels' path, recompute the MLP's activation (:class:`ActivationRecomputingMlp`)
+            and, under ``kernels="cpu"``, the attention probabilities (:class:`SideAttention`) in backward instead of
+            keeping them: less memory, more time. The reference path is plain autograd and ignores it. Also an attribute that can be
             switched at any time.
         kernels: which path the blocks take, ``"auto"``, ``"reference"`` or ``"cpu"``
             (see :mod:`~fpt_monai.networks.cpu_kernels`). Also an attribute that can be switched at any time.

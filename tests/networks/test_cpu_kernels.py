@@ -128,6 +128,8 @@ def test_use_cpu_kernels_rule():
     assert use_cpu_kernels("auto", cpu) and use_cpu_kernels("cpu", cpu) and use_cpu_kernels("cpu", meta)
     assert not use_cpu_kernels("auto", meta) and not use_cpu_kernels("reference", cpu)
     assert not use_cpu_kernels("auto", cpu, training=False) and not use_cpu_kernels("cpu", cpu, training=False)
+    # a kernel "auto" leaves to PyTorch (the side ViT's attention) runs only when asked for
+    assert not use_cpu_kernels("auto", cpu, auto=False) and use_cpu_kernels("cpu", cpu, auto=False)
 
 
 @pytest.mark.parametrize("variant,preset", [("fpt", "fpt_tiny"), ("fpt_plus", "fpt_plus_tiny")])
@@ -140,23 +142,28 @@ def test_auto_trains_with_the_kernels_on_the_cpu_and_infers_with_fused_attention
         net(side, kv=kv).sum().backward()
     with CountCalls() as inference, torch.no_grad():
         net.eval()(side, kv=kv)
-    assert training.calls == 0  # NarrowHeadAttention and PromptCrossAttention
+    assert training.calls == net.side.depth  # every side block; the fusion is PromptCrossAttention
     assert inference.calls == net.side.depth + 1  # every side block and the fusion
 
 
 @pytest.mark.parametrize("variant", ["fpt", "fpt_plus"])
-def test_auto_training_on_the_cpu_dispatches_exactly_the_kernels_path(variant):
+def test_auto_training_on_the_cpu_dispatches_the_kernels_with_fused_side_attention(variant):
+    """Under "auto" a CPU training step is the kernels' path with the side ViT's attention left to PyTorch."""
     ops = {}
-    for kernels in ("auto", "cpu", "reference"):
+    for kernels in ("auto", "cpu", "cpu with fused side attention", "reference"):
         torch.manual_seed(0)
-        net = tiny_fpt(variant, kernels).float()
+        net = tiny_fpt(variant, kernels.split()[0]).float()
+        if kernels.endswith("attention"):
+            for block in net.side.blocks:
+                block.attn.kernels = "reference"
         images = torch.randn(2, 3, 64, 64)
         with RecordOps() as record:
             net(images).sum().backward()
         ops[kernels] = record.ops
-    assert ops["auto"] == ops["cpu"]
+    assert ops["auto"] == ops["cpu with fused side attention"]
     assert not any("scaled_dot_product" in op for op in ops["cpu"])
-    assert any("scaled_dot_product" in op for op in ops["reference"])
+    assert any("scaled_dot_product" in op for op in ops["auto"])
+    assert ops["auto"] != ops["reference"]  # the MLP and the fusion keep their kernels
 
 
 @pytest.mark.parametrize("variant,preset", [("fpt", "fpt_tiny"), ("fpt_plus", "fpt_plus_tiny")])

@@ -122,7 +122,7 @@ def _saved_bytes(fn) -> int:
 
 def test_recompute_keeps_no_attention_matrix_and_stored_keeps_them():
     torch.manual_seed(0)
-    side = SideViT(32, 8, in_channels=3, embed_dim=16, depth=3, num_heads=4, num_classes=3).train()
+    side = SideViT(32, 8, in_channels=3, embed_dim=16, depth=3, num_heads=4, num_classes=3, kernels="cpu").train()
     x, prompts = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 3, 16)
     side.recompute = True
     recomputing = _saved_bytes(lambda: side(x, prompts))
@@ -131,6 +131,9 @@ def test_recompute_keeps_no_attention_matrix_and_stored_keeps_them():
     # two full blocks (17 queries over 17 tokens + 3 prompts) and the CLS-only last block, batch 2, 4 heads, float32
     attention_matrices = 2 * 4 * (2 * 17 + 1) * 20 * 4
     assert storing - recomputing >= attention_matrices
+    # "auto" trains the attention with PyTorch's fused attention, which keeps no attention matrix either
+    side.kernels, side.recompute = "auto", True
+    assert _saved_bytes(lambda: side(x, prompts)) <= recomputing
 
 
 def test_recompute_is_one_switch_over_every_block():
