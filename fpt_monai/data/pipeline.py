@@ -27,10 +27,10 @@ from monai.data import Dataset
 from monai.transforms import Compose
 from monai.utils import ensure_tuple_rep
 
-from fpt_monai.utils import config_files
 from fpt_monai.data.normalization import InputNormalization
 from fpt_monai.networks.backbones import FrozenBackbone
 from fpt_monai.preload import FrozenBackboneKVd, KVCacheDataset
+from fpt_monai.utils import config_files
 
 __all__ = ["bundle_transforms", "fpt_transforms", "image_transforms", "inference_transforms", "make_fpt_dataset"]
 

